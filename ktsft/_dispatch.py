@@ -1,0 +1,59 @@
+"""Which kernel build runs: chosen once at import, overridable with KTSFT_ISA."""
+from __future__ import annotations
+
+import os
+
+from ._kernels import moe_sft as _native
+
+_ENV = "KTSFT_ISA"
+
+# what each table entry runs on, per build (reported by cpu_info)
+_OPS = {
+    "scalar": ("portable C, one fp32 lane", "portable C, one fp32 lane"),
+    "avx2": ("AVX2 FMA, 8 fp32 lanes", "AVX2 FMA on bf16 widened to fp32"),
+    "avx512": ("AVX-512 FMA, 16 fp32 lanes", "AVX-512 FMA on bf16 widened to fp32"),
+    "avx512bf16": ("AVX-512 FMA, 16 fp32 lanes", "AVX512-BF16 vdpbf16ps, fp32 accumulation"),
+}
+
+
+def _choose() -> tuple[str, bool]:
+    runnable = _native.runnable_isas()
+    forced = os.environ.get(_ENV, "").strip().lower()
+    if forced:
+        if forced not in _native.ISA_ORDER:
+            raise ImportError(f"{_ENV}={forced!r} is not an ISA name; choose from {_native.ISA_ORDER}")
+        if forced not in runnable:
+            raise ImportError(f"{_ENV}={forced!r} cannot run on this CPU/build; runnable: {runnable}")
+        return forced, True
+    return runnable[-1], False
+
+
+SELECTED_ISA, FORCED = _choose()
+
+
+def resolve_isa(isa: str | None) -> str:
+    """The ISA a new wrapper uses: the explicit one, else the import-time choice."""
+    if isa is None:
+        return SELECTED_ISA
+    if not isinstance(isa, str) or isa.lower() not in _native.runnable_isas():
+        raise ValueError(f"isa={isa!r} cannot run here; runnable: {_native.runnable_isas()}")
+    return isa.lower()
+
+
+def cpu_info() -> dict:
+    """Detected CPU features, the kernel builds and the one each op uses."""
+    fp32_desc, bf16_desc = _OPS[SELECTED_ISA]
+    return {
+        "features": _native.cpu_features(),
+        "compiled_isas": list(_native.compiled_isas()),
+        "runnable_isas": list(_native.runnable_isas()),
+        "selected_isa": SELECTED_ISA,
+        "forced_by_env": FORCED,
+        "openmp": _native.openmp_enabled(),
+        "kernels": {
+            "base GEMMs, dtype=fp32": fp32_desc,
+            "base GEMMs, dtype=bf16": bf16_desc,
+            "LoRA products and gradients": fp32_desc.split(" on ")[0] if "bf16" in fp32_desc else fp32_desc,
+            "silu / routing combine": f"{SELECTED_ISA} build of the portable C (compiler-vectorised)",
+        },
+    }

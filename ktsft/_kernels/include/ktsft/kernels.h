@@ -1,0 +1,111 @@
+/* Kernel table shared by every ISA build of ktsft.
+ *
+ * Each ISA translation unit (src/kernels_<isa>.c) is compiled with its own
+ * flags, keeps all its functions static and exports one getter that returns
+ * its table.  dispatch.c picks a table at import time.  Parameter names carry
+ * their shapes: W__ok is a row-major [O, K] matrix.
+ */
+#ifndef KTSFT_KERNELS_H
+#define KTSFT_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__)
+#define KTSFT_HIDDEN __attribute__((visibility("hidden")))
+#else
+#define KTSFT_HIDDEN
+#endif
+
+typedef uint16_t ktsft_bf16;
+
+/* NT product (contraction along the rows of W, as in y = W x):
+ *   C[m, n] = sum_k A[row(m), k] * W[n, k] + sum_q A2[m, q] * W2[n, q]
+ * row(m) = arows[m] when arows is given, else m.  The second term is the fp32
+ * LoRA term (K2 = 0 disables it).  C is overwritten. */
+typedef void (*ktsft_gemm_nt_f32_fn)(
+    int64_t M, int64_t N, int64_t K,
+    const float *A__mk, int64_t lda, const int32_t *arows,
+    const float *W__nk, int64_t ldw,
+    int64_t K2, const float *A2__mq, int64_t lda2, const float *W2__nq, int64_t ldw2,
+    float *C__mn, int64_t ldc);
+typedef void (*ktsft_gemm_nt_bf16_fn)(
+    int64_t M, int64_t N, int64_t K,
+    const ktsft_bf16 *A__mk, int64_t lda, const int32_t *arows,
+    const ktsft_bf16 *W__nk, int64_t ldw,
+    int64_t K2, const float *A2__mq, int64_t lda2, const float *W2__nq, int64_t ldw2,
+    float *C__mn, int64_t ldc);
+
+/* NN product (contraction along the columns of W, as in dx = W^T dy):
+ *   C[m, n] (+)= sum_o A[row(m), o] * W[o, n] + sum_q A2[m, q] * W2[q, n]
+ * W and W2 point at the first column of the block; accumulate != 0 adds
+ * to C instead of overwriting it. */
+typedef void (*ktsft_gemm_nn_f32_fn)(
+    int64_t M, int64_t N, int64_t O,
+    const float *A__mo, int64_t lda, const int32_t *arows,
+    const float *W__on, int64_t ldw,
+    int64_t O2, const float *A2__mq, int64_t lda2, const float *W2__qn, int64_t ldw2,
+    float *C__mn, int64_t ldc, int accumulate);
+typedef void (*ktsft_gemm_nn_bf16_fn)(
+    int64_t M, int64_t N, int64_t O,
+    const ktsft_bf16 *A__mo, int64_t lda, const int32_t *arows,
+    const ktsft_bf16 *W__on, int64_t ldw,
+    int64_t O2, const float *A2__mq, int64_t lda2, const float *W2__qn, int64_t ldw2,
+    float *C__mn, int64_t ldc, int accumulate);
+
+/* Sum of outer products, one owner per output, pairs in order:
+ *   C[a, b] = sum_p coef[p] * U[urow(p), a] * V[vrow(p), b]   (coef NULL = 1) */
+typedef void (*ktsft_outer_f32_fn)(
+    int64_t P, int64_t NA, int64_t NB,
+    const float *U__pa, int64_t ldu, const int32_t *urows, const float *coef__p,
+    const float *V__pb, int64_t ldv, const int32_t *vrows,
+    float *C__ab, int64_t ldc);
+
+/* h = silu(g) * u; h_bf16 (optional) gets h rounded to nearest even. */
+typedef void (*ktsft_swiglu_forward_fn)(
+    int64_t n, const float *g__i, const float *u__i, float *h__i, ktsft_bf16 *h_bf16__i);
+/* Given dh_unweighted (= W_d^T dO + s A_d^T B_d^T dO) and the routing weight w:
+ * returns <dh_unweighted, h>, writes dG over g, dU over u and h over dh. */
+typedef float (*ktsft_swiglu_backward_fn)(
+    int64_t n, float w, float *g_to_dg__i, float *u_to_du__i, float *dh_to_h__i);
+
+/* out[i] = round_bf16(x[i]) */
+typedef void (*ktsft_round_bf16_fn)(int64_t n, const float *x__i, ktsft_bf16 *out__i);
+
+/* out[h] = sum_j w[j] * Y[pos[j], h] (w NULL = 1), slots in order. */
+typedef void (*ktsft_combine_fn)(
+    int64_t k, int64_t n, const float *Y__pn, const int32_t *pos__j, const float *w__j,
+    float *out__n);
+
+typedef struct ktsft_kernels {
+    const char *name;
+    ktsft_gemm_nt_f32_fn gemm_nt_f32;
+    ktsft_gemm_nt_bf16_fn gemm_nt_bf16;
+    ktsft_gemm_nn_f32_fn gemm_nn_f32;
+    ktsft_gemm_nn_bf16_fn gemm_nn_bf16;
+    ktsft_outer_f32_fn outer_f32;
+    ktsft_swiglu_forward_fn swiglu_forward;
+    ktsft_swiglu_backward_fn swiglu_backward;
+    ktsft_round_bf16_fn round_bf16;
+    ktsft_combine_fn combine;
+} ktsft_kernels;
+
+KTSFT_HIDDEN const ktsft_kernels *ktsft_kernels_scalar(void);
+#if defined(KTSFT_X86_KERNELS)
+KTSFT_HIDDEN const ktsft_kernels *ktsft_kernels_avx2(void);
+KTSFT_HIDDEN const ktsft_kernels *ktsft_kernels_avx512(void);
+KTSFT_HIDDEN const ktsft_kernels *ktsft_kernels_avx512bf16(void);
+#endif
+
+/* Table for an ISA name ("scalar", "avx2", "avx512", "avx512bf16"), or NULL
+ * when that build is absent.  It does not check the CPU: see cpu_features.h. */
+const ktsft_kernels *ktsft_kernels_by_name(const char *name);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,55 @@
+# C declarations of the kernel table (include/ktsft/kernels.h) and the CPU probe.
+from libc.stdint cimport int32_t, int64_t, uint16_t
+
+cdef extern from "ktsft/kernels.h" nogil:
+    ctypedef uint16_t ktsft_bf16
+    ctypedef void (*ktsft_gemm_nt_f32_fn)(int64_t, int64_t, int64_t, const float*, int64_t,
+                                          const int32_t*, const float*, int64_t, int64_t,
+                                          const float*, int64_t, const float*, int64_t,
+                                          float*, int64_t) noexcept nogil
+    ctypedef void (*ktsft_gemm_nt_bf16_fn)(int64_t, int64_t, int64_t, const ktsft_bf16*, int64_t,
+                                           const int32_t*, const ktsft_bf16*, int64_t, int64_t,
+                                           const float*, int64_t, const float*, int64_t,
+                                           float*, int64_t) noexcept nogil
+    ctypedef void (*ktsft_gemm_nn_f32_fn)(int64_t, int64_t, int64_t, const float*, int64_t,
+                                          const int32_t*, const float*, int64_t, int64_t,
+                                          const float*, int64_t, const float*, int64_t,
+                                          float*, int64_t, int) noexcept nogil
+    ctypedef void (*ktsft_gemm_nn_bf16_fn)(int64_t, int64_t, int64_t, const ktsft_bf16*, int64_t,
+                                           const int32_t*, const ktsft_bf16*, int64_t, int64_t,
+                                           const float*, int64_t, const float*, int64_t,
+                                           float*, int64_t, int) noexcept nogil
+    ctypedef void (*ktsft_outer_f32_fn)(int64_t, int64_t, int64_t, const float*, int64_t,
+                                        const int32_t*, const float*, const float*, int64_t,
+                                        const int32_t*, float*, int64_t) noexcept nogil
+    ctypedef void (*ktsft_swiglu_forward_fn)(int64_t, const float*, const float*, float*,
+                                             ktsft_bf16*) noexcept nogil
+    ctypedef float (*ktsft_swiglu_backward_fn)(int64_t, float, float*, float*,
+                                               float*) noexcept nogil
+    ctypedef void (*ktsft_round_bf16_fn)(int64_t, const float*, ktsft_bf16*) noexcept nogil
+    ctypedef void (*ktsft_combine_fn)(int64_t, int64_t, const float*, const int32_t*,
+                                      const float*, float*) noexcept nogil
+
+    ctypedef struct ktsft_kernels:
+        const char *name
+        ktsft_gemm_nt_f32_fn gemm_nt_f32
+        ktsft_gemm_nt_bf16_fn gemm_nt_bf16
+        ktsft_gemm_nn_f32_fn gemm_nn_f32
+        ktsft_gemm_nn_bf16_fn gemm_nn_bf16
+        ktsft_outer_f32_fn outer_f32
+        ktsft_swiglu_forward_fn swiglu_forward
+        ktsft_swiglu_backward_fn swiglu_backward
+        ktsft_round_bf16_fn round_bf16
+        ktsft_combine_fn combine
+
+    const ktsft_kernels *ktsft_kernels_by_name(const char *name)
+
+cdef extern from "ktsft/cpu_features.h" nogil:
+    ctypedef struct ktsft_cpu_features:
+        int x86
+        int avx2, fma, f16c
+        int avx512f, avx512dq, avx512bw, avx512vl
+        int avx512_bf16, avx512_fp16, avx512_vnni
+        int amx_tile, amx_bf16, amx_int8
+        int os_avx, os_avx512, os_amx
+    void ktsft_probe_cpu(ktsft_cpu_features *out)

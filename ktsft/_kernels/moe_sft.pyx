@@ -1,0 +1,644 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Native orchestration of the MoE-expert LoRA forward and backward.
+
+Everything numeric happens here or in the per-ISA C kernels.  The work of
+each phase is a flat list of (expert, block) tasks, largest experts first,
+handed to OpenMP with dynamic scheduling.  Every output element has exactly
+one owner task that reduces in a fixed order, so results are bitwise equal
+for any thread count.  Inputs are validated in Python (ktsft.validation)
+before anything here runs; these functions trust their arguments.
+"""
+from libc.stdint cimport int32_t, int64_t, uint16_t
+from libc.stdlib cimport malloc, free, qsort
+from libc.string cimport memset
+from cython.parallel cimport prange
+
+from ._openmp cimport KTSFT_OPENMP, omp_get_max_threads
+from .kernels cimport (ktsft_kernels, ktsft_bf16, ktsft_kernels_by_name,
+                       ktsft_cpu_features, ktsft_probe_cpu)
+
+ISA_ORDER = ("scalar", "avx2", "avx512", "avx512bf16")
+
+# block sizes: fixed, so the work split (and thus every rounding) never
+# depends on the thread count
+cdef enum:
+    ROW_BLOCK = 64      # NT output rows per task
+    COL_BLOCK = 64      # NN output columns per task
+    PAIR_BLOCK = 32     # (token, slot) pairs per task
+    GRAD_BLOCK = 256    # LoRA-gradient rows/columns per task
+
+
+# --------------------------------------------------------------------------
+# CPU features and the kernel table
+# --------------------------------------------------------------------------
+def cpu_features():
+    """Features seen by CPUID and enabled by the OS (XGETBV)."""
+    cdef ktsft_cpu_features f
+    ktsft_probe_cpu(&f)
+    return {
+        "x86_64": bool(f.x86), "avx2": bool(f.avx2), "fma": bool(f.fma), "f16c": bool(f.f16c),
+        "avx512f": bool(f.avx512f), "avx512dq": bool(f.avx512dq),
+        "avx512bw": bool(f.avx512bw), "avx512vl": bool(f.avx512vl),
+        "avx512_bf16": bool(f.avx512_bf16), "avx512_fp16": bool(f.avx512_fp16),
+        "avx512_vnni": bool(f.avx512_vnni), "amx_tile": bool(f.amx_tile),
+        "amx_bf16": bool(f.amx_bf16), "amx_int8": bool(f.amx_int8),
+    }
+
+
+def compiled_isas():
+    """ISA builds linked into this extension."""
+    return tuple(n for n in ISA_ORDER if ktsft_kernels_by_name(n.encode()) != NULL)
+
+
+def runnable_isas():
+    """Compiled ISA builds this CPU and OS can run, slowest first."""
+    f = cpu_features()
+    needs = {
+        "scalar": (),
+        "avx2": ("avx2", "fma", "f16c"),
+        "avx512": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"),
+        "avx512bf16": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+                       "avx512_bf16"),
+    }
+    return tuple(n for n in compiled_isas() if all(f[x] for x in needs[n]))
+
+
+def openmp_enabled():
+    return bool(KTSFT_OPENMP)
+
+
+def openmp_max_threads():
+    return omp_get_max_threads()
+
+
+# --------------------------------------------------------------------------
+# Per-layer state and per-call arrays, as plain C structs for nogil code
+# --------------------------------------------------------------------------
+cdef struct Layer:
+    const ktsft_kernels *kern
+    int64_t E, H, I, r, k
+    bint bf16
+    float scaling
+    const void *w_gate       # [E, I, H] physical slots, fp32 or bf16
+    const void *w_up         # [E, I, H]
+    const void *w_down       # [E, H, I]
+    const int32_t *slot      # logical expert -> physical slot
+    const float *a_gate      # [E, r, H]
+    const float *b_gate      # [E, I, r]
+    const float *a_up
+    const float *b_up
+    const float *a_down      # [E, r, I]
+    const float *b_down      # [E, H, r]
+
+
+cdef struct Step:
+    int64_t T, P
+    const int32_t *offs      # [E + 1] first pair of each expert
+    const int32_t *pair_tok  # [P] token of each pair (pairs sorted by expert)
+    const int32_t *pair_tj   # [P] t * k + j of each pair
+    const float *pair_w      # [P] routing weight of each pair
+    const int32_t *pos       # [T * k] pair of each (t, j)
+    const float *rw          # [T, k]
+    const float *x32         # [T, H]
+    const void *x_act        # [T, H] what the base GEMMs read (bf16 copy or x32)
+    float *G                 # [P, I] cache; backward turns it into dG
+    float *U                 # [P, I] cache; backward turns it into dU
+    float *xs_g              # [P, r] s * A_gate x
+    float *xs_u              # [P, r] s * A_up x
+    float *hs                # [P, r] s * A_down h
+    float *h32               # [P, I] work: h (forward), dh then h (backward)
+    void *h_act              # [P, I] work: h as the down GEMM reads it
+    float *ybuf              # [P, H] work: y (forward), dx per pair (backward)
+    float *out               # [T, H]
+    const float *do32        # [T, H]
+    const void *do_act       # [T, H]
+    void *dg_act             # [P, I]
+    void *du_act             # [P, I]
+    float *bds               # [P, r] s * B_down^T dO
+    float *gbs_g             # [P, r] s * B_gate^T dG
+    float *gbs_u             # [P, r] s * B_up^T dU
+    float *grad_w            # [T, k]
+    float *g_ag
+    float *g_bg
+    float *g_au
+    float *g_bu
+    float *g_ad
+    float *g_bd
+
+
+cdef struct Task:
+    int32_t e
+    int32_t part
+    int64_t lo
+    int64_t hi
+
+
+cdef inline const void *_expert_w(const Layer *L, const void *base, int64_t e,
+                                  int64_t per_expert) noexcept nogil:
+    cdef int64_t esz = 2 if L.bf16 else 4
+    return <const char *>base + <int64_t>L.slot[e] * per_expert * esz
+
+
+cdef inline const void *_off(const Layer *L, const void *base, int64_t elems) noexcept nogil:
+    cdef int64_t esz = 2 if L.bf16 else 4
+    return <const char *>base + elems * esz
+
+
+cdef inline void _nt(const Layer *L, int64_t M, int64_t N, int64_t K, const void *A, int64_t lda,
+                     const int32_t *arows, const void *W, int64_t ldw, int64_t K2, const float *A2,
+                     int64_t lda2, const float *W2, int64_t ldw2, float *C,
+                     int64_t ldc) noexcept nogil:
+    if L.bf16:
+        L.kern.gemm_nt_bf16(M, N, K, <const ktsft_bf16 *>A, lda, arows, <const ktsft_bf16 *>W,
+                            ldw, K2, A2, lda2, W2, ldw2, C, ldc)
+    else:
+        L.kern.gemm_nt_f32(M, N, K, <const float *>A, lda, arows, <const float *>W, ldw, K2, A2,
+                           lda2, W2, ldw2, C, ldc)
+
+
+cdef inline void _nn(const Layer *L, int64_t M, int64_t N, int64_t O, const void *A, int64_t lda,
+                     const int32_t *arows, const void *W, int64_t ldw, int64_t O2, const float *A2,
+                     int64_t lda2, const float *W2, int64_t ldw2, float *C, int64_t ldc,
+                     int accumulate) noexcept nogil:
+    if L.bf16:
+        L.kern.gemm_nn_bf16(M, N, O, <const ktsft_bf16 *>A, lda, arows, <const ktsft_bf16 *>W,
+                            ldw, O2, A2, lda2, W2, ldw2, C, ldc, accumulate)
+    else:
+        L.kern.gemm_nn_f32(M, N, O, <const float *>A, lda, arows, <const float *>W, ldw, O2, A2,
+                           lda2, W2, ldw2, C, ldc, accumulate)
+
+
+cdef inline void _scale(float *x, int64_t n, float s) noexcept nogil:
+    cdef int64_t i
+    for i in range(n):
+        x[i] *= s
+
+
+# --------------------------------------------------------------------------
+# Routing and task lists
+# --------------------------------------------------------------------------
+cdef void _route(int64_t T, int64_t k, int64_t E, const int32_t *ids, const float *rw,
+                 int32_t *offs, int32_t *pair_tok, int32_t *pair_tj, float *pair_w,
+                 int32_t *pos, int32_t *cursor) noexcept nogil:
+    """Counting sort of the (token, slot) pairs by expert, stable in t then j."""
+    cdef int64_t e, t, j, q, i
+    for e in range(E + 1):
+        offs[e] = 0
+    for i in range(T * k):
+        offs[ids[i] + 1] += 1
+    for e in range(E):
+        offs[e + 1] += offs[e]
+        cursor[e] = offs[e]
+    for t in range(T):
+        for j in range(k):
+            i = t * k + j
+            e = ids[i]
+            q = cursor[e]
+            cursor[e] += 1
+            pair_tok[q] = <int32_t>t
+            pair_tj[q] = <int32_t>i
+            pair_w[q] = rw[i]
+            pos[i] = <int32_t>q
+
+
+cdef int _cmp_i64(const void *a, const void *b) noexcept nogil:
+    cdef int64_t x = (<const int64_t *>a)[0], y = (<const int64_t *>b)[0]
+    return (x > y) - (x < y)
+
+
+cdef int64_t _expert_order(int64_t E, const int32_t *offs, int32_t *order) noexcept nogil:
+    """Experts with tokens, most tokens first (ties by id); returns how many."""
+    cdef int64_t *keys = <int64_t *>malloc(max(E, 1) * sizeof(int64_t))
+    cdef int64_t e, n = 0, cnt
+    if keys == NULL:
+        return -1
+    for e in range(E):
+        cnt = offs[e + 1] - offs[e]
+        if cnt > 0:
+            keys[n] = ((<int64_t>(1 << 30) - cnt) << 32) | e
+            n += 1
+    qsort(keys, n, sizeof(int64_t), _cmp_i64)
+    for e in range(n):
+        order[e] = <int32_t>(keys[e] & <int64_t>0x7fffffff)
+    free(keys)
+    return n
+
+
+cdef Task *_blocks(int64_t n_exp, const int32_t *order, const int32_t *offs, int nparts,
+                   const int64_t *dims, const int64_t *blocks, bint over_pairs,
+                   int64_t *ntasks) noexcept nogil:
+    """Tasks (expert, part, [lo, hi)) over each part's dimension in fixed blocks;
+    over_pairs: the dimension is the expert's own pair range."""
+    cdef int64_t cap = 0, i, e, d, lo, hi, n = 0, base, blk
+    cdef int part
+    for i in range(n_exp):
+        e = order[i]
+        for part in range(nparts):
+            d = (offs[e + 1] - offs[e]) if over_pairs else dims[part]
+            cap += (d + blocks[part] - 1) // blocks[part]
+    cdef Task *tasks = <Task *>malloc(max(cap, 1) * sizeof(Task))
+    if tasks == NULL:
+        ntasks[0] = -1
+        return NULL
+    for i in range(n_exp):
+        e = order[i]
+        for part in range(nparts):
+            base = offs[e] if over_pairs else 0
+            d = (offs[e + 1] - offs[e]) if over_pairs else dims[part]
+            blk = blocks[part]
+            lo = 0
+            while lo < d:
+                hi = min(lo + blk, d)
+                tasks[n].e = <int32_t>e
+                tasks[n].part = part
+                tasks[n].lo = base + lo
+                tasks[n].hi = base + hi
+                n += 1
+                lo = hi
+    ntasks[0] = n
+    return tasks
+
+
+# --------------------------------------------------------------------------
+# Forward phases (one function per task kind)
+# --------------------------------------------------------------------------
+cdef void _f_lora_a_in(const Layer *L, const Step *S, const Task *t) noexcept nogil:
+    """xs_{g,u}[p] = s * A_{g,u}[e] x_p for a block of pairs."""
+    cdef int64_t e = t.e, lo = t.lo, n = t.hi - t.lo, r = L.r, H = L.H
+    L.kern.gemm_nt_f32(n, r, H, S.x32, H, S.pair_tok + lo, L.a_gate + e * r * H, H,
+                       0, NULL, 0, NULL, 0, S.xs_g + lo * r, r)
+    L.kern.gemm_nt_f32(n, r, H, S.x32, H, S.pair_tok + lo, L.a_up + e * r * H, H,
+                       0, NULL, 0, NULL, 0, S.xs_u + lo * r, r)
+    _scale(S.xs_g + lo * r, n * r, L.scaling)
+    _scale(S.xs_u + lo * r, n * r, L.scaling)
+
+
+cdef void _f_gate_up(const Layer *L, const Step *S, const Task *t) noexcept nogil:
+    """G or U rows [lo, hi) of one expert: W x + B (s A x)."""
+    cdef int64_t e = t.e, off = S.offs[t.e], n = S.offs[t.e + 1] - off
+    cdef int64_t H = L.H, I = L.I, r = L.r, lo = t.lo, nb = t.hi - t.lo
+    cdef const void *W = L.w_gate if t.part == 0 else L.w_up
+    cdef const float *B = L.b_gate if t.part == 0 else L.b_up
+    cdef float *xs = S.xs_g if t.part == 0 else S.xs_u
+    cdef float *C = S.G if t.part == 0 else S.U
+    _nt(L, n, nb, H, S.x_act, H, S.pair_tok + off, _off(L, _expert_w(L, W, e, I * H), lo * H), H,
+        r, xs + off * r, r, B + e * I * r + lo * r, r, C + off * I + lo, I)
+
+
+cdef void _f_swiglu(const Layer *L, const Step *S, const Task *t) noexcept nogil:
+    """h = silu(g) u for a block of pairs, then hs = s * A_down h (fp32 h)."""
+    cdef int64_t p, I = L.I, r = L.r, lo = t.lo, n = t.hi - t.lo
+    for p in range(lo, t.hi):
+        L.kern.swiglu_forward(I, S.G + p * I, S.U + p * I, S.h32 + p * I,
+                              (<ktsft_bf16 *>S.h_act) + p * I if L.bf16 else NULL)
+    L.kern.gemm_nt_f32(n, r, I, S.h32 + lo * I, I, NULL, L.a_down + t.e * r * I, I,
+                       0, NULL, 0, NULL, 0, S.hs + lo * r, r)
+    _scale(S.hs + lo * r, n * r, L.scaling)
+
+
+cdef void _f_down(const Layer *L, const Step *S, const Task *t) noexcept nogil:
+    """y rows [lo, hi) of H for one expert: W_down h + B_down hs."""
+    cdef int64_t e = t.e, off = S.offs[t.e], n = S.offs[t.e + 1] - off
+    cdef int64_t H = L.H, I = L.I, r = L.r, lo = t.lo, nb = t.hi - t.lo
+    _nt(L, n, nb, I, _off(L, S.h_act, off * I), I, NULL,
+        _off(L, _expert_w(L, L.w_down, e, H * I), lo * I), I,
+        r, S.hs + off * r, r, L.b_down + e * H * r + lo * r, r, S.ybuf + off * H + lo, H)
+
+
+# --------------------------------------------------------------------------
+# Backward phases
+# --------------------------------------------------------------------------
+cdef void _b_lora_b_down(const Layer *L, const Step *S, const Task *t) noexcept nogil:
+    """bds[p] = s * B_down[e]^T dO_t (unweighted) for a block of pairs."""
+    cdef int64_t lo = t.lo, n = t.hi - t.lo, r = L.r, H = L.H
+    L.kern.gemm_nn_f32(n, r, H, S.do32, H, S.pair_tok + lo, L.b_down + t.e * H * r, r,
+                       0, NULL, 0, NULL, 0, S.bds + lo * r, r, 0)
+    _scale(S.bds + lo * r, n * r, L.scaling)
+
+
+cdef void _b_down(const Layer *L, const Step *S, const Task *t) noexcept nogil:
+    """dh (unweighted) columns [lo, hi) of I: W_down^T dO + A_down^T bds."""
+    cdef int64_t e = t.e, off = S.offs[t.e], n = S.offs[t.e + 1] - off
+    cdef int64_t H = L.H, I = L.I, r = L.r, lo = t.lo, nb = t.hi - t.lo
+    _nn(L, n, nb, H, S.do_act, H, S.pair_tok + off,
+        _off(L, _expert_w(L, L.w_down, e, H * I), lo), I,
+        r, S.bds + off * r, r, L.a_down + e * r * I + lo, I, S.h32 + off * I + lo, I, 0)
+
+
+cdef void _b_swiglu(const Layer *L, const Step *S, const Task *t) noexcept nogil:
+    """Routing-weight gradient, dG and dU for a block of pairs; then the LoRA-B
+    projections of dG and dU."""
+    cdef int64_t p, I = L.I, r = L.r, lo = t.lo, n = t.hi - t.lo
+    for p in range(lo, t.hi):
+        S.grad_w[S.pair_tj[p]] = L.kern.swiglu_backward(I, S.pair_w[p], S.G + p * I,
+                                                        S.U + p * I, S.h32 + p * I)
+        if L.bf16:
+            L.kern.round_bf16(I, S.G + p * I, (<ktsft_bf16 *>S.dg_act) + p * I)
+            L.kern.round_bf16(I, S.U + p * I, (<ktsft_bf16 *>S.du_act) + p * I)
+    L.kern.gemm_nn_f32(n, r, I, S.G + lo * I, I, NULL, L.b_gate + t.e * I * r, r,
+                       0, NULL, 0, NULL, 0, S.gbs_g + lo * r, r, 0)
+    L.kern.gemm_nn_f32(n, r, I, S.U + lo * I, I, NULL, L.b_up + t.e * I * r, r,
+                       0, NULL, 0, NULL, 0, S.gbs_u + lo * r, r, 0)
+    _scale(S.gbs_g + lo * r, n * r, L.scaling)
+    _scale(S.gbs_u + lo * r, n * r, L.scaling)
+
+
+cdef void _b_input(const Layer *L, const Step *S, const Task *t) noexcept nogil:
+    """dx per pair, columns [lo, hi) of H: W_gate^T dG + W_up^T dU + LoRA terms."""
+    cdef int64_t e = t.e, off = S.offs[t.e], n = S.offs[t.e + 1] - off
+    cdef int64_t H = L.H, I = L.I, r = L.r, lo = t.lo, nb = t.hi - t.lo
+    _nn(L, n, nb, I, _off(L, S.dg_act, off * I), I, NULL,
+        _off(L, _expert_w(L, L.w_gate, e, I * H), lo), H,
+        r, S.gbs_g + off * r, r, L.a_gate + e * r * H + lo, H, S.ybuf + off * H + lo, H, 0)
+    _nn(L, n, nb, I, _off(L, S.du_act, off * I), I, NULL,
+        _off(L, _expert_w(L, L.w_up, e, I * H), lo), H,
+        r, S.gbs_u + off * r, r, L.a_up + e * r * H + lo, H, S.ybuf + off * H + lo, H, 1)
+
+
+cdef void _b_lora_grads(const Layer *L, const Step *S, const Task *t) noexcept nogil:
+    """One block of one expert's LoRA gradient (part selects the matrix)."""
+    cdef int64_t e = t.e, off = S.offs[t.e], n = S.offs[t.e + 1] - off
+    cdef int64_t H = L.H, I = L.I, r = L.r, lo = t.lo, nb = t.hi - t.lo
+    if t.part == 0:      # grad A_gate[:, lo:hi] = sum_p gbs_g[p] (x) x_p
+        L.kern.outer_f32(n, r, nb, S.gbs_g + off * r, r, NULL, NULL, S.x32 + lo, H,
+                         S.pair_tok + off, S.g_ag + e * r * H + lo, H)
+    elif t.part == 1:    # grad A_up
+        L.kern.outer_f32(n, r, nb, S.gbs_u + off * r, r, NULL, NULL, S.x32 + lo, H,
+                         S.pair_tok + off, S.g_au + e * r * H + lo, H)
+    elif t.part == 2:    # grad B_gate[lo:hi] = sum_p dG_p (x) xs_g[p]
+        L.kern.outer_f32(n, nb, r, S.G + off * I + lo, I, NULL, NULL, S.xs_g + off * r, r,
+                         NULL, S.g_bg + e * I * r + lo * r, r)
+    elif t.part == 3:    # grad B_up
+        L.kern.outer_f32(n, nb, r, S.U + off * I + lo, I, NULL, NULL, S.xs_u + off * r, r,
+                         NULL, S.g_bu + e * I * r + lo * r, r)
+    elif t.part == 4:    # grad A_down[:, lo:hi] = sum_p w_p bds[p] (x) h_p
+        L.kern.outer_f32(n, r, nb, S.bds + off * r, r, NULL, S.pair_w + off,
+                         S.h32 + off * I + lo, I, NULL, S.g_ad + e * r * I + lo, I)
+    else:                # grad B_down[lo:hi] = sum_p w_p dO_t (x) hs[p]
+        L.kern.outer_f32(n, nb, r, S.do32 + lo, H, S.pair_tok + off, S.pair_w + off,
+                         S.hs + off * r, r, NULL, S.g_bd + e * H * r + lo * r, r)
+
+
+cdef void _zero_expert_grads(const Layer *L, const Step *S, int64_t e) noexcept nogil:
+    cdef int64_t H = L.H, I = L.I, r = L.r
+    memset(S.g_ag + e * r * H, 0, r * H * sizeof(float))
+    memset(S.g_au + e * r * H, 0, r * H * sizeof(float))
+    memset(S.g_bg + e * I * r, 0, I * r * sizeof(float))
+    memset(S.g_bu + e * I * r, 0, I * r * sizeof(float))
+    memset(S.g_ad + e * r * I, 0, r * I * sizeof(float))
+    memset(S.g_bd + e * H * r, 0, H * r * sizeof(float))
+
+
+# phase ids for _run
+cdef enum:
+    PH_LORA_A_IN = 0
+    PH_GATE_UP = 1
+    PH_SWIGLU = 2
+    PH_DOWN = 3
+    PH_LORA_B_DOWN = 4
+    PH_BDOWN = 5
+    PH_BSWIGLU = 6
+    PH_BINPUT = 7
+    PH_LORA_GRADS = 8
+
+
+cdef inline void _do(int phase, const Layer *L, const Step *S, const Task *t) noexcept nogil:
+    if phase == PH_LORA_A_IN:
+        _f_lora_a_in(L, S, t)
+    elif phase == PH_GATE_UP:
+        _f_gate_up(L, S, t)
+    elif phase == PH_SWIGLU:
+        _f_swiglu(L, S, t)
+    elif phase == PH_DOWN:
+        _f_down(L, S, t)
+    elif phase == PH_LORA_B_DOWN:
+        _b_lora_b_down(L, S, t)
+    elif phase == PH_BDOWN:
+        _b_down(L, S, t)
+    elif phase == PH_BSWIGLU:
+        _b_swiglu(L, S, t)
+    elif phase == PH_BINPUT:
+        _b_input(L, S, t)
+    else:
+        _b_lora_grads(L, S, t)
+
+
+cdef int _run(int phase, const Layer *L, const Step *S, int64_t n_exp, const int32_t *order,
+              int nparts, const int64_t *dims, const int64_t *blocks, bint over_pairs,
+              int n_threads) noexcept nogil:
+    cdef int64_t ntasks = 0, i
+    cdef Task *tasks = _blocks(n_exp, order, S.offs, nparts, dims, blocks, over_pairs, &ntasks)
+    if ntasks < 0:
+        return -1
+    for i in prange(ntasks, schedule="dynamic", chunksize=1, num_threads=n_threads):
+        _do(phase, L, S, &tasks[i])
+    free(tasks)
+    return 0
+
+
+# --------------------------------------------------------------------------
+# The layer object
+# --------------------------------------------------------------------------
+cdef inline const void *_ptr(object view) except? NULL:
+    """Address of a C-contiguous numpy array (validated by the caller)."""
+    return <const void *><size_t>view.__array_interface__["data"][0]
+
+
+cdef class MoEKernel:
+    """Native state of one layer: shapes, the kernel table and borrowed
+    pointers to base weights and LoRA.  The Python wrapper owns the arrays
+    and keeps them alive for as long as they are registered here."""
+    cdef Layer L
+    cdef object _keep
+    cdef readonly str isa
+
+    def __init__(self, int64_t num_experts, int64_t top_k, int64_t hidden_size,
+                 int64_t intermediate_size, int64_t lora_rank, float lora_scaling, bint bf16,
+                 str isa):
+        cdef const ktsft_kernels *kern = ktsft_kernels_by_name(isa.encode())
+        if kern == NULL or isa not in runnable_isas():
+            raise ValueError(f"ISA {isa!r} is not available here; runnable: {runnable_isas()}")
+        memset(&self.L, 0, sizeof(Layer))
+        self.L.kern = kern
+        self.L.E = num_experts
+        self.L.k = top_k
+        self.L.H = hidden_size
+        self.L.I = intermediate_size
+        self.L.r = lora_rank
+        self.L.scaling = lora_scaling
+        self.L.bf16 = bf16
+        self.isa = isa
+        self._keep = {}
+
+    def set_base_weights(self, gate, up, down, slot):
+        """gate/up [E, I, H], down [E, H, I] (float32, or uint16 holding bf16
+        in bf16 mode), slot: int32 [E] logical expert -> physical slot."""
+        self._keep["base"] = (gate, up, down, slot)
+        self.L.w_gate = _ptr(gate)
+        self.L.w_up = _ptr(up)
+        self.L.w_down = _ptr(down)
+        self.L.slot = <const int32_t *>_ptr(slot)
+
+    def set_lora(self, a_gate, b_gate, a_up, b_up, a_down, b_down):
+        """Six float32 C-contiguous arrays, read in place (never copied)."""
+        self._keep["lora"] = (a_gate, b_gate, a_up, b_up, a_down, b_down)
+        self.L.a_gate = <const float *>_ptr(a_gate)
+        self.L.b_gate = <const float *>_ptr(b_gate)
+        self.L.a_up = <const float *>_ptr(a_up)
+        self.L.b_up = <const float *>_ptr(b_up)
+        self.L.a_down = <const float *>_ptr(a_down)
+        self.L.b_down = <const float *>_ptr(b_down)
+
+    def forward(self, x32, x_act, ids, rw, cache, ws, out, int n_threads):
+        """out = MoE(x).  cache: dict of the entry's arrays (written);
+        ws: dict of work arrays (bf16 mode: x_act/h_act are uint16)."""
+        cdef Step S
+        cdef int64_t T = x32.shape[0], P = T * self.L.k, t, n_exp
+        cdef int64_t dims[2]
+        cdef int64_t blocks[2]
+        cdef int rc = 0
+        memset(&S, 0, sizeof(Step))
+        S.T = T
+        S.P = P
+        S.offs = <const int32_t *>_ptr(cache["offs"])
+        S.pair_tok = <const int32_t *>_ptr(cache["pair_tok"])
+        S.pair_tj = <const int32_t *>_ptr(cache["pair_tj"])
+        S.pair_w = <const float *>_ptr(cache["pair_w"])
+        S.pos = <const int32_t *>_ptr(cache["pos"])
+        S.rw = <const float *>_ptr(rw)
+        S.x32 = <const float *>_ptr(x32)
+        S.x_act = _ptr(x_act)
+        S.G = <float *>_ptr(cache["G"])
+        S.U = <float *>_ptr(cache["U"])
+        S.xs_g = <float *>_ptr(cache["xs_gate"])
+        S.xs_u = <float *>_ptr(cache["xs_up"])
+        S.hs = <float *>_ptr(cache["hs_down"])
+        S.h32 = <float *>_ptr(ws["h32"])
+        S.h_act = <void *>_ptr(ws["h_act"])
+        S.ybuf = <float *>_ptr(ws["ybuf"])
+        S.out = <float *>_ptr(out)
+        cdef const int32_t *ids_p = <const int32_t *>_ptr(ids)
+        cdef int32_t *order = <int32_t *>malloc(2 * max(self.L.E, 1) * sizeof(int32_t))
+        if order == NULL:
+            raise MemoryError("ktsft forward: cannot allocate the expert order")
+        cdef int32_t *cursor = order + max(self.L.E, 1)
+        cdef const Layer *L = &self.L
+        cdef const ktsft_kernels *kern = self.L.kern
+        cdef int64_t H = self.L.H, k = self.L.k
+        with nogil:
+            _route(T, k, L.E, ids_p, S.rw, <int32_t *>S.offs, <int32_t *>S.pair_tok,
+                   <int32_t *>S.pair_tj, <float *>S.pair_w, <int32_t *>S.pos, cursor)
+            n_exp = _expert_order(L.E, S.offs, order)
+            if n_exp < 0:
+                rc = -1
+            if rc == 0 and L.bf16:
+                for t in prange(T, schedule="static", num_threads=n_threads):
+                    kern.round_bf16(H, S.x32 + t * H, (<ktsft_bf16 *>S.x_act) + t * H)
+            blocks[0] = PAIR_BLOCK
+            if rc == 0:
+                rc = _run(PH_LORA_A_IN, L, &S, n_exp, order, 1, dims, blocks, True, n_threads)
+            dims[0] = L.I
+            dims[1] = L.I
+            blocks[0] = ROW_BLOCK
+            blocks[1] = ROW_BLOCK
+            if rc == 0:
+                rc = _run(PH_GATE_UP, L, &S, n_exp, order, 2, dims, blocks, False, n_threads)
+            blocks[0] = PAIR_BLOCK
+            if rc == 0:
+                rc = _run(PH_SWIGLU, L, &S, n_exp, order, 1, dims, blocks, True, n_threads)
+            dims[0] = L.H
+            blocks[0] = ROW_BLOCK
+            if rc == 0:
+                rc = _run(PH_DOWN, L, &S, n_exp, order, 1, dims, blocks, False, n_threads)
+            if rc == 0:
+                for t in prange(T, schedule="static", num_threads=n_threads):
+                    kern.combine(k, H, S.ybuf, S.pos + t * k, S.rw + t * k, S.out + t * H)
+        free(order)
+        if rc != 0:
+            raise MemoryError("ktsft forward: cannot allocate a task list")
+
+    def backward(self, cache, do32, do_act, ws, grads, grad_w, dx, int n_threads):
+        """dx, grad_w and the six LoRA gradients from dO and a cache entry.
+        Consumes the entry: G/U become dG/dU."""
+        cdef Step S
+        cdef int64_t T = do32.shape[0], P = T * self.L.k, t, n_exp, i
+        cdef int64_t dims[6]
+        cdef int64_t blocks[6]
+        cdef int rc = 0
+        memset(&S, 0, sizeof(Step))
+        S.T = T
+        S.P = P
+        S.offs = <const int32_t *>_ptr(cache["offs"])
+        S.pair_tok = <const int32_t *>_ptr(cache["pair_tok"])
+        S.pair_tj = <const int32_t *>_ptr(cache["pair_tj"])
+        S.pair_w = <const float *>_ptr(cache["pair_w"])
+        S.pos = <const int32_t *>_ptr(cache["pos"])
+        S.x32 = <const float *>_ptr(cache["x"])
+        S.G = <float *>_ptr(cache["G"])
+        S.U = <float *>_ptr(cache["U"])
+        S.xs_g = <float *>_ptr(cache["xs_gate"])
+        S.xs_u = <float *>_ptr(cache["xs_up"])
+        S.hs = <float *>_ptr(cache["hs_down"])
+        S.h32 = <float *>_ptr(ws["h32"])
+        S.ybuf = <float *>_ptr(ws["ybuf"])
+        S.do32 = <const float *>_ptr(do32)
+        S.do_act = _ptr(do_act)
+        S.dg_act = <void *>_ptr(ws["dg_act"]) if self.L.bf16 else <void *>S.G
+        S.du_act = <void *>_ptr(ws["du_act"]) if self.L.bf16 else <void *>S.U
+        S.bds = <float *>_ptr(ws["bds"])
+        S.gbs_g = <float *>_ptr(ws["gbs_gate"])
+        S.gbs_u = <float *>_ptr(ws["gbs_up"])
+        S.grad_w = <float *>_ptr(grad_w)
+        S.g_ag = <float *>_ptr(grads["grad_gate_lora_a"])
+        S.g_bg = <float *>_ptr(grads["grad_gate_lora_b"])
+        S.g_au = <float *>_ptr(grads["grad_up_lora_a"])
+        S.g_bu = <float *>_ptr(grads["grad_up_lora_b"])
+        S.g_ad = <float *>_ptr(grads["grad_down_lora_a"])
+        S.g_bd = <float *>_ptr(grads["grad_down_lora_b"])
+        cdef float *dx_p = <float *>_ptr(dx)
+        cdef int32_t *order = <int32_t *>malloc(max(self.L.E, 1) * sizeof(int32_t))
+        if order == NULL:
+            raise MemoryError("ktsft backward: cannot allocate the expert order")
+        cdef const Layer *L = &self.L
+        cdef const ktsft_kernels *kern = self.L.kern
+        cdef int64_t H = self.L.H, k = self.L.k
+        with nogil:
+            n_exp = _expert_order(L.E, S.offs, order)
+            if n_exp < 0:
+                rc = -1
+            if rc == 0 and L.bf16:
+                for t in prange(T, schedule="static", num_threads=n_threads):
+                    kern.round_bf16(H, S.do32 + t * H, (<ktsft_bf16 *>S.do_act) + t * H)
+            blocks[0] = PAIR_BLOCK
+            if rc == 0:
+                rc = _run(PH_LORA_B_DOWN, L, &S, n_exp, order, 1, dims, blocks, True, n_threads)
+            dims[0] = L.I
+            blocks[0] = COL_BLOCK
+            if rc == 0:
+                rc = _run(PH_BDOWN, L, &S, n_exp, order, 1, dims, blocks, False, n_threads)
+            blocks[0] = PAIR_BLOCK
+            if rc == 0:
+                rc = _run(PH_BSWIGLU, L, &S, n_exp, order, 1, dims, blocks, True, n_threads)
+            dims[0] = L.H
+            blocks[0] = COL_BLOCK
+            if rc == 0:
+                rc = _run(PH_BINPUT, L, &S, n_exp, order, 1, dims, blocks, False, n_threads)
+            dims[0] = L.H
+            dims[1] = L.H
+            dims[2] = L.I
+            dims[3] = L.I
+            dims[4] = L.I
+            dims[5] = L.H
+            for i in range(6):
+                blocks[i] = GRAD_BLOCK
+            if rc == 0:
+                rc = _run(PH_LORA_GRADS, L, &S, n_exp, order, 6, dims, blocks, False, n_threads)
+            if rc == 0:
+                for t in prange(T, schedule="static", num_threads=n_threads):
+                    kern.combine(k, H, S.ybuf, S.pos + t * k, NULL, dx_p + t * H)
+                for i in prange(L.E, schedule="static", num_threads=n_threads):
+                    if S.offs[i + 1] == S.offs[i]:
+                        _zero_expert_grads(L, &S, i)
+        free(order)
+        if rc != 0:
+            raise MemoryError("ktsft backward: cannot allocate a task list")

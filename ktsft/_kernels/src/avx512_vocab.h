@@ -1,0 +1,38 @@
+/* The AVX-512 (F+BW+VL+DQ) vector vocabulary for gemm_fma.inc, shared by the
+ * avx512 and avx512bf16 units.  Static inline only: no symbol leaves a unit. */
+#ifndef KTSFT_AVX512_VOCAB_H
+#define KTSFT_AVX512_VOCAB_H
+#include <immintrin.h>
+
+typedef __m512 VF;
+#define VLEN 16
+#define V_ZERO() _mm512_setzero_ps()
+#define V_SET1(x) _mm512_set1_ps(x)
+#define V_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define V_LOADN(p, n) _mm512_maskz_loadu_ps(kt_mask16(n), p)
+#define V_STOREN(p, v, n) _mm512_mask_storeu_ps(p, kt_mask16(n), v)
+#define V_REDUCE(v) _mm512_reduce_add_ps(v)
+#define NT_MR 6
+#define NT_NR 4
+#define NN_MR 12
+#define NN_NV 2
+
+static inline __mmask16 kt_mask16(int64_t n)
+{
+    return n >= 16 ? (__mmask16)0xffff : (n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u));
+}
+
+static inline __mmask32 kt_mask32(int64_t n)
+{
+    return n >= 32 ? (__mmask32)0xffffffffu : (n <= 0 ? (__mmask32)0 : (__mmask32)((1u << n) - 1u));
+}
+
+static inline __m512 kt_widen_bf16x16(__m256i b)
+{
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+}
+
+#define KT_LOAD_BF16X16(p) kt_widen_bf16x16(_mm256_loadu_si256((const __m256i *)(p)))
+#define KT_LOADN_BF16X16(p, n) kt_widen_bf16x16(_mm256_maskz_loadu_epi16(kt_mask16(n), p))
+
+#endif

@@ -1,0 +1,54 @@
+/* CPUID + XGETBV: a feature counts only if the CPU has it and the OS saves
+ * its registers on context switch (XCR0), as numpy's npy_cpu_features does. */
+#include <string.h>
+#include "ktsft/cpu_features.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+
+static unsigned long long kt_xgetbv0(void)
+{
+    unsigned int lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((unsigned long long)hi << 32) | lo;
+}
+
+void ktsft_probe_cpu(ktsft_cpu_features *f)
+{
+    unsigned int a, b, c, d;
+    memset(f, 0, sizeof *f);
+    f->x86 = 1;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return;
+    const int osxsave = (c >> 27) & 1;
+    f->fma = (c >> 12) & 1;
+    f->f16c = (c >> 29) & 1;
+    const int avx = (c >> 28) & 1;
+    if (osxsave && avx) {
+        unsigned long long xcr0 = kt_xgetbv0();
+        f->os_avx = (xcr0 & 0x6) == 0x6;
+        f->os_avx512 = f->os_avx && (xcr0 & 0xe0) == 0xe0;
+        f->os_amx = (xcr0 & 0x60000) == 0x60000;
+    }
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
+        f->avx2 = (b >> 5) & 1;
+        f->avx512f = (b >> 16) & 1;
+        f->avx512dq = (b >> 17) & 1;
+        f->avx512bw = (b >> 30) & 1;
+        f->avx512vl = (b >> 31) & 1;
+        f->avx512_vnni = (c >> 11) & 1;
+        f->avx512_fp16 = (d >> 23) & 1;
+        f->amx_bf16 = (d >> 22) & 1;
+        f->amx_tile = (d >> 24) & 1;
+        f->amx_int8 = (d >> 25) & 1;
+        unsigned int max7 = a;
+        if (max7 >= 1 && __get_cpuid_count(7, 1, &a, &b, &c, &d)) f->avx512_bf16 = (a >> 5) & 1;
+    }
+    if (!f->os_avx) f->avx2 = f->fma = f->f16c = 0;
+    if (!f->os_avx512)
+        f->avx512f = f->avx512dq = f->avx512bw = f->avx512vl = f->avx512_bf16 =
+            f->avx512_fp16 = f->avx512_vnni = 0;
+    if (!f->os_amx) f->amx_tile = f->amx_bf16 = f->amx_int8 = 0;
+}
+#else
+void ktsft_probe_cpu(ktsft_cpu_features *f) { memset(f, 0, sizeof *f); }
+#endif

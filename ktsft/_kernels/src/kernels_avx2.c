@@ -1,0 +1,74 @@
+/* AVX2 + FMA path (Haswell / Zen 1 and later).  Compiled with -mavx2 -mfma. */
+#include <immintrin.h>
+#include "ktsft/kernels.h"
+#include "common.inc"
+
+typedef __m256 VF;
+#define VLEN 8
+#define V_ZERO() _mm256_setzero_ps()
+#define V_SET1(x) _mm256_set1_ps(x)
+#define V_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define V_LOADN(p, n) _mm256_maskload_ps(p, kt_mask8(n))
+#define V_STOREN(p, v, n) _mm256_maskstore_ps(p, kt_mask8(n), v)
+#define V_REDUCE(v) kt_hsum8(v)
+#define NT_MR 3
+#define NT_NR 3
+#define NN_MR 6
+#define NN_NV 2
+
+/* lanes [0, n) set; n <= 0 gives an empty mask, which touches no memory */
+static inline __m256i kt_mask8(int64_t n)
+{
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    int32_t c = n > 8 ? 8 : (int32_t)n;
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(c), iota);
+}
+
+static inline float kt_hsum8(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256 kt_load_bf16x8(const ktsft_bf16 *p)
+{
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+static inline __m256 kt_loadn_bf16x8(const ktsft_bf16 *p, int64_t n)
+{
+    ktsft_bf16 tmp[8] = {0};
+    for (int64_t i = 0; i < n && i < 8; ++i) tmp[i] = p[i];
+    return kt_load_bf16x8(tmp);
+}
+
+#define T_ELT float
+#define T_NAME(x) x##_f32
+#define T_LOAD(p) _mm256_loadu_ps(p)
+#define T_LOADN(p, n) V_LOADN(p, n)
+#define T_TOF32(x) (x)
+#include "gemm_fma.inc"
+#undef T_ELT
+#undef T_NAME
+#undef T_LOAD
+#undef T_LOADN
+#undef T_TOF32
+
+#define T_ELT ktsft_bf16
+#define T_NAME(x) x##_bf16
+#define T_LOAD(p) kt_load_bf16x8(p)
+#define T_LOADN(p, n) kt_loadn_bf16x8(p, n)
+#define T_TOF32(x) kt_bf16_to_f32(x)
+#include "gemm_fma.inc"
+
+const ktsft_kernels *ktsft_kernels_avx2(void)
+{
+    static const ktsft_kernels table = {
+        "avx2",       gemm_nt_f32,        gemm_nt_bf16,       gemm_nn_f32,   gemm_nn_bf16,
+        kt_outer_f32, kt_swiglu_forward, kt_swiglu_backward, kt_round_bf16, kt_combine,
+    };
+    return &table;
+}

@@ -1,0 +1,222 @@
+/* AVX512-BF16 path (Cooper Lake, Sapphire Rapids, Zen 4 and later):
+ * vdpbf16ps multiplies bf16 pairs and accumulates in fp32 lanes.
+ *
+ * Both directions read the one row-major weight copy W[o, k]:
+ *  - NT (forward, contraction along k): a weight row and an activation row are
+ *    both k-contiguous, so vdpbf16ps consumes them as they lie; 16 fp32
+ *    partial sums per output are reduced once at the end.
+ *  - NN (backward, contraction along o): vdpbf16ps needs (W[o, n], W[o+1, n])
+ *    pairs, so two rows are interleaved in registers (vpermt2w).  The shuffle
+ *    is paid once per weight vector and reused by every token of the tile. */
+#include "ktsft/kernels.h"
+#include "common.inc"
+#include "avx512_vocab.h"
+
+#define T_ELT float
+#define T_NAME(x) x##_f32
+#define T_LOAD(p) _mm512_loadu_ps(p)
+#define T_LOADN(p, n) V_LOADN(p, n)
+#define T_TOF32(x) (x)
+#include "gemm_fma.inc"
+
+#define DP(acc, a, b) _mm512_dpbf16_ps(acc, (__m512bh)(a), (__m512bh)(b))
+
+/* ---- NT on bf16 pairs ---- */
+#define BNT_MR 6
+#define BNT_NR 4
+
+KT_INLINE void bnt_tile(const int mr, const int64_t K, const ktsft_bf16 *const *a,
+                        const ktsft_bf16 *const *w, const int64_t K2, const float *a2,
+                        const int64_t lda2, const float *const *w2, float *c,
+                        const int64_t ldc, const int nr)
+{
+    __m512 acc[BNT_MR][BNT_NR];
+#pragma GCC unroll 16
+    for (int i = 0; i < mr; ++i)
+#pragma GCC unroll 8
+        for (int j = 0; j < BNT_NR; ++j) acc[i][j] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m512i wv[BNT_NR];
+#pragma GCC unroll 8
+        for (int j = 0; j < BNT_NR; ++j) wv[j] = _mm512_loadu_si512((const void *)(w[j] + k));
+#pragma GCC unroll 16
+        for (int i = 0; i < mr; ++i) {
+            __m512i av = _mm512_loadu_si512((const void *)(a[i] + k));
+#pragma GCC unroll 8
+            for (int j = 0; j < BNT_NR; ++j) acc[i][j] = DP(acc[i][j], av, wv[j]);
+        }
+    }
+    if (k < K) {
+        const __mmask32 m = kt_mask32(K - k);
+        __m512i wv[BNT_NR];
+#pragma GCC unroll 8
+        for (int j = 0; j < BNT_NR; ++j) wv[j] = _mm512_maskz_loadu_epi16(m, w[j] + k);
+#pragma GCC unroll 16
+        for (int i = 0; i < mr; ++i) {
+            __m512i av = _mm512_maskz_loadu_epi16(m, a[i] + k);
+#pragma GCC unroll 8
+            for (int j = 0; j < BNT_NR; ++j) acc[i][j] = DP(acc[i][j], av, wv[j]);
+        }
+    }
+    for (int64_t q = 0; q < K2; q += 16) {
+        const int64_t rem = K2 - q;
+        __m512 wv[BNT_NR];
+#pragma GCC unroll 8
+        for (int j = 0; j < BNT_NR; ++j) wv[j] = V_LOADN(w2[j] + q, rem);
+#pragma GCC unroll 16
+        for (int i = 0; i < mr; ++i) {
+            __m512 av = V_LOADN(a2 + i * lda2 + q, rem);
+#pragma GCC unroll 8
+            for (int j = 0; j < BNT_NR; ++j) acc[i][j] = _mm512_fmadd_ps(av, wv[j], acc[i][j]);
+        }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < mr; ++i)
+#pragma GCC unroll 8
+        for (int j = 0; j < BNT_NR; ++j)
+            if (j < nr) c[i * ldc + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+static void gemm_nt_bf16_dp(int64_t M, int64_t N, int64_t K, const ktsft_bf16 *A__mk,
+                            int64_t lda, const int32_t *arows, const ktsft_bf16 *W__nk,
+                            int64_t ldw, int64_t K2, const float *A2__mq, int64_t lda2,
+                            const float *W2__nq, int64_t ldw2, float *C__mn, int64_t ldc)
+{
+    for (int64_t n0 = 0; n0 < N; n0 += BNT_NR) {
+        const int nr = (int)(N - n0 < BNT_NR ? N - n0 : BNT_NR);
+        const ktsft_bf16 *w[BNT_NR];
+        const float *w2[BNT_NR];
+        for (int j = 0; j < BNT_NR; ++j) {
+            const int64_t row = n0 + (j < nr ? j : 0);
+            w[j] = W__nk + row * ldw;
+            w2[j] = K2 ? W2__nq + row * ldw2 : NULL;
+        }
+        for (int64_t m0 = 0; m0 < M; m0 += BNT_MR) {
+            const int mr = (int)(M - m0 < BNT_MR ? M - m0 : BNT_MR);
+            const ktsft_bf16 *a[BNT_MR];
+            for (int i = 0; i < mr; ++i)
+                a[i] = A__mk + (arows ? (int64_t)arows[m0 + i] : m0 + i) * lda;
+            const float *a2 = K2 ? A2__mq + m0 * lda2 : NULL;
+            float *c = C__mn + m0 * ldc + n0;
+            switch (mr) {
+            case 1: bnt_tile(1, K, a, w, K2, a2, lda2, w2, c, ldc, nr); break;
+            case 2: bnt_tile(2, K, a, w, K2, a2, lda2, w2, c, ldc, nr); break;
+            case 3: bnt_tile(3, K, a, w, K2, a2, lda2, w2, c, ldc, nr); break;
+            case 4: bnt_tile(4, K, a, w, K2, a2, lda2, w2, c, ldc, nr); break;
+            case 5: bnt_tile(5, K, a, w, K2, a2, lda2, w2, c, ldc, nr); break;
+            default: bnt_tile(6, K, a, w, K2, a2, lda2, w2, c, ldc, nr); break;
+            }
+        }
+    }
+}
+
+/* ---- NN on bf16 pairs: 32 output columns (two zmm) per tile ---- */
+#define BNN_MR 8
+
+static inline uint32_t kt_pair(const ktsft_bf16 *p)
+{
+    uint32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+KT_INLINE void bnn_tile(const int mr, const int64_t O, const ktsft_bf16 *const *a,
+                        const ktsft_bf16 *W__on, const int64_t ldw, const int64_t ncols,
+                        const int64_t O2, const float *a2, const int64_t lda2,
+                        const float *W2__qn, const int64_t ldw2, float *c, const int64_t ldc,
+                        const int accumulate)
+{
+    /* (row0[c], row1[c]) pairs for columns 0..15 and 16..31 */
+    const __m512i idx_lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10,
+                                            41, 9, 40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3,
+                                            34, 2, 33, 1, 32, 0);
+    const __m512i idx_hi = _mm512_add_epi16(idx_lo, _mm512_set1_epi16(16));
+    const __mmask32 mcols = kt_mask32(ncols);
+    const int64_t cnt0 = ncols, cnt1 = ncols - 16;
+    __m512 acc[BNN_MR][2];
+#pragma GCC unroll 16
+    for (int i = 0; i < mr; ++i) {
+        acc[i][0] = accumulate ? V_LOADN(c + i * ldc, cnt0) : _mm512_setzero_ps();
+        acc[i][1] = accumulate ? V_LOADN(c + i * ldc + 16, cnt1) : _mm512_setzero_ps();
+    }
+    int64_t o = 0;
+    for (; o + 2 <= O; o += 2) {
+        __m512i r0 = _mm512_maskz_loadu_epi16(mcols, W__on + o * ldw);
+        __m512i r1 = _mm512_maskz_loadu_epi16(mcols, W__on + (o + 1) * ldw);
+        __m512i lo = _mm512_permutex2var_epi16(r0, idx_lo, r1);
+        __m512i hi = _mm512_permutex2var_epi16(r0, idx_hi, r1);
+#pragma GCC unroll 16
+        for (int i = 0; i < mr; ++i) {
+            __m512i b = _mm512_set1_epi32((int)kt_pair(a[i] + o));
+            acc[i][0] = DP(acc[i][0], lo, b);
+            acc[i][1] = DP(acc[i][1], hi, b);
+        }
+    }
+    if (o < O) { /* odd O: pair the last row with zeros */
+        __m512i r0 = _mm512_maskz_loadu_epi16(mcols, W__on + o * ldw);
+        __m512i zero = _mm512_setzero_si512();
+        __m512i lo = _mm512_permutex2var_epi16(r0, idx_lo, zero);
+        __m512i hi = _mm512_permutex2var_epi16(r0, idx_hi, zero);
+#pragma GCC unroll 16
+        for (int i = 0; i < mr; ++i) {
+            __m512i b = _mm512_set1_epi32((int)(uint32_t)a[i][o]);
+            acc[i][0] = DP(acc[i][0], lo, b);
+            acc[i][1] = DP(acc[i][1], hi, b);
+        }
+    }
+    for (int64_t q = 0; q < O2; ++q) {
+        __m512 w0 = V_LOADN(W2__qn + q * ldw2, cnt0);
+        __m512 w1 = V_LOADN(W2__qn + q * ldw2 + 16, cnt1);
+#pragma GCC unroll 16
+        for (int i = 0; i < mr; ++i) {
+            __m512 b = _mm512_set1_ps(a2[i * lda2 + q]);
+            acc[i][0] = _mm512_fmadd_ps(b, w0, acc[i][0]);
+            acc[i][1] = _mm512_fmadd_ps(b, w1, acc[i][1]);
+        }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < mr; ++i) {
+        V_STOREN(c + i * ldc, acc[i][0], cnt0);
+        V_STOREN(c + i * ldc + 16, acc[i][1], cnt1);
+    }
+}
+
+static void gemm_nn_bf16_dp(int64_t M, int64_t N, int64_t O, const ktsft_bf16 *A__mo,
+                            int64_t lda, const int32_t *arows, const ktsft_bf16 *W__on,
+                            int64_t ldw, int64_t O2, const float *A2__mq, int64_t lda2,
+                            const float *W2__qn, int64_t ldw2, float *C__mn, int64_t ldc,
+                            int accumulate)
+{
+    for (int64_t n0 = 0; n0 < N; n0 += 32) {
+        const int64_t ncols = N - n0 < 32 ? N - n0 : 32;
+        for (int64_t m0 = 0; m0 < M; m0 += BNN_MR) {
+            const int mr = (int)(M - m0 < BNN_MR ? M - m0 : BNN_MR);
+            const ktsft_bf16 *a[BNN_MR];
+            for (int i = 0; i < mr; ++i)
+                a[i] = A__mo + (arows ? (int64_t)arows[m0 + i] : m0 + i) * lda;
+            const float *a2 = O2 ? A2__mq + m0 * lda2 : NULL;
+            const float *w2 = O2 ? W2__qn + n0 : NULL;
+            float *c = C__mn + m0 * ldc + n0;
+            switch (mr) {
+            case 1: bnn_tile(1, O, a, W__on + n0, ldw, ncols, O2, a2, lda2, w2, ldw2, c, ldc, accumulate); break;
+            case 2: bnn_tile(2, O, a, W__on + n0, ldw, ncols, O2, a2, lda2, w2, ldw2, c, ldc, accumulate); break;
+            case 3: bnn_tile(3, O, a, W__on + n0, ldw, ncols, O2, a2, lda2, w2, ldw2, c, ldc, accumulate); break;
+            case 4: bnn_tile(4, O, a, W__on + n0, ldw, ncols, O2, a2, lda2, w2, ldw2, c, ldc, accumulate); break;
+            case 5: bnn_tile(5, O, a, W__on + n0, ldw, ncols, O2, a2, lda2, w2, ldw2, c, ldc, accumulate); break;
+            case 6: bnn_tile(6, O, a, W__on + n0, ldw, ncols, O2, a2, lda2, w2, ldw2, c, ldc, accumulate); break;
+            case 7: bnn_tile(7, O, a, W__on + n0, ldw, ncols, O2, a2, lda2, w2, ldw2, c, ldc, accumulate); break;
+            default: bnn_tile(8, O, a, W__on + n0, ldw, ncols, O2, a2, lda2, w2, ldw2, c, ldc, accumulate); break;
+            }
+        }
+    }
+}
+
+const ktsft_kernels *ktsft_kernels_avx512bf16(void)
+{
+    static const ktsft_kernels table = {
+        "avx512bf16", gemm_nt_f32,       gemm_nt_bf16_dp,    gemm_nn_f32,   gemm_nn_bf16_dp,
+        kt_outer_f32, kt_swiglu_forward, kt_swiglu_backward, kt_round_bf16, kt_combine,
+    };
+    return &table;
+}

@@ -1,0 +1,45 @@
+/* Portable path: plain C at the compiler's baseline flags (any x86-64,
+ * aarch64, ...).  The same register blocking as the SIMD builds, one lane wide. */
+#include "ktsft/kernels.h"
+#include "common.inc"
+
+typedef float VF;
+#define VLEN 1
+#define V_ZERO() 0.0f
+#define V_SET1(x) (x)
+#define V_FMA(a, b, c) ((a) * (b) + (c))
+#define V_LOADN(p, n) ((n) > 0 ? *(p) : 0.0f)
+#define V_STOREN(p, v, n) do { if ((n) > 0) *(p) = (v); } while (0)
+#define V_REDUCE(v) (v)
+#define NT_MR 4
+#define NT_NR 4
+#define NN_MR 4
+#define NN_NV 4
+
+#define T_ELT float
+#define T_NAME(x) x##_f32
+#define T_LOAD(p) (*(p))
+#define T_LOADN(p, n) V_LOADN(p, n)
+#define T_TOF32(x) (x)
+#include "gemm_fma.inc"
+#undef T_ELT
+#undef T_NAME
+#undef T_LOAD
+#undef T_LOADN
+#undef T_TOF32
+
+#define T_ELT ktsft_bf16
+#define T_NAME(x) x##_bf16
+#define T_LOAD(p) kt_bf16_to_f32(*(p))
+#define T_LOADN(p, n) ((n) > 0 ? kt_bf16_to_f32(*(p)) : 0.0f)
+#define T_TOF32(x) kt_bf16_to_f32(x)
+#include "gemm_fma.inc"
+
+const ktsft_kernels *ktsft_kernels_scalar(void)
+{
+    static const ktsft_kernels table = {
+        "scalar",     gemm_nt_f32,        gemm_nt_bf16,       gemm_nn_f32,   gemm_nn_bf16,
+        kt_outer_f32, kt_swiglu_forward, kt_swiglu_backward, kt_round_bf16, kt_combine,
+    };
+    return &table;
+}

@@ -1,0 +1,200 @@
+"""Host buffers: the reference-style staging buffer, the activation-cache
+entry (what backward needs, nothing more) and the per-wrapper workspace."""
+from __future__ import annotations
+
+from typing import ClassVar, Dict
+
+import numpy as np
+
+from ._arrays import BF16, torch_module
+
+LORA_GRAD_NAMES = (
+    "grad_gate_lora_a", "grad_gate_lora_b", "grad_up_lora_a",
+    "grad_up_lora_b", "grad_down_lora_a", "grad_down_lora_b",
+)
+
+
+def lora_shapes(E: int, H: int, I: int, r: int) -> dict:
+    """Shapes of the six LoRA matrices, keyed by gradient name."""
+    return {
+        "grad_gate_lora_a": (E, r, H), "grad_gate_lora_b": (E, I, r),
+        "grad_up_lora_a": (E, r, H), "grad_up_lora_b": (E, I, r),
+        "grad_down_lora_a": (E, r, I), "grad_down_lora_b": (E, H, r),
+    }
+
+
+def _host_array(shape, dtype):
+    """numpy array; backed by (pinned, when a GPU is present) torch memory
+    when torch is already imported, so device copies need no extra staging."""
+    torch = torch_module()
+    if torch is None:
+        return np.empty(shape, dtype=dtype), None
+    tdt = {np.dtype(np.float32): torch.float32, np.dtype(np.int64): torch.int64,
+           BF16: torch.bfloat16}[np.dtype(dtype)]
+    pin = bool(torch.cuda.is_available())
+    t = torch.empty(shape, dtype=tdt, pin_memory=pin)
+    if tdt == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(BF16), t
+    return t.numpy(), t
+
+
+class KExpertsSFTBuffer:
+    """Staging buffers for one (qlen, layer shape, dtype): inputs, outputs,
+    gradients and the six LoRA-gradient arrays.
+
+    Arrays are numpy (``buf.input_cpu`` ...); when torch is imported they
+    share memory with torch tensors (``buf.tensors[name]``), pinned when a
+    CUDA device exists.  ``get_buffer`` reuses one buffer per key.
+    """
+
+    capture_buffers: ClassVar[Dict[tuple, "KExpertsSFTBuffer"]] = {}
+
+    def __init__(self, qlen: int, hidden_size: int, moe_intermediate_size: int,
+                 num_experts: int, num_experts_per_tok: int, lora_rank: int, dtype="bf16"):
+        from .validation import check_int
+
+        self.qlen = check_int(qlen, "qlen", minimum=0)
+        self.hidden_size = check_int(hidden_size, "hidden_size")
+        self.moe_intermediate_size = check_int(moe_intermediate_size, "moe_intermediate_size")
+        self.num_experts = check_int(num_experts, "num_experts")
+        self.num_experts_per_tok = check_int(num_experts_per_tok, "num_experts_per_tok")
+        self.lora_rank = check_int(lora_rank, "lora_rank")
+        self.dtype = _act_dtype(dtype)
+        T, H, k = self.qlen, self.hidden_size, self.num_experts_per_tok
+        specs = {
+            "input_cpu": ((T, H), self.dtype), "output_cpu": ((T, H), self.dtype),
+            "grad_output_cpu": ((T, H), self.dtype), "grad_input_cpu": ((T, H), self.dtype),
+            "expert_ids_cpu": ((T, k), np.int64), "weights_cpu": ((T, k), np.float32),
+        }
+        for name, shape in lora_shapes(self.num_experts, H, self.moe_intermediate_size,
+                                       self.lora_rank).items():
+            specs[name] = (shape, np.float32)
+        self.tensors = {}
+        for name, (shape, dt) in specs.items():
+            arr, t = _host_array(shape, dt)
+            setattr(self, name, arr)
+            if t is not None:
+                self.tensors[name] = t
+
+    @classmethod
+    def get_buffer(cls, qlen, hidden_size, moe_intermediate_size, num_experts,
+                   num_experts_per_tok, lora_rank, dtype="bf16") -> "KExpertsSFTBuffer":
+        key = (qlen, hidden_size, moe_intermediate_size, num_experts, num_experts_per_tok,
+               lora_rank, str(_act_dtype(dtype)))
+        buf = cls.capture_buffers.get(key)
+        if buf is None:
+            buf = cls(qlen, hidden_size, moe_intermediate_size, num_experts,
+                      num_experts_per_tok, lora_rank, dtype)
+            cls.capture_buffers[key] = buf
+        return buf
+
+    @classmethod
+    def clear_cache(cls) -> None:
+        cls.capture_buffers.clear()
+
+    def get_lora_grads(self, as_torch: bool = False) -> dict:
+        """The six LoRA-gradient arrays (torch tensors with as_torch=True)."""
+        if as_torch:
+            if not self.tensors:
+                raise RuntimeError("get_lora_grads(as_torch=True): torch is not imported")
+            return {n: self.tensors[n] for n in LORA_GRAD_NAMES}
+        return {n: getattr(self, n) for n in LORA_GRAD_NAMES}
+
+
+def _act_dtype(dtype):
+    torch = torch_module()
+    if dtype in ("bf16", "bfloat16", BF16) or (torch is not None and dtype == torch.bfloat16):
+        return BF16
+    if dtype in ("fp32", "float32", np.float32, np.dtype(np.float32)) or (
+            torch is not None and dtype == torch.float32):
+        return np.dtype(np.float32)
+    raise ValueError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
+
+
+class CacheEntry:
+    """What one forward keeps for its backward.
+
+    Per token (fp32 unless noted), with k slots, rank r, hidden H, inner I:
+      x         H          input (LoRA-A gradients need it; the base GEMMs
+                           do not, so y is never kept: see docs/cache.md)
+      G, U      2 k I      gate and up pre-activations (h is rebuilt from them)
+      xs_gate, xs_up, hs_down   3 k r   scaled LoRA-A projections
+      pair_tok, pair_tj, pair_w, pos   4 k   routing (int32/float32)
+    plus (E + 1) int32 expert offsets per entry.
+    """
+
+    __slots__ = ("T", "arrays")
+
+    FIELDS = ("x", "G", "U", "xs_gate", "xs_up", "hs_down", "offs", "pair_tok", "pair_tj",
+              "pair_w", "pos")
+
+    def __init__(self, T: int, E: int, H: int, I: int, k: int, r: int):
+        P = T * k
+        self.T = T
+        self.arrays = {
+            "x": np.empty((T, H), np.float32),
+            "G": np.empty((P, I), np.float32), "U": np.empty((P, I), np.float32),
+            "xs_gate": np.empty((P, r), np.float32), "xs_up": np.empty((P, r), np.float32),
+            "hs_down": np.empty((P, r), np.float32),
+            "offs": np.empty(E + 1, np.int32), "pair_tok": np.empty(P, np.int32),
+            "pair_tj": np.empty(P, np.int32), "pair_w": np.empty(P, np.float32),
+            "pos": np.empty(P, np.int32),
+        }
+
+    @staticmethod
+    def bytes_per_token(H: int, I: int, k: int, r: int) -> int:
+        return 4 * (H + 2 * k * I + 3 * k * r + 4 * k)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+    def __getitem__(self, name):
+        return self.arrays[name]
+
+
+class Workspace:
+    """Per-wrapper scratch reused across calls, grown on demand (never kept
+    between a forward and its backward)."""
+
+    def __init__(self, H: int, I: int, k: int, r: int, bf16: bool):
+        self.H, self.I, self.k, self.r, self.bf16 = H, I, k, r, bf16
+        self.T = -1
+        self.arrays: dict = {}
+
+    def ensure(self, T: int) -> dict:
+        if T <= self.T:
+            return self.arrays
+        H, I, k, r = self.H, self.I, self.k, self.r
+        P = T * k
+        act = np.uint16 if self.bf16 else np.float32
+        a = {
+            "h32": np.empty((P, I), np.float32), "ybuf": np.empty((P, H), np.float32),
+            "bds": np.empty((P, r), np.float32), "gbs_gate": np.empty((P, r), np.float32),
+            "gbs_up": np.empty((P, r), np.float32),
+        }
+        if self.bf16:
+            a.update({"x_act": np.empty((T, H), act), "h_act": np.empty((P, I), act),
+                      "do_act": np.empty((T, H), act), "dg_act": np.empty((P, I), act),
+                      "du_act": np.empty((P, I), act)})
+        else:
+            a["h_act"] = a["h32"]
+        self.arrays = a
+        self.T = T
+        return a
+
+    def view(self, T: int) -> dict:
+        """Arrays trimmed to T tokens (views: rows stay contiguous)."""
+        k = self.k
+        out = {}
+        for name, arr in self.ensure(T).items():
+            rows = T if name in ("x_act", "do_act") else T * k
+            out[name] = arr[:rows]
+        return out
+
+    @staticmethod
+    def bytes_per_token(H: int, I: int, k: int, r: int, bf16: bool) -> int:
+        n = 4 * (k * I + k * H + 3 * k * r)
+        if bf16:
+            n += 2 * (2 * H + 3 * k * I)
+        return n

@@ -1,0 +1,302 @@
+"""The wrapper API: configuration, state and the cache stack.  Nothing
+numeric happens here; see ktsft/_kernels for that."""
+from __future__ import annotations
+
+import os
+import threading
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from . import validation as V
+from ._arrays import BF16, as_numpy, is_torch_tensor, to_like, torch_module, wrap_like
+from ._dispatch import resolve_isa
+from ._kernels.moe_sft import MoEKernel
+from .buffers import LORA_GRAD_NAMES, CacheEntry, Workspace, lora_shapes
+
+LORA_ARG_NAMES = ("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_lora_a",
+                  "down_lora_b")
+
+
+def default_threads() -> int:
+    """OMP_NUM_THREADS when set, else the cores this process may run on."""
+    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class BaseSFTMoEWrapper(ABC):
+    """One MoE layer's routed experts on the CPU, for LoRA fine-tuning.
+
+    Holds the configuration and the LoRA hyper-parameters
+    (``lora_scaling = lora_alpha / lora_rank``).  The inference entry points
+    of an inference wrapper raise RuntimeError: training needs the
+    synchronous, cached ``forward_sft`` and its ``backward``.
+    """
+
+    def __init__(self, layer_idx, num_experts, num_experts_per_tok, hidden_size,
+                 moe_intermediate_size, num_gpu_experts=0, cpuinfer_threads=None,
+                 threadpool_count=1, weight_path=None, chunked_prefill_size=8192,
+                 lora_rank=16, lora_alpha=32.0, max_cache_depth=1):
+        self.layer_idx = V.check_int(layer_idx, "layer_idx", minimum=0)
+        self.num_experts = V.check_int(num_experts, "num_experts")
+        self.num_experts_per_tok = V.check_int(num_experts_per_tok, "num_experts_per_tok",
+                                               maximum=self.num_experts)
+        self.hidden_size = V.check_int(hidden_size, "hidden_size")
+        self.moe_intermediate_size = V.check_int(moe_intermediate_size, "moe_intermediate_size")
+        V.check_int(num_gpu_experts, "num_gpu_experts", minimum=0)
+        if num_gpu_experts != 0:
+            raise NotImplementedError(
+                f"num_gpu_experts={num_gpu_experts}: only 0 is supported (all routed experts on the CPU)")
+        self.num_gpu_experts = 0
+        self.cpuinfer_threads = (default_threads() if cpuinfer_threads is None
+                                 else V.check_int(cpuinfer_threads, "cpuinfer_threads"))
+        # Accepted for interface compatibility: one pool of cpuinfer_threads
+        # serves the layer; NUMA sub-pools are not implemented yet.
+        self.threadpool_count = V.check_int(threadpool_count, "threadpool_count")
+        if weight_path is not None and not isinstance(weight_path, (str, os.PathLike)):
+            raise TypeError(f"weight_path must be a path or None, got {type(weight_path).__name__}")
+        self.weight_path = weight_path
+        self.chunked_prefill_size = V.check_int(chunked_prefill_size, "chunked_prefill_size")
+        self.lora_rank = V.check_int(lora_rank, "lora_rank")
+        self.lora_alpha = V.check_positive_float(lora_alpha, "lora_alpha")
+        self.lora_scaling = self.lora_alpha / self.lora_rank
+        self.max_cache_depth = V.check_int(max_cache_depth, "max_cache_depth")
+
+    @abstractmethod
+    def load_weights(self, physical_to_logical_map_cpu=None, *, gate_proj=None, up_proj=None,
+                     down_proj=None) -> None: ...
+
+    @abstractmethod
+    def init_lora_weights(self, gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a,
+                          down_lora_b) -> None: ...
+
+    @abstractmethod
+    def forward_sft(self, hidden_states, expert_ids, weights, save_for_backward=True): ...
+
+    @abstractmethod
+    def backward(self, grad_output): ...
+
+    @abstractmethod
+    def update_lora_weights(self) -> None: ...
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("forward() is the inference entry point; in SFT mode use forward_sft()")
+
+    def submit_forward(self, *args, **kwargs):
+        raise RuntimeError("submit_forward() is not available in SFT mode: forward_sft() is synchronous")
+
+    def sync_forward(self, *args, **kwargs):
+        raise RuntimeError("sync_forward() is not available in SFT mode: forward_sft() is synchronous")
+
+    def select_deferred_experts(self, *args, **kwargs):
+        raise RuntimeError("select_deferred_experts() is not available in SFT mode: "
+                           "every routed expert is needed for exact gradients")
+
+
+class SFTMoEWrapper(BaseSFTMoEWrapper):
+    """CPU MoE-expert LoRA fine-tuning on the ktsft kernels.
+
+    dtype="bf16": base weights stored in bf16, activations rounded to bf16
+    where the base GEMMs read them, fp32 accumulation and fp32 LoRA.
+    dtype="fp32": everything fp32.  ``isa`` forces a kernel build (default:
+    the best this CPU runs, or $KTSFT_ISA).
+    """
+
+    def __init__(self, layer_idx, num_experts, num_experts_per_tok, hidden_size,
+                 moe_intermediate_size, num_gpu_experts=0, cpuinfer_threads=None,
+                 threadpool_count=1, weight_path=None, chunked_prefill_size=8192, lora_rank=16,
+                 lora_alpha=32.0, max_cache_depth=1, dtype="bf16", *, isa=None):
+        super().__init__(layer_idx, num_experts, num_experts_per_tok, hidden_size,
+                         moe_intermediate_size, num_gpu_experts, cpuinfer_threads,
+                         threadpool_count, weight_path, chunked_prefill_size, lora_rank,
+                         lora_alpha, max_cache_depth)
+        if dtype not in ("fp32", "bf16"):
+            raise ValueError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
+        self.dtype = dtype
+        self.isa = resolve_isa(isa)
+        E, H, I, r = self.num_experts, hidden_size, moe_intermediate_size, lora_rank
+        wbytes = 3 * E * H * I * (2 if dtype == "bf16" else 4)
+        V.check_memory(wbytes, f"base weights of {E} experts (H={H}, I={I}, {dtype})")
+        V.check_memory(self.bytes_per_token() * self.chunked_prefill_size * max_cache_depth,
+                       f"max_cache_depth={max_cache_depth} cache entries of "
+                       f"chunked_prefill_size={self.chunked_prefill_size} tokens")
+        self._kernel = MoEKernel(E, self.num_experts_per_tok, H, I, r, self.lora_scaling,
+                                 dtype == "bf16", self.isa)
+        self._ws = Workspace(H, I, self.num_experts_per_tok, r, dtype == "bf16")
+        self._cache: list[CacheEntry] = []
+        self._lock = threading.Lock()
+        self._base = None
+        self._lora_src = None
+        self._lora = None
+        self._grads = None
+
+    # ---- sizes -------------------------------------------------------------
+    def bytes_per_token(self) -> int:
+        """Activation-cache bytes per token of one forward_sft(save_for_backward=True)."""
+        return CacheEntry.bytes_per_token(self.hidden_size, self.moe_intermediate_size,
+                                          self.num_experts_per_tok, self.lora_rank)
+
+    @property
+    def cache_depth(self) -> int:
+        return len(self._cache)
+
+    # ---- weights -----------------------------------------------------------
+    def load_weights(self, physical_to_logical_map_cpu=None, *, gate_proj=None, up_proj=None,
+                     down_proj=None) -> None:
+        """Register the frozen base weights (physical slot order).
+
+        physical_to_logical_map_cpu[p] is the logical expert held by slot p;
+        expert_ids are logical.  fp32 arrays in fp32 mode and bf16 arrays in
+        bf16 mode are used in place; others are converted once.
+        """
+        given = [a is not None for a in (gate_proj, up_proj, down_proj)]
+        if any(given) and not all(given):
+            raise ValueError("load_weights: pass all of gate_proj, up_proj and down_proj, or none "
+                             "(then they are read from weight_path)")
+        if not any(given):
+            from .weights import read_layer
+
+            src = read_layer(self.weight_path)
+            gate_proj, up_proj, down_proj = src["gate_proj"], src["up_proj"], src["down_proj"]
+        E, H, I = self.num_experts, self.hidden_size, self.moe_intermediate_size
+        if physical_to_logical_map_cpu is None:
+            slot = np.arange(E, dtype=np.int32)
+        else:
+            p2l = V.permutation(physical_to_logical_map_cpu, "physical_to_logical_map_cpu", E)
+            slot = np.empty(E, np.int32)
+            slot[p2l] = np.arange(E, dtype=np.int32)
+        store = BF16 if self.dtype == "bf16" else np.dtype(np.float32)
+        accepted = (np.dtype(np.float32), BF16, np.dtype(np.float16), np.dtype(np.float64))
+        arrays = []
+        for name, a, shape in (("gate_proj", gate_proj, (E, I, H)), ("up_proj", up_proj, (E, I, H)),
+                               ("down_proj", down_proj, (E, H, I))):
+            a = V.array(a, name, shape, accepted)
+            V.check_finite(a, name)
+            arrays.append(np.ascontiguousarray(a, dtype=store))
+        views = [a.view(np.uint16) if self.dtype == "bf16" else a for a in arrays]
+        with self._lock:
+            self._base = (arrays, slot)
+            self._kernel.set_base_weights(*views, slot)
+
+    def init_lora_weights(self, gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a,
+                          down_lora_b) -> None:
+        """Register the six LoRA matrices, read in place (zero-copy).
+
+        They must be C-contiguous float32 (numpy or CPU torch); in bf16 mode
+        bfloat16 is accepted too, and an fp32 working copy is refreshed by
+        update_lora_weights().  Shapes: A_gate, A_up [E, r, H]; B_gate, B_up
+        [E, I, r]; A_down [E, r, I]; B_down [E, H, r].
+        """
+        srcs = (gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b)
+        arrays = self._check_lora(srcs, finite=True)
+        with self._lock:
+            self._lora_src = srcs
+            self._commit_lora(arrays)
+            if self._grads is None:
+                E, H, I, r = self.num_experts, self.hidden_size, self.moe_intermediate_size, self.lora_rank
+                self._grads = {n: np.zeros(s, np.float32) for n, s in lora_shapes(E, H, I, r).items()}
+
+    def update_lora_weights(self) -> None:
+        """Re-read the registered LoRA objects after an optimizer step.
+
+        fp32 arrays are read in place anyway; this picks up replaced torch
+        storage (``param.data = ...``) and refreshes bf16 working copies."""
+        if self._lora_src is None:
+            raise RuntimeError("update_lora_weights() before init_lora_weights()")
+        arrays = self._check_lora(self._lora_src, finite=False)
+        with self._lock:
+            self._commit_lora(arrays)
+
+    def _check_lora(self, srcs, finite: bool):
+        E, H, I, r = self.num_experts, self.hidden_size, self.moe_intermediate_size, self.lora_rank
+        shapes = lora_shapes(E, H, I, r)
+        dtypes = (np.dtype(np.float32), BF16) if self.dtype == "bf16" else (np.dtype(np.float32),)
+        out = []
+        for name, src, gname in zip(LORA_ARG_NAMES, srcs, LORA_GRAD_NAMES):
+            if is_torch_tensor(src) and not src.is_contiguous():
+                raise ValueError(f"{name}: must be a contiguous tensor (it is read in place)")
+            a = V.array(src, name, shapes[gname], dtypes, contiguous=True, finite=finite)
+            out.append(a)
+        return out
+
+    def _commit_lora(self, arrays):
+        fp32 = [a if a.dtype == np.float32 else a.astype(np.float32) for a in arrays]
+        self._lora = fp32
+        self._kernel.set_lora(*fp32)
+
+    # ---- training step -----------------------------------------------------
+    def _ready(self, op: str):
+        if self._base is None:
+            raise RuntimeError(f"{op}: call load_weights() first")
+        if self._lora is None:
+            raise RuntimeError(f"{op}: call init_lora_weights() first")
+
+    def forward_sft(self, hidden_states, expert_ids, weights, save_for_backward=True):
+        """out[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x_t), LoRA applied.
+
+        Returns the same array type and dtype as hidden_states.  With
+        save_for_backward, pushes one cache entry for backward()."""
+        self._ready("forward_sft")
+        H, k = self.hidden_size, self.num_experts_per_tok
+        x = as_numpy(hidden_states, "hidden_states")
+        if x.ndim != 2 or x.shape[1] != H:
+            raise ValueError(f"hidden_states: expected shape (tokens, {H}), got {tuple(x.shape)}")
+        T = x.shape[0]
+        if T > self.chunked_prefill_size:
+            raise ValueError(f"hidden_states: {T} tokens exceed chunked_prefill_size="
+                             f"{self.chunked_prefill_size}; split the batch or raise the limit")
+        x = V.array(x, "hidden_states", (T, H), finite=True)
+        ids = V.expert_ids(expert_ids, "expert_ids", T, k, self.num_experts)
+        rw = V.routing_weights(weights, "weights", T, k)
+        if not isinstance(save_for_backward, (bool, np.bool_)):
+            raise TypeError(f"save_for_backward must be a bool, got {type(save_for_backward).__name__}")
+        with self._lock:
+            if save_for_backward and len(self._cache) >= self.max_cache_depth:
+                raise RuntimeError(
+                    f"forward_sft: the activation cache is full (max_cache_depth={self.max_cache_depth}); "
+                    "run backward() first, raise max_cache_depth, or pass save_for_backward=False")
+            entry = CacheEntry(T, self.num_experts, H, self.moe_intermediate_size, k, self.lora_rank)
+            np.copyto(entry["x"], x, casting="unsafe")
+            ws = self._ws.view(T)
+            out = np.empty((T, H), np.float32)
+            self._kernel.forward(entry["x"], ws["x_act"] if self.dtype == "bf16" else entry["x"],
+                                 ids, rw, entry.arrays, ws, out, self.cpuinfer_threads)
+            if save_for_backward:
+                self._cache.append(entry)
+        return to_like(out, hidden_states)
+
+    def backward(self, grad_output):
+        """Gradients of the most recent cached forward (LIFO).
+
+        Returns (grad_input, grads): grad_input has grad_output's array type
+        and dtype; grads holds the six LoRA gradients (float32, this
+        wrapper's buffers, overwritten by its next backward) and
+        ``grad_routing_weights`` [T, k] float32."""
+        self._ready("backward")
+        with self._lock:
+            if not self._cache:
+                raise RuntimeError("backward: no cached forward; call forward_sft(..., "
+                                   "save_for_backward=True) first")
+            entry = self._cache[-1]
+            T, H = entry.T, self.hidden_size
+            g = V.array(grad_output, "grad_output", (T, H), finite=True)
+            do32 = np.ascontiguousarray(g, dtype=np.float32)
+            ws = self._ws.view(T)
+            dx = np.empty((T, H), np.float32)
+            grad_w = np.empty((T, self.num_experts_per_tok), np.float32)
+            self._cache.pop()
+            self._kernel.backward(entry.arrays, do32, ws["do_act"] if self.dtype == "bf16" else do32,
+                                  ws, self._grads, grad_w, dx, self.cpuinfer_threads)
+        grads = {n: wrap_like(self._grads[n], grad_output) for n in LORA_GRAD_NAMES}
+        grads["grad_routing_weights"] = wrap_like(grad_w, grad_output)
+        return to_like(dx, grad_output), grads
+
+    def clear_cache(self) -> None:
+        """Drop every cached forward (e.g. after an aborted step)."""
+        with self._lock:
+            self._cache.clear()

@@ -1,0 +1,88 @@
+"""Build of ktsft: one Cython extension plus one C translation unit per ISA.
+
+Each ISA unit is compiled with its own flags (never -march=native) and keeps
+its kernels static; the running CPU picks one at import.  On non-x86 hosts
+only the portable unit is built.
+"""
+import os
+import platform
+import sys
+import tempfile
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KDIR = os.path.join("ktsft", "_kernels")
+INCLUDE = os.path.join(KDIR, "include")
+
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+BASE = ["-mavx2", "-mfma", "-mf16c"]
+AVX512 = BASE + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+ISA_UNITS = [("kernels_scalar", [])]
+if X86:
+    ISA_UNITS += [
+        ("kernels_avx2", BASE),
+        ("kernels_avx512", AVX512),
+        ("kernels_avx512bf16", AVX512 + ["-mavx512bf16"]),
+    ]
+
+COMMON_CFLAGS = ["-O3", "-std=c11", "-fvisibility=hidden", "-fno-math-errno"]
+if os.environ.get("KTSFT_SANITIZE"):
+    # ASan + UBSan build for the hardening job (see docs/dispatch.md)
+    COMMON_CFLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined"]
+
+
+def _has_openmp(compiler):
+    """Probe -fopenmp with the compiler setuptools will use."""
+    src = "#include <omp.h>\nint main(void){return omp_get_max_threads() > 0 ? 0 : 1;}\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "probe.c")
+        with open(path, "w") as f:
+            f.write(src)
+        try:
+            objs = compiler.compile([path], output_dir=tmp, extra_postargs=["-fopenmp"])
+            compiler.link_executable(objs, os.path.join(tmp, "probe"), extra_postargs=["-fopenmp"])
+            return True
+        except Exception:
+            return False
+
+
+class BuildExt(build_ext):
+    def build_extension(self, ext):
+        macros = [("KTSFT_X86_KERNELS", "1")] if X86 else []
+        openmp = os.environ.get("KTSFT_NO_OPENMP") is None and _has_openmp(self.compiler)
+        if not openmp:
+            print("ktsft: building WITHOUT OpenMP: kernels will run on one thread", file=sys.stderr)
+        objects = []
+        for unit, flags in ISA_UNITS + [("cpu_features", []), ("dispatch", [])]:
+            src = os.path.join(KDIR, "src", unit + ".c")
+            objects += self.compiler.compile(
+                [src],
+                output_dir=self.build_temp,
+                macros=macros,
+                include_dirs=[INCLUDE],
+                extra_postargs=COMMON_CFLAGS + ["-fPIC"] + flags,
+                depends=[os.path.join(KDIR, "src", d) for d in ("common.inc", "gemm_fma.inc", "avx512_vocab.h")],
+            )
+        ext.extra_objects = objects
+        ext.define_macros = list(ext.define_macros or []) + macros
+        omp = ["-fopenmp"] if openmp else []
+        ext.extra_compile_args = COMMON_CFLAGS + omp
+        ext.extra_link_args = omp + (["-fsanitize=address,undefined"] if os.environ.get("KTSFT_SANITIZE") else [])
+        super().build_extension(ext)
+
+
+def extensions():
+    from Cython.Build import cythonize
+
+    ext = Extension(
+        "ktsft._kernels.moe_sft",
+        sources=[os.path.join(KDIR, "moe_sft.pyx")],
+        include_dirs=[INCLUDE],
+        depends=[os.path.join(INCLUDE, "ktsft", h) for h in ("kernels.h", "cpu_features.h", "bf16.h")],
+    )
+    return cythonize([ext], compiler_directives={"language_level": 3}, quiet=True)
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
