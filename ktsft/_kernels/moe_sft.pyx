@@ -23,7 +23,7 @@ ISA_ORDER = ("scalar", "avx2", "avx512", "avx512bf16")
 # depends on the thread count
 cdef enum:
     ROW_BLOCK = 64      # NT output rows per task
-    COL_BLOCK = 64      # NN output columns per task
+    COL_BLOCK = 256     # NN output columns per task (one packed block)
     PAIR_BLOCK = 32     # (token, slot) pairs per task
     GRAD_BLOCK = 256    # LoRA-gradient rows/columns per task
 

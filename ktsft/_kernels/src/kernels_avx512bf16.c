@@ -8,6 +8,7 @@
  *  - NN (backward, contraction along o): vdpbf16ps needs (W[o, n], W[o+1, n])
  *    pairs, so two rows are interleaved in registers (vpermt2w).  The shuffle
  *    is paid once per weight vector and reused by every token of the tile. */
+#include <stdlib.h>
 #include "ktsft/kernels.h"
 #include "common.inc"
 #include "avx512_vocab.h"
@@ -121,17 +122,26 @@ static inline uint32_t kt_pair(const ktsft_bf16 *p)
     return v;
 }
 
-KT_INLINE void bnn_tile(const int mr, const int64_t O, const ktsft_bf16 *const *a,
-                        const ktsft_bf16 *W__on, const int64_t ldw, const int64_t ncols,
-                        const int64_t O2, const float *a2, const int64_t lda2,
-                        const float *W2__qn, const int64_t ldw2, float *c, const int64_t ldc,
-                        const int accumulate)
+/* (row0[c], row1[c]) pairs for columns 0..15 (lo) and 16..31 (hi) */
+static inline void kt_pair_rows(__m512i r0, __m512i r1, __m512i *lo, __m512i *hi)
 {
-    /* (row0[c], row1[c]) pairs for columns 0..15 and 16..31 */
     const __m512i idx_lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10,
                                             41, 9, 40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3,
                                             34, 2, 33, 1, 32, 0);
     const __m512i idx_hi = _mm512_add_epi16(idx_lo, _mm512_set1_epi16(16));
+    *lo = _mm512_permutex2var_epi16(r0, idx_lo, r1);
+    *hi = _mm512_permutex2var_epi16(r0, idx_hi, r1);
+}
+
+/* One chunk of rows of a 32-column panel, either read in place (two rows
+ * interleaved per step) or from a packed buffer that holds the interleaved
+ * pairs contiguously: pairs[(o / 2) * 64 + {0..31 lo, 32..63 hi}]. */
+KT_INLINE void bnn_tile(const int mr, const int packed, const int64_t O,
+                        const ktsft_bf16 *const *a, const ktsft_bf16 *W__on, const int64_t ldw,
+                        const ktsft_bf16 *pairs, const int64_t ncols, const int64_t O2,
+                        const float *a2, const int64_t lda2, const float *W2__qn,
+                        const int64_t ldw2, float *c, const int64_t ldc, const int accumulate)
+{
     const __mmask32 mcols = kt_mask32(ncols);
     const int64_t cnt0 = ncols, cnt1 = ncols - 16;
     __m512 acc[BNN_MR][2];
@@ -142,10 +152,14 @@ KT_INLINE void bnn_tile(const int mr, const int64_t O, const ktsft_bf16 *const *
     }
     int64_t o = 0;
     for (; o + 2 <= O; o += 2) {
-        __m512i r0 = _mm512_maskz_loadu_epi16(mcols, W__on + o * ldw);
-        __m512i r1 = _mm512_maskz_loadu_epi16(mcols, W__on + (o + 1) * ldw);
-        __m512i lo = _mm512_permutex2var_epi16(r0, idx_lo, r1);
-        __m512i hi = _mm512_permutex2var_epi16(r0, idx_hi, r1);
+        __m512i lo, hi;
+        if (packed) {
+            lo = _mm512_load_si512((const void *)(pairs + o * 32));
+            hi = _mm512_load_si512((const void *)(pairs + o * 32 + 32));
+        } else {
+            kt_pair_rows(_mm512_maskz_loadu_epi16(mcols, W__on + o * ldw),
+                         _mm512_maskz_loadu_epi16(mcols, W__on + (o + 1) * ldw), &lo, &hi);
+        }
 #pragma GCC unroll 16
         for (int i = 0; i < mr; ++i) {
             __m512i b = _mm512_set1_epi32((int)kt_pair(a[i] + o));
@@ -153,11 +167,15 @@ KT_INLINE void bnn_tile(const int mr, const int64_t O, const ktsft_bf16 *const *
             acc[i][1] = DP(acc[i][1], hi, b);
         }
     }
-    if (o < O) { /* odd O: pair the last row with zeros */
-        __m512i r0 = _mm512_maskz_loadu_epi16(mcols, W__on + o * ldw);
-        __m512i zero = _mm512_setzero_si512();
-        __m512i lo = _mm512_permutex2var_epi16(r0, idx_lo, zero);
-        __m512i hi = _mm512_permutex2var_epi16(r0, idx_hi, zero);
+    if (o < O) { /* odd O: the last row pairs with zeros */
+        __m512i lo, hi;
+        if (packed) {
+            lo = _mm512_load_si512((const void *)(pairs + o * 32));
+            hi = _mm512_load_si512((const void *)(pairs + o * 32 + 32));
+        } else {
+            kt_pair_rows(_mm512_maskz_loadu_epi16(mcols, W__on + o * ldw), _mm512_setzero_si512(),
+                         &lo, &hi);
+        }
 #pragma GCC unroll 16
         for (int i = 0; i < mr; ++i) {
             __m512i b = _mm512_set1_epi32((int)(uint32_t)a[i][o]);
@@ -182,34 +200,89 @@ KT_INLINE void bnn_tile(const int mr, const int64_t O, const ktsft_bf16 *const *
     }
 }
 
+/* Pack rows [0, O) x columns [0, ncols) of W (ncols <= KT_NN_PACK_COLS)
+ * as interleaved pairs, one 32-column panel after the other:
+ * panel p at pairs + p * O_even * 32.  Rows are read front to back, so the
+ * hardware prefetchers stream them even when ldw is a power of two. */
+static void bnn_pack(int64_t O, const ktsft_bf16 *W__on, int64_t ldw, int64_t ncols,
+                     ktsft_bf16 *pairs)
+{
+    const int64_t O_even = (O + 1) & ~(int64_t)1;
+    for (int64_t o = 0; o < O; o += 2) {
+        for (int64_t c0 = 0; c0 < ncols; c0 += 32) {
+            const __mmask32 m = kt_mask32(ncols - c0);
+            __m512i r0 = _mm512_maskz_loadu_epi16(m, W__on + o * ldw + c0);
+            __m512i r1 = o + 1 < O ? _mm512_maskz_loadu_epi16(m, W__on + (o + 1) * ldw + c0)
+                                   : _mm512_setzero_si512();
+            __m512i lo, hi;
+            kt_pair_rows(r0, r1, &lo, &hi);
+            ktsft_bf16 *dst = pairs + (c0 / 32) * O_even * 32 + o * 32;
+            _mm512_store_si512((void *)dst, lo);
+            _mm512_store_si512((void *)(dst + 32), hi);
+        }
+    }
+}
+
+#define KT_NN_PACK_COLS 256
+
 static void gemm_nn_bf16_dp(int64_t M, int64_t N, int64_t O, const ktsft_bf16 *A__mo,
                             int64_t lda, const int32_t *arows, const ktsft_bf16 *W__on,
                             int64_t ldw, int64_t O2, const float *A2__mq, int64_t lda2,
                             const float *W2__qn, int64_t ldw2, float *C__mn, int64_t ldc,
                             int accumulate)
 {
-    for (int64_t n0 = 0; n0 < N; n0 += 32) {
-        const int64_t ncols = N - n0 < 32 ? N - n0 : 32;
-        for (int64_t m0 = 0; m0 < M; m0 += BNN_MR) {
-            const int mr = (int)(M - m0 < BNN_MR ? M - m0 : BNN_MR);
-            const ktsft_bf16 *a[BNN_MR];
-            for (int i = 0; i < mr; ++i)
-                a[i] = A__mo + (arows ? (int64_t)arows[m0 + i] : m0 + i) * lda;
-            const float *a2 = O2 ? A2__mq + m0 * lda2 : NULL;
-            const float *w2 = O2 ? W2__qn + n0 : NULL;
-            float *c = C__mn + m0 * ldc + n0;
-            switch (mr) {
-            case 1: bnn_tile(1, O, a, W__on + n0, ldw, ncols, O2, a2, lda2, w2, ldw2, c, ldc, accumulate); break;
-            case 2: bnn_tile(2, O, a, W__on + n0, ldw, ncols, O2, a2, lda2, w2, ldw2, c, ldc, accumulate); break;
-            case 3: bnn_tile(3, O, a, W__on + n0, ldw, ncols, O2, a2, lda2, w2, ldw2, c, ldc, accumulate); break;
-            case 4: bnn_tile(4, O, a, W__on + n0, ldw, ncols, O2, a2, lda2, w2, ldw2, c, ldc, accumulate); break;
-            case 5: bnn_tile(5, O, a, W__on + n0, ldw, ncols, O2, a2, lda2, w2, ldw2, c, ldc, accumulate); break;
-            case 6: bnn_tile(6, O, a, W__on + n0, ldw, ncols, O2, a2, lda2, w2, ldw2, c, ldc, accumulate); break;
-            case 7: bnn_tile(7, O, a, W__on + n0, ldw, ncols, O2, a2, lda2, w2, ldw2, c, ldc, accumulate); break;
-            default: bnn_tile(8, O, a, W__on + n0, ldw, ncols, O2, a2, lda2, w2, ldw2, c, ldc, accumulate); break;
+    /* Chunks of KT_NN_OCHUNK rows x KT_NN_PACK_COLS columns are packed into
+     * interleaved pairs (96 KiB, L2-resident), then every token block runs
+     * on them.  C carries exact fp32 partial sums between row chunks, so
+     * the result equals one unchunked pass. */
+    ktsft_bf16 *pairs = aligned_alloc(64, (size_t)KT_NN_OCHUNK * KT_NN_PACK_COLS * sizeof(ktsft_bf16));
+    for (int64_t nb0 = 0; nb0 < N; nb0 += KT_NN_PACK_COLS) {
+        const int64_t ncb = N - nb0 < KT_NN_PACK_COLS ? N - nb0 : KT_NN_PACK_COLS;
+        for (int64_t o0 = 0; o0 < O || o0 == 0; o0 += KT_NN_OCHUNK) {
+            const int64_t oc = O - o0 < KT_NN_OCHUNK ? O - o0 : KT_NN_OCHUNK;
+            const int64_t oc_even = (oc + 1) & ~(int64_t)1;
+            const int last = o0 + KT_NN_OCHUNK >= O;
+            const int acc = accumulate || o0 > 0;
+            const int64_t o2 = last ? O2 : 0;
+            if (pairs) bnn_pack(oc, W__on + o0 * ldw + nb0, ldw, ncb, pairs);
+            for (int64_t c0 = 0; c0 < ncb; c0 += 32) {
+                const int64_t n0 = nb0 + c0;
+                const int64_t ncols = ncb - c0 < 32 ? ncb - c0 : 32;
+                const ktsft_bf16 *w = W__on + o0 * ldw + n0;
+                const ktsft_bf16 *pp = pairs ? pairs + (c0 / 32) * oc_even * 32 : NULL;
+                for (int64_t m0 = 0; m0 < M; m0 += BNN_MR) {
+                    const int mr = (int)(M - m0 < BNN_MR ? M - m0 : BNN_MR);
+                    const ktsft_bf16 *a[BNN_MR];
+                    for (int i = 0; i < mr; ++i)
+                        a[i] = A__mo + (arows ? (int64_t)arows[m0 + i] : m0 + i) * lda + o0;
+                    const float *a2 = o2 ? A2__mq + m0 * lda2 : NULL;
+                    const float *w2 = o2 ? W2__qn + n0 : NULL;
+                    float *c = C__mn + m0 * ldc + n0;
+                    if (pp) {
+                        switch (mr) {
+#define KT_BNN_CASE(R) \
+    case R: bnn_tile(R, 1, oc, a, w, ldw, pp, ncols, o2, a2, lda2, w2, ldw2, c, ldc, acc); break;
+                        KT_BNN_CASE(1) KT_BNN_CASE(2) KT_BNN_CASE(3) KT_BNN_CASE(4)
+                        KT_BNN_CASE(5) KT_BNN_CASE(6) KT_BNN_CASE(7)
+                        default: bnn_tile(BNN_MR, 1, oc, a, w, ldw, pp, ncols, o2, a2, lda2, w2, ldw2, c, ldc, acc); break;
+#undef KT_BNN_CASE
+                        }
+                    } else { /* out of memory for the pack buffer: read W in place */
+                        switch (mr) {
+#define KT_BNN_CASE(R) \
+    case R: bnn_tile(R, 0, oc, a, w, ldw, pp, ncols, o2, a2, lda2, w2, ldw2, c, ldc, acc); break;
+                        KT_BNN_CASE(1) KT_BNN_CASE(2) KT_BNN_CASE(3) KT_BNN_CASE(4)
+                        KT_BNN_CASE(5) KT_BNN_CASE(6) KT_BNN_CASE(7)
+                        default: bnn_tile(BNN_MR, 0, oc, a, w, ldw, pp, ncols, o2, a2, lda2, w2, ldw2, c, ldc, acc); break;
+#undef KT_BNN_CASE
+                        }
+                    }
+                }
             }
+            if (last) break;
         }
     }
+    free(pairs);
 }
 
 const ktsft_kernels *ktsft_kernels_avx512bf16(void)

@@ -23,6 +23,11 @@ extern "C" {
 
 typedef uint16_t ktsft_bf16;
 
+/* NN products walk W down its rows, ldw apart.  With a power-of-two ldw
+ * those rows alias into few cache sets, so the contraction is cut into
+ * chunks of this many rows (even, for bf16 pairs) that stay in L2. */
+#define KT_NN_OCHUNK 192
+
 /* NT product (contraction along the rows of W, as in y = W x):
  *   C[m, n] = sum_k A[row(m), k] * W[n, k] + sum_q A2[m, q] * W2[n, q]
  * row(m) = arows[m] when arows is given, else m.  The second term is the fp32
