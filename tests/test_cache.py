@@ -1,0 +1,69 @@
+"""The activation cache: LIFO pairing, depth limit, refusals that lose nothing."""
+import numpy as np
+import pytest
+
+from conftest import Problem, rel_err
+
+
+def test_two_stacked_forwards_lifo():
+    a = Problem(T=9, H=24, I=16, E=4, k=2, r=3, seed=1)
+    b = Problem(T=5, H=24, I=16, E=4, k=2, r=3, seed=2)
+    b.gate_proj, b.up_proj, b.down_proj, b.lora = a.gate_proj, a.up_proj, a.down_proj, a.lora
+    m = a.wrapper(depth=2)
+    m.forward_sft(a.x, a.ids, a.w)
+    m.forward_sft(b.x, b.ids, b.w)
+    assert m.cache_depth == 2
+    dx_b, g_b = m.backward(b.dO)
+    g_b = {n: np.array(v) for n, v in g_b.items()}
+    dx_a, g_a = m.backward(a.dO)
+    assert m.cache_depth == 0
+    ref_a, ref_b = a.reference(), b.reference()
+    assert rel_err(dx_a, ref_a["grad_input"]) < 1e-5
+    assert rel_err(dx_b, ref_b["grad_input"]) < 1e-5
+    for n in ("grad_gate_lora_a", "grad_down_lora_b", "grad_routing_weights"):
+        assert rel_err(g_a[n], ref_a[n]) < 1e-5
+        assert rel_err(g_b[n], ref_b[n]) < 1e-5
+
+
+def test_depth_exceeded_is_refused_and_keeps_entry():
+    p = Problem(T=4, H=16, I=8, E=3, k=2, r=2)
+    m = p.wrapper(depth=1)
+    m.forward_sft(p.x, p.ids, p.w)
+    with pytest.raises(RuntimeError, match="max_cache_depth"):
+        m.forward_sft(p.x * 2, p.ids, p.w)
+    assert m.cache_depth == 1
+    dx, _ = m.backward(p.dO)
+    assert rel_err(dx, p.reference()["grad_input"]) < 1e-5
+
+
+def test_no_save_caches_nothing():
+    p = Problem(T=4, H=16, I=8, E=3, k=2, r=2)
+    m = p.wrapper(depth=1)
+    out = m.forward_sft(p.x, p.ids, p.w, save_for_backward=False)
+    assert m.cache_depth == 0
+    assert rel_err(out, p.reference()["out"]) < 1e-5
+    with pytest.raises(RuntimeError, match="no cached forward"):
+        m.backward(p.dO)
+
+
+def test_backward_shape_mismatch_keeps_entry():
+    p = Problem(T=4, H=16, I=8, E=3, k=2, r=2)
+    m = p.wrapper()
+    m.forward_sft(p.x, p.ids, p.w)
+    with pytest.raises(ValueError, match="grad_output"):
+        m.backward(np.zeros((5, 16), np.float32))
+    with pytest.raises(ValueError, match="grad_output"):
+        m.backward(np.full((4, 16), np.nan, np.float32))
+    assert m.cache_depth == 1
+    dx, _ = m.backward(p.dO)
+    assert rel_err(dx, p.reference()["grad_input"]) < 1e-5
+
+
+def test_bytes_per_token_matches_entry():
+    from ktsft.buffers import CacheEntry
+
+    H, I, k, r, E, T = 64, 48, 4, 8, 10, 13
+    e = CacheEntry(T, E, H, I, k, r)
+    assert e.nbytes == CacheEntry.bytes_per_token(H, I, k, r) * T + 4 * (E + 1)
+    # Qwen3-30B-A3B layer: x + g + u + LoRA vectors + routing
+    assert CacheEntry.bytes_per_token(2048, 768, 8, 16) == 4 * (2048 + 2 * 8 * 768 + 3 * 8 * 16 + 4 * 8)

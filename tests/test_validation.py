@@ -1,0 +1,158 @@
+"""Bad input: a clear Python exception naming the argument, raised before
+native code runs, with weights, LoRA and cache unchanged."""
+import ml_dtypes
+import numpy as np
+import pytest
+
+import ktsft
+from conftest import Problem
+
+T, H, I, E, K, R = 6, 24, 16, 5, 2, 3
+
+
+@pytest.fixture
+def setup():
+    p = Problem(T=T, H=H, I=I, E=E, k=K, r=R, seed=4)
+    m = p.wrapper(depth=2)
+    m.forward_sft(p.x, p.ids, p.w)  # one entry cached
+    snap = {
+        "lora": [a.copy() for a in p.lora],
+        "base": [a.copy() for a in m._base[0]],
+        "depth": m.cache_depth,
+        "out": np.array(m.forward_sft(p.x, p.ids, p.w, save_for_backward=False)),
+    }
+    return p, m, snap
+
+
+def assert_unchanged(p, m, snap):
+    assert m.cache_depth == snap["depth"]
+    for a, b in zip(p.lora, snap["lora"]):
+        assert np.array_equal(a, b)
+    for a, b in zip(m._base[0], snap["base"]):
+        assert np.array_equal(a, b)
+    out = m.forward_sft(p.x, p.ids, p.w, save_for_backward=False)
+    assert np.array_equal(out, snap["out"])
+
+
+def bad_forward_inputs(p):
+    x, ids, w = p.x, p.ids, p.w
+    yield "hidden_states", ValueError, (x[:, :-1], ids, w)
+    yield "hidden_states", ValueError, (x[None], ids, w)
+    yield "hidden_states", TypeError, (x.astype(np.float64), ids, w)
+    yield "hidden_states", TypeError, (x.astype(np.int32), ids, w)
+    yield "hidden_states", TypeError, ([[1.0] * H] * T, ids, w)
+    yield "hidden_states", ValueError, (np.where(np.eye(T, H, dtype=bool), np.nan, x).astype(np.float32), ids, w)
+    yield "hidden_states", ValueError, (np.full((T, H), np.inf, np.float32), ids, w)
+    yield "expert_ids", ValueError, (x, ids[:-1], w)
+    yield "expert_ids", ValueError, (x, ids[:, :1], w)
+    yield "expert_ids", TypeError, (x, ids.astype(np.float32), w)
+    yield "expert_ids", ValueError, (x, np.where(ids == ids[0, 0], E, ids), w)
+    yield "expert_ids", ValueError, (x, np.where(ids == ids[0, 0], -1, ids), w)
+    yield "weights", ValueError, (x, ids, w[:, :1])
+    yield "weights", TypeError, (x, ids, w.astype(np.int64))
+    yield "weights", ValueError, (x, ids, np.full_like(w, np.nan))
+
+
+def test_bad_forward_inputs(setup):
+    p, m, snap = setup
+    for name, exc, args in bad_forward_inputs(p):
+        with pytest.raises(exc, match=name):
+            m.forward_sft(*args)
+        assert_unchanged(p, m, snap)
+
+
+def test_too_many_tokens(setup):
+    p = Problem(T=T, H=H, I=I, E=E, k=K, r=R, seed=4)
+    m = p.wrapper(chunked_prefill_size=T - 1)
+    with pytest.raises(ValueError, match="chunked_prefill_size"):
+        m.forward_sft(p.x, p.ids, p.w)
+    assert m.cache_depth == 0
+
+
+def test_bad_grad_output(setup):
+    p, m, snap = setup
+    for bad in (p.dO[:, :3], p.dO.astype(np.float64), np.full_like(p.dO, np.inf), "x"):
+        with pytest.raises((ValueError, TypeError), match="grad_output"):
+            m.backward(bad)
+        assert_unchanged(p, m, snap)
+
+
+def test_bad_lora(setup):
+    p, m, snap = setup
+    names = ("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_lora_a", "down_lora_b")
+    for i, name in enumerate(names):
+        variants = [
+            p.lora[i][:, :1],                                  # shape
+            p.lora[i].astype(np.float64),                      # dtype
+            np.asfortranarray(p.lora[i]) if p.lora[i].shape[1] > 1 else p.lora[i][::-1],
+            np.full_like(p.lora[i], np.nan),                   # non-finite
+            p.lora[i][:-1],                                    # wrong expert count
+        ]
+        for bad in variants:
+            args = list(p.lora)
+            args[i] = bad
+            with pytest.raises((ValueError, TypeError), match=name):
+                m.init_lora_weights(*args)
+            assert_unchanged(p, m, snap)
+
+
+def test_bad_weights(setup):
+    p, m, snap = setup
+    good = dict(gate_proj=p.gate_proj, up_proj=p.up_proj, down_proj=p.down_proj)
+    for name in good:
+        for bad in (good[name][:, :-1], good[name].astype(np.int32), np.full_like(good[name], np.inf)):
+            with pytest.raises((ValueError, TypeError), match=name):
+                m.load_weights(**{**good, name: bad})
+            assert_unchanged(p, m, snap)
+    with pytest.raises(ValueError, match="physical_to_logical_map_cpu"):
+        m.load_weights(np.zeros(E, np.int64), **good)
+    with pytest.raises(ValueError, match="gate_proj"):
+        m.load_weights(up_proj=p.up_proj, down_proj=p.down_proj)
+    assert_unchanged(p, m, snap)
+
+
+@pytest.mark.parametrize("kwargs,exc,name", [
+    (dict(num_experts=0), ValueError, "num_experts"),
+    (dict(num_experts_per_tok=9), ValueError, "num_experts_per_tok"),
+    (dict(hidden_size=2.5), TypeError, "hidden_size"),
+    (dict(lora_rank=0), ValueError, "lora_rank"),
+    (dict(lora_alpha=float("nan")), ValueError, "lora_alpha"),
+    (dict(lora_alpha=-1.0), ValueError, "lora_alpha"),
+    (dict(max_cache_depth=0), ValueError, "max_cache_depth"),
+    (dict(cpuinfer_threads=0), ValueError, "cpuinfer_threads"),
+    (dict(threadpool_count=0), ValueError, "threadpool_count"),
+    (dict(chunked_prefill_size=0), ValueError, "chunked_prefill_size"),
+    (dict(dtype="fp16"), ValueError, "dtype"),
+    (dict(num_gpu_experts=2), NotImplementedError, "num_gpu_experts"),
+    (dict(isa="avx1024"), ValueError, "isa"),
+    (dict(hidden_size=1 << 20, moe_intermediate_size=1 << 20), MemoryError, "GiB"),
+])
+def test_bad_config(kwargs, exc, name):
+    args = dict(layer_idx=0, num_experts=8, num_experts_per_tok=2, hidden_size=16,
+                moe_intermediate_size=8)
+    args.update(kwargs)
+    with pytest.raises(exc, match=name):
+        ktsft.SFTMoEWrapper(**args)
+
+
+def test_calls_out_of_order():
+    m = ktsft.SFTMoEWrapper(0, 4, 2, 16, 8, lora_rank=2, dtype="fp32")
+    x = np.zeros((2, 16), np.float32)
+    ids = np.zeros((2, 2), np.int64)
+    w = np.ones((2, 2), np.float32)
+    with pytest.raises(RuntimeError, match="load_weights"):
+        m.forward_sft(x, ids, w)
+    with pytest.raises(RuntimeError, match="load_weights"):
+        m.backward(x)
+    with pytest.raises(RuntimeError, match="init_lora_weights"):
+        m.update_lora_weights()
+
+
+def test_bf16_lora_only_in_bf16_mode():
+    p = Problem(T=3, H=16, I=8, E=3, k=2, r=2)
+    bf = [a.astype(ml_dtypes.bfloat16) for a in p.lora]
+    m = p.wrapper(dtype="fp32")
+    with pytest.raises(TypeError, match="gate_lora_a"):
+        m.init_lora_weights(*bf)
+    m16 = p.wrapper(dtype="bf16")
+    m16.init_lora_weights(*bf)  # accepted: fp32 working copy
