@@ -120,19 +120,18 @@ class CacheEntry:
       G, U      2 k I      gate and up pre-activations (h is rebuilt from them)
       xs_gate, xs_up, hs_down   3 k r   scaled LoRA-A projections
       pair_tok, pair_tj, pair_w, pos   4 k   routing (int32/float32)
-    plus (E + 1) int32 expert offsets per entry.
+    plus (E + 1) int32 expert offsets per entry.  Storage is allocated for
+    `capacity` tokens so a wrapper can reuse entries across steps.
     """
 
-    __slots__ = ("T", "arrays")
+    __slots__ = ("T", "k", "capacity", "storage", "arrays")
 
-    FIELDS = ("x", "G", "U", "xs_gate", "xs_up", "hs_down", "offs", "pair_tok", "pair_tj",
-              "pair_w", "pos")
-
-    def __init__(self, T: int, E: int, H: int, I: int, k: int, r: int):
-        P = T * k
-        self.T = T
-        self.arrays = {
-            "x": np.empty((T, H), np.float32),
+    def __init__(self, capacity: int, E: int, H: int, I: int, k: int, r: int):
+        P = capacity * k
+        self.capacity = capacity
+        self.k = k
+        self.storage = {
+            "x": np.empty((capacity, H), np.float32),
             "G": np.empty((P, I), np.float32), "U": np.empty((P, I), np.float32),
             "xs_gate": np.empty((P, r), np.float32), "xs_up": np.empty((P, r), np.float32),
             "hs_down": np.empty((P, r), np.float32),
@@ -140,6 +139,14 @@ class CacheEntry:
             "pair_tj": np.empty(P, np.int32), "pair_w": np.empty(P, np.float32),
             "pos": np.empty(P, np.int32),
         }
+        self.resize(capacity)
+
+    def resize(self, T: int) -> "CacheEntry":
+        """Views of the first T tokens (T <= capacity)."""
+        self.T = T
+        self.arrays = {n: (a if n == "offs" else a[:T] if n == "x" else a[:T * self.k])
+                       for n, a in self.storage.items()}
+        return self
 
     @staticmethod
     def bytes_per_token(H: int, I: int, k: int, r: int) -> int:
@@ -147,7 +154,7 @@ class CacheEntry:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays.values())
+        return sum(a.nbytes for a in self.storage.values())
 
     def __getitem__(self, name):
         return self.arrays[name]

@@ -129,6 +129,7 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
                                  dtype == "bf16", self.isa)
         self._ws = Workspace(H, I, self.num_experts_per_tok, r, dtype == "bf16")
         self._cache: list[CacheEntry] = []
+        self._spare: list[CacheEntry] = []  # entries backward released, reused by forward
         self._lock = threading.Lock()
         self._base = None
         self._lora_src = None
@@ -260,15 +261,28 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
                 raise RuntimeError(
                     f"forward_sft: the activation cache is full (max_cache_depth={self.max_cache_depth}); "
                     "run backward() first, raise max_cache_depth, or pass save_for_backward=False")
-            entry = CacheEntry(T, self.num_experts, H, self.moe_intermediate_size, k, self.lora_rank)
+            entry = self._take_entry(T)
             np.copyto(entry["x"], x, casting="unsafe")
             ws = self._ws.view(T)
             out = np.empty((T, H), np.float32)
             self._kernel.forward(entry["x"], ws["x_act"] if self.dtype == "bf16" else entry["x"],
                                  ids, rw, entry.arrays, ws, out, self.cpuinfer_threads)
-            if save_for_backward:
-                self._cache.append(entry)
+            (self._cache if save_for_backward else self._spare).append(entry)
         return to_like(out, hidden_states)
+
+    def _take_entry(self, T: int) -> CacheEntry:
+        """A released entry large enough for T tokens, else a new one.  At
+        most max_cache_depth entries exist: reuse avoids re-faulting tens of
+        MB of fresh pages every step."""
+        fits = [e for e in self._spare if e.capacity >= T]
+        if fits:
+            entry = min(fits, key=lambda e: e.capacity)
+            self._spare.remove(entry)
+            return entry.resize(T)
+        if len(self._spare) + len(self._cache) >= self.max_cache_depth and self._spare:
+            self._spare.pop(0)  # too small for T: let it go
+        return CacheEntry(T, self.num_experts, self.hidden_size, self.moe_intermediate_size,
+                          self.num_experts_per_tok, self.lora_rank)
 
     def backward(self, grad_output):
         """Gradients of the most recent cached forward (LIFO).
@@ -290,13 +304,19 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
             dx = np.empty((T, H), np.float32)
             grad_w = np.empty((T, self.num_experts_per_tok), np.float32)
             self._cache.pop()
-            self._kernel.backward(entry.arrays, do32, ws["do_act"] if self.dtype == "bf16" else do32,
-                                  ws, self._grads, grad_w, dx, self.cpuinfer_threads)
+            try:
+                self._kernel.backward(entry.arrays, do32,
+                                      ws["do_act"] if self.dtype == "bf16" else do32,
+                                      ws, self._grads, grad_w, dx, self.cpuinfer_threads)
+            finally:
+                self._spare.append(entry)
         grads = {n: wrap_like(self._grads[n], grad_output) for n in LORA_GRAD_NAMES}
         grads["grad_routing_weights"] = wrap_like(grad_w, grad_output)
         return to_like(dx, grad_output), grads
 
     def clear_cache(self) -> None:
-        """Drop every cached forward (e.g. after an aborted step)."""
+        """Drop every cached forward (e.g. after an aborted step) and free
+        the cache memory kept for reuse."""
         with self._lock:
             self._cache.clear()
+            self._spare.clear()

@@ -498,6 +498,7 @@ cdef class MoEKernel:
         cdef int64_t blocks[2]
         cdef int rc = 0
         memset(&S, 0, sizeof(Step))
+        memset(dims, 0, sizeof(dims))
         S.T = T
         S.P = P
         S.offs = <const int32_t *>_ptr(cache["offs"])
@@ -566,6 +567,7 @@ cdef class MoEKernel:
         cdef int64_t blocks[6]
         cdef int rc = 0
         memset(&S, 0, sizeof(Step))
+        memset(dims, 0, sizeof(dims))
         S.T = T
         S.P = P
         S.offs = <const int32_t *>_ptr(cache["offs"])

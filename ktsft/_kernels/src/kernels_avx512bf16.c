@@ -223,7 +223,7 @@ static void bnn_pack(int64_t O, const ktsft_bf16 *W__on, int64_t ldw, int64_t nc
     }
 }
 
-#define KT_NN_PACK_COLS 256
+#define KT_NN_PACK_COLS (KT_NN_PACK_BYTES / (KT_NN_OCHUNK * 2))
 
 static void gemm_nn_bf16_dp(int64_t M, int64_t N, int64_t O, const ktsft_bf16 *A__mo,
                             int64_t lda, const int32_t *arows, const ktsft_bf16 *W__on,

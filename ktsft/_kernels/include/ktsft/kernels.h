@@ -27,6 +27,8 @@ typedef uint16_t ktsft_bf16;
  * those rows alias into few cache sets, so the contraction is cut into
  * chunks of this many rows (even, for bf16 pairs) that stay in L2. */
 #define KT_NN_OCHUNK 192
+/* bytes of one packed chunk of W (KT_NN_OCHUNK rows), L2-resident */
+#define KT_NN_PACK_BYTES (96 * 1024)
 
 /* NT product (contraction along the rows of W, as in y = W x):
  *   C[m, n] = sum_k A[row(m), k] * W[n, k] + sum_q A2[m, q] * W2[n, q]
