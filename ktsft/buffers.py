@@ -23,10 +23,20 @@ def lora_shapes(E: int, H: int, I: int, r: int) -> dict:
     }
 
 
+def _importable_torch():
+    torch = torch_module()
+    if torch is None:
+        try:
+            import torch
+        except ImportError:
+            return None
+    return torch
+
+
 def _host_array(shape, dtype):
     """numpy array; backed by (pinned, when a GPU is present) torch memory
-    when torch is already imported, so device copies need no extra staging."""
-    torch = torch_module()
+    when torch is importable, so device copies need no extra staging."""
+    torch = _importable_torch()
     if torch is None:
         return np.empty(shape, dtype=dtype), None
     tdt = {np.dtype(np.float32): torch.float32, np.dtype(np.int64): torch.int64,
@@ -96,7 +106,7 @@ class KExpertsSFTBuffer:
         """The six LoRA-gradient arrays (torch tensors with as_torch=True)."""
         if as_torch:
             if not self.tensors:
-                raise RuntimeError("get_lora_grads(as_torch=True): torch is not imported")
+                raise RuntimeError("get_lora_grads(as_torch=True): torch is not installed")
             return {n: self.tensors[n] for n in LORA_GRAD_NAMES}
         return {n: getattr(self, n) for n in LORA_GRAD_NAMES}
 

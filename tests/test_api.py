@@ -150,6 +150,10 @@ def test_buffer_cache():
                           "grad_up_lora_b", "grad_down_lora_a", "grad_down_lora_b"}
     assert grads["grad_down_lora_b"].shape == (3, 16, 2)
     assert a.input_cpu.shape == (4, 16) and a.input_cpu.dtype == ml_dtypes.bfloat16
+    if a.tensors:  # torch installed: numpy views of torch memory, no second copy
+        a.tensors["grad_up_lora_a"].fill_(3.0)
+        assert np.all(a.grad_up_lora_a == 3.0)
+        assert len(a.get_lora_grads(as_torch=True)) == 6
     ktsft.KExpertsSFTBuffer.clear_cache()
     assert not ktsft.KExpertsSFTBuffer.capture_buffers
 
