@@ -11,6 +11,7 @@ before anything here runs; these functions trust their arguments.
 from libc.stdint cimport int32_t, int64_t, uint16_t
 from libc.stdlib cimport malloc, free, qsort
 from libc.string cimport memset
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from cython.parallel cimport prange
 
 from ._openmp cimport KTSFT_OPENMP, omp_get_max_threads
@@ -444,6 +445,17 @@ cdef inline const void *_ptr(object view) except? NULL:
     return <const void *><size_t>view.__array_interface__["data"][0]
 
 
+cdef inline double _now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + 1e-9 * ts.tv_nsec
+
+
+FORWARD_PHASES = ("route", "round_x", "lora_a_in", "gate_up", "swiglu", "down", "combine")
+BACKWARD_PHASES = ("round_dO", "lora_b_down", "down_T", "swiglu_bwd", "input_T", "lora_grads",
+                   "combine")
+
+
 cdef class MoEKernel:
     """Native state of one layer: shapes, the kernel table and borrowed
     pointers to base weights and LoRA.  The Python wrapper owns the arrays
@@ -451,6 +463,8 @@ cdef class MoEKernel:
     cdef Layer L
     cdef object _keep
     cdef readonly str isa
+    cdef double _tf[8]
+    cdef double _tb[8]
 
     def __init__(self, int64_t num_experts, int64_t top_k, int64_t hidden_size,
                  int64_t intermediate_size, int64_t lora_rank, float lora_scaling, bint bf16,
@@ -459,6 +473,8 @@ cdef class MoEKernel:
         if kern == NULL or isa not in runnable_isas():
             raise ValueError(f"ISA {isa!r} is not available here; runnable: {runnable_isas()}")
         memset(&self.L, 0, sizeof(Layer))
+        memset(self._tf, 0, sizeof(self._tf))
+        memset(self._tb, 0, sizeof(self._tb))
         self.L.kern = kern
         self.L.E = num_experts
         self.L.k = top_k
@@ -526,34 +542,43 @@ cdef class MoEKernel:
         cdef const Layer *L = &self.L
         cdef const ktsft_kernels *kern = self.L.kern
         cdef int64_t H = self.L.H, k = self.L.k
+        cdef double *tf = self._tf
         with nogil:
+            tf[0] = _now()
             _route(T, k, L.E, ids_p, S.rw, <int32_t *>S.offs, <int32_t *>S.pair_tok,
                    <int32_t *>S.pair_tj, <float *>S.pair_w, <int32_t *>S.pos, cursor)
             n_exp = _expert_order(L.E, S.offs, order)
             if n_exp < 0:
                 rc = -1
+            tf[1] = _now()
             if rc == 0 and L.bf16:
                 for t in prange(T, schedule="static", num_threads=n_threads):
                     kern.round_bf16(H, S.x32 + t * H, (<ktsft_bf16 *>S.x_act) + t * H)
+            tf[2] = _now()
             blocks[0] = PAIR_BLOCK
             if rc == 0:
                 rc = _run(PH_LORA_A_IN, L, &S, n_exp, order, 1, dims, blocks, True, n_threads)
+            tf[3] = _now()
             dims[0] = L.I
             dims[1] = L.I
             blocks[0] = ROW_BLOCK
             blocks[1] = ROW_BLOCK
             if rc == 0:
                 rc = _run(PH_GATE_UP, L, &S, n_exp, order, 2, dims, blocks, False, n_threads)
+            tf[4] = _now()
             blocks[0] = PAIR_BLOCK
             if rc == 0:
                 rc = _run(PH_SWIGLU, L, &S, n_exp, order, 1, dims, blocks, True, n_threads)
+            tf[5] = _now()
             dims[0] = L.H
             blocks[0] = ROW_BLOCK
             if rc == 0:
                 rc = _run(PH_DOWN, L, &S, n_exp, order, 1, dims, blocks, False, n_threads)
+            tf[6] = _now()
             if rc == 0:
                 for t in prange(T, schedule="static", num_threads=n_threads):
                     kern.combine(k, H, S.ybuf, S.pos + t * k, S.rw + t * k, S.out + t * H)
+            tf[7] = _now()
         free(order)
         if rc != 0:
             raise MemoryError("ktsft forward: cannot allocate a task list")
@@ -604,27 +629,34 @@ cdef class MoEKernel:
         cdef const Layer *L = &self.L
         cdef const ktsft_kernels *kern = self.L.kern
         cdef int64_t H = self.L.H, k = self.L.k
+        cdef double *tb = self._tb
         with nogil:
+            tb[0] = _now()
             n_exp = _expert_order(L.E, S.offs, order)
             if n_exp < 0:
                 rc = -1
             if rc == 0 and L.bf16:
                 for t in prange(T, schedule="static", num_threads=n_threads):
                     kern.round_bf16(H, S.do32 + t * H, (<ktsft_bf16 *>S.do_act) + t * H)
+            tb[1] = _now()
             blocks[0] = PAIR_BLOCK
             if rc == 0:
                 rc = _run(PH_LORA_B_DOWN, L, &S, n_exp, order, 1, dims, blocks, True, n_threads)
+            tb[2] = _now()
             dims[0] = L.I
             blocks[0] = COL_BLOCK
             if rc == 0:
                 rc = _run(PH_BDOWN, L, &S, n_exp, order, 1, dims, blocks, False, n_threads)
+            tb[3] = _now()
             blocks[0] = PAIR_BLOCK
             if rc == 0:
                 rc = _run(PH_BSWIGLU, L, &S, n_exp, order, 1, dims, blocks, True, n_threads)
+            tb[4] = _now()
             dims[0] = L.H
             blocks[0] = COL_BLOCK
             if rc == 0:
                 rc = _run(PH_BINPUT, L, &S, n_exp, order, 1, dims, blocks, False, n_threads)
+            tb[5] = _now()
             dims[0] = L.H
             dims[1] = L.H
             dims[2] = L.I
@@ -635,12 +667,20 @@ cdef class MoEKernel:
                 blocks[i] = GRAD_BLOCK
             if rc == 0:
                 rc = _run(PH_LORA_GRADS, L, &S, n_exp, order, 6, dims, blocks, False, n_threads)
-            if rc == 0:
-                for t in prange(T, schedule="static", num_threads=n_threads):
-                    kern.combine(k, H, S.ybuf, S.pos + t * k, NULL, dx_p + t * H)
                 for i in prange(L.E, schedule="static", num_threads=n_threads):
                     if S.offs[i + 1] == S.offs[i]:
                         _zero_expert_grads(L, &S, i)
+            tb[6] = _now()
+            if rc == 0:
+                for t in prange(T, schedule="static", num_threads=n_threads):
+                    kern.combine(k, H, S.ybuf, S.pos + t * k, NULL, dx_p + t * H)
+            tb[7] = _now()
         free(order)
         if rc != 0:
             raise MemoryError("ktsft backward: cannot allocate a task list")
+
+    def last_phase_times(self):
+        """Seconds spent in each phase of the last forward and backward."""
+        fwd = {n: self._tf[i + 1] - self._tf[i] for i, n in enumerate(FORWARD_PHASES)}
+        bwd = {n: self._tb[i + 1] - self._tb[i] for i, n in enumerate(BACKWARD_PHASES)}
+        return {"forward": fwd, "backward": bwd}

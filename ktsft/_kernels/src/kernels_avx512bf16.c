@@ -20,6 +20,11 @@
 #define T_TOF32(x) (x)
 #include "gemm_fma.inc"
 
+#define OUT_RW 4
+#define OUT_VW 4
+#define OUT_RT 16
+#include "outer_fma.inc"
+
 #define DP(acc, a, b) _mm512_dpbf16_ps(acc, (__m512bh)(a), (__m512bh)(b))
 
 /* ---- NT on bf16 pairs ---- */

@@ -22,6 +22,11 @@ typedef float VF;
 #define T_LOADN(p, n) V_LOADN(p, n)
 #define T_TOF32(x) (x)
 #include "gemm_fma.inc"
+
+#define OUT_RW 4
+#define OUT_VW 4
+#define OUT_RT 8
+#include "outer_fma.inc"
 #undef T_ELT
 #undef T_NAME
 #undef T_LOAD
