@@ -63,7 +63,6 @@ class BuildExt(build_ext):
                 macros=macros,
                 include_dirs=[INCLUDE],
                 extra_postargs=COMMON_CFLAGS + ["-fPIC"] + flags,
-                depends=[os.path.join(KDIR, "src", d) for d in ("common.inc", "gemm_fma.inc", "avx512_vocab.h")],
             )
         ext.extra_objects = objects
         ext.define_macros = list(ext.define_macros or []) + macros
@@ -76,11 +75,16 @@ class BuildExt(build_ext):
 def extensions():
     from Cython.Build import cythonize
 
+    import glob
+
+    # every kernel source: the extension is relinked whenever one changes
+    kernel_files = sorted(glob.glob(os.path.join(KDIR, "src", "*")) +
+                          glob.glob(os.path.join(INCLUDE, "ktsft", "*.h")))
     ext = Extension(
         "ktsft._kernels.moe_sft",
         sources=[os.path.join(KDIR, "moe_sft.pyx")],
         include_dirs=[INCLUDE],
-        depends=[os.path.join(INCLUDE, "ktsft", h) for h in ("kernels.h", "cpu_features.h", "bf16.h")],
+        depends=kernel_files,
     )
     return cythonize([ext], compiler_directives={"language_level": 3}, quiet=True)
 

@@ -52,9 +52,7 @@ static inline __m256 kt_loadn_bf16x8(const ktsft_bf16 *p, int64_t n)
 #define T_TOF32(x) (x)
 #include "gemm_fma.inc"
 
-#define OUT_RW 3
-#define OUT_VW 3
-#define OUT_RT 8
+#define OUT_RT 12
 #include "outer_fma.inc"
 #undef T_ELT
 #undef T_NAME

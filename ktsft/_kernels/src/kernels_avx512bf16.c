@@ -20,8 +20,6 @@
 #define T_TOF32(x) (x)
 #include "gemm_fma.inc"
 
-#define OUT_RW 4
-#define OUT_VW 4
 #define OUT_RT 16
 #include "outer_fma.inc"
 

@@ -23,8 +23,6 @@ typedef float VF;
 #define T_TOF32(x) (x)
 #include "gemm_fma.inc"
 
-#define OUT_RW 4
-#define OUT_VW 4
 #define OUT_RT 8
 #include "outer_fma.inc"
 #undef T_ELT
