@@ -16,7 +16,10 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
+from .contention import Gauge
 from .timing import torch_threads
 
 LORA_NAMES = ("grad_gate_lora_a", "grad_gate_lora_b", "grad_up_lora_a", "grad_up_lora_b",
@@ -25,8 +28,6 @@ LORA_NAMES = ("grad_gate_lora_a", "grad_gate_lora_b", "grad_up_lora_a", "grad_up
 
 def _torch_view(a: np.ndarray):
     """A torch tensor sharing a (float32 or ml_dtypes bf16) array's memory."""
-    import torch
-
     if a.dtype == np.float32:
         return torch.from_numpy(a)
     return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
@@ -39,8 +40,6 @@ class TorchLayer:
     make autograd build a full-size gradient per expert)."""
 
     def __init__(self, base: dict, lora: tuple, scaling: float):
-        import torch
-
         self.act = torch.bfloat16 if base["gate_proj"].dtype != np.float32 else torch.float32
         self.s = scaling
         self.W = [_torch_view(base[n]) for n in ("gate_proj", "up_proj", "down_proj")]
@@ -58,7 +57,7 @@ class TorchLayer:
                 p.grad = None
 
 
-def _lora_linear(F, x_act, x32, W, A, B, s):
+def _lora_linear(x_act, x32, W, A, B, s):
     """base(x) in the base dtype, promoted to fp32, plus s * B A x in fp32."""
     return F.linear(x_act, W).float() + s * F.linear(F.linear(x32, A), B)
 
@@ -73,9 +72,6 @@ class EagerPeer:
         self.params = layer.lora_experts
 
     def forward(self, x, ids, w):
-        import torch
-        import torch.nn.functional as F
-
         L = self.L
         Wg, Wu, Wd = L.W
         Ag, Bg, Au, Bu, Ad, Bd = self.params
@@ -86,10 +82,10 @@ class EagerPeer:
             slot, tok = torch.where(mask[e])
             xe = x[tok]
             xa = xe.to(L.act)
-            g = _lora_linear(F, xa, xe, Wg[e], Ag[e], Bg[e], L.s)
-            u = _lora_linear(F, xa, xe, Wu[e], Au[e], Bu[e], L.s)
+            g = _lora_linear(xa, xe, Wg[e], Ag[e], Bg[e], L.s)
+            u = _lora_linear(xa, xe, Wu[e], Au[e], Bu[e], L.s)
             h = F.silu(g) * u
-            y = _lora_linear(F, h.to(L.act), h, Wd[e], Ad[e], Bd[e], L.s)
+            y = _lora_linear(h.to(L.act), h, Wd[e], Ad[e], Bd[e], L.s)
             out.index_add_(0, tok, y * w[tok, slot, None])
         return out
 
@@ -115,9 +111,6 @@ class GroupedMMPeer:
         self.params = layer.lora_stacked
 
     def forward(self, x, ids, w):
-        import torch
-        import torch.nn.functional as F
-
         L = self.L
         gm = torch._grouped_mm
         Wg, Wu, Wd = L.W
@@ -147,8 +140,6 @@ def grouped_mm_status() -> str | None:
     """None when torch._grouped_mm runs forward and backward on the CPU here,
     else why not."""
     try:
-        import torch
-
         if not hasattr(torch, "_grouped_mm"):
             return f"torch {torch.__version__} has no torch._grouped_mm"
         x = torch.randn(6, 16, requires_grad=True)
@@ -167,12 +158,11 @@ def measure(peer, x: np.ndarray, ids: np.ndarray, w: np.ndarray, gout: np.ndarra
     """Median forward and backward seconds of `peer` over `repeats` steps
     after one warm-up step, torch on `threads` threads; plus the last step's
     outputs and gradients (for the accuracy check)."""
-    import torch
-
     xt = torch.from_numpy(x.copy()).requires_grad_()
     wt = torch.from_numpy(w.copy()).requires_grad_()
     it, gt = torch.from_numpy(ids), torch.from_numpy(gout)
     fwd_t, bwd_t = [], []
+    gauge = Gauge().start()
     with torch_threads(threads):
         for i in range(repeats + 1):  # step 0 is the warm-up
             peer.L.zero_grad()
@@ -186,6 +176,7 @@ def measure(peer, x: np.ndarray, ids: np.ndarray, w: np.ndarray, gout: np.ndarra
                 fwd_t.append(t1 - t0)
                 bwd_t.append(t2 - t1)
     res = {"fwd_s": float(np.median(fwd_t)), "bwd_s": float(np.median(bwd_t)),
+           "other_load": gauge.stop(),
            "out": out.detach().numpy().copy(), "grad_x": xt.grad.numpy().copy(),
            "grad_routing_weights": wt.grad.numpy().copy()}
     res.update(peer.lora_grads())

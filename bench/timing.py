@@ -1,23 +1,13 @@
-"""How things are timed: a warm-up, then the median of repeats; and torch's
-thread count pinned to the run's for the duration of a measurement."""
+"""Timing helpers: best-of-N for machine ceilings, torch's thread count
+pinned for a measurement, and a pause between torch and ktsft phases.
+(ktsft and the peers time their own forward/backward pairs: see
+subject.measure and peers.measure, which report medians.)"""
 from __future__ import annotations
 
 import contextlib
-import statistics
 import time
 
-
-def median_time(fn, repeats: int, warmup: int = 1) -> float:
-    """Median wall seconds of fn() over `repeats` calls after `warmup` calls.
-    The median, not the best, because the cores may be shared."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+import torch
 
 
 def best_time(fn, repeats: int, warmup: int = 1) -> float:
@@ -36,8 +26,6 @@ def best_time(fn, repeats: int, warmup: int = 1) -> float:
 @contextlib.contextmanager
 def torch_threads(n: int):
     """torch.set_num_threads(n) inside the block, the old value restored."""
-    import torch
-
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

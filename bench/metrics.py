@@ -1,0 +1,50 @@
+"""Work and traffic of one forward+backward step, and what they imply
+against the measured ceilings."""
+from __future__ import annotations
+
+# Per (token, expert) pair, multiply-adds counted as 2 FLOPs:
+#   base: forward 3 GEMVs of H*I (gate, up, down) = 6HI; backward only the
+#     input gradients (weights frozen) = 6HI; total 12HI.
+#   LoRA (A: r x in, B: out x r, in + out = H + I for each of the three):
+#     forward 2r(in+out) each = 6r(H+I); backward 4r(in+out) each (grad B,
+#     grad through B, grad A, grad through A) = 12r(H+I); total 18r(H+I).
+#   Element-wise work (silu, products, routing sums) is not counted.
+LORA_FLOPS_NOTE = "LoRA FLOPs per (token, expert) pair = 18*r*(H+I): fwd 6r(H+I) + bwd 12r(H+I)"
+
+
+def flops(shape, T: int, rank: int) -> dict:
+    pairs = T * shape.k
+    base = 12 * shape.H * shape.I * pairs
+    lora = 18 * rank * (shape.H + shape.I) * pairs
+    return {"base": base, "lora": lora, "total": base + lora}
+
+
+def streamed_bytes(shape, dtype: str, n_active: int) -> int:
+    """Base-weight bytes of the experts that got a token, read once by the
+    forward and once by the backward."""
+    itemsize = 2 if dtype == "bf16" else 4
+    return 2 * n_active * 3 * shape.H * shape.I * itemsize
+
+
+def derive(row: dict, ceilings: dict) -> dict:
+    """The report's derived columns for one row of raw measurements."""
+    t = row["fwd_ms"] / 1e3 + row["bwd_ms"] / 1e3
+    peak = ceilings["gemm_gflops"][row["dtype"]] * 1e9
+    bw = ceilings["read_gbs"] * 1e9
+    fl = row["flops"]
+    nbytes = row["streamed_bytes"]
+    roof = max(fl / peak, nbytes / bw)
+    d = {
+        "tok_s": row["T"] / t,
+        "gflops": fl / t / 1e9,
+        "frac_peak": fl / t / peak,
+        "gbs": nbytes / t / 1e9,
+        "frac_bw": nbytes / t / bw,
+        "roofline_ms": roof * 1e3,
+        "bound": "compute" if fl / peak >= nbytes / bw else "memory",
+        "roofline_eff": roof / t,
+    }
+    for peer in ("eager", "grouped_mm"):
+        p = row.get(peer)
+        d[f"speedup_{peer}"] = ((p["fwd_ms"] + p["bwd_ms"]) / 1e3 / t) if p else None
+    return d
