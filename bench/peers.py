@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ktsft.eager import eager_moe_forward
+
 from .contention import Gauge
 from .timing import torch_threads
 
@@ -57,11 +59,6 @@ class TorchLayer:
                 p.grad = None
 
 
-def _lora_linear(x_act, x32, W, A, B, s):
-    """base(x) in the base dtype, promoted to fp32, plus s * B A x in fp32."""
-    return F.linear(x_act, W).float() + s * F.linear(F.linear(x32, A), B)
-
-
 class EagerPeer:
     """Loop over the experts that got tokens, transformers Qwen3-MoE style."""
 
@@ -73,21 +70,7 @@ class EagerPeer:
 
     def forward(self, x, ids, w):
         L = self.L
-        Wg, Wu, Wd = L.W
-        Ag, Bg, Au, Bu, Ad, Bd = self.params
-        out = torch.zeros_like(x)
-        mask = F.one_hot(ids, L.E).permute(2, 1, 0)  # [E, k, T]
-        hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist()
-        for e in hit:
-            slot, tok = torch.where(mask[e])
-            xe = x[tok]
-            xa = xe.to(L.act)
-            g = _lora_linear(xa, xe, Wg[e], Ag[e], Bg[e], L.s)
-            u = _lora_linear(xa, xe, Wu[e], Au[e], Bu[e], L.s)
-            h = F.silu(g) * u
-            y = _lora_linear(h.to(L.act), h, Wd[e], Ad[e], Bd[e], L.s)
-            out.index_add_(0, tok, y * w[tok, slot, None])
-        return out
+        return eager_moe_forward(x, ids, w, *L.W, self.params, L.s, L.act)
 
     def lora_grads(self) -> dict:
         """The six LoRA gradients stacked [E, ...] (zeros for idle experts)."""
