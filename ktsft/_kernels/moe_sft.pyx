@@ -27,6 +27,7 @@ cdef enum:
     COL_BLOCK = 256     # NN output columns per task (one packed block)
     PAIR_BLOCK = 32     # (token, slot) pairs per task
     GRAD_BLOCK = 256    # LoRA-gradient rows/columns per task
+    FEW_TOKENS = 8      # experts with at most this many pairs: NN tasks span whole rows
 
 
 # --------------------------------------------------------------------------
@@ -225,18 +226,26 @@ cdef int64_t _expert_order(int64_t E, const int32_t *offs, int32_t *order) noexc
     return n
 
 
+cdef inline int64_t _block(int64_t blk, int64_t d, int64_t count, bint rows) noexcept nogil:
+    # few tokens: memory-bound, so a task streams whole weight rows
+    return d if (rows and count <= FEW_TOKENS) else blk
+
+
 cdef Task *_blocks(int64_t n_exp, const int32_t *order, const int32_t *offs, int nparts,
                    const int64_t *dims, const int64_t *blocks, bint over_pairs,
-                   int64_t *ntasks) noexcept nogil:
+                   int64_t *ntasks, bint whole_rows=False) noexcept nogil:
     """Tasks (expert, part, [lo, hi)) over each part's dimension in fixed blocks;
-    over_pairs: the dimension is the expert's own pair range."""
+    over_pairs: the dimension is the expert's own pair range; whole_rows:
+    experts with few pairs get one task spanning the dimension.  Block sizes
+    depend only on the routing, never on the thread count."""
     cdef int64_t cap = 0, i, e, d, lo, hi, n = 0, base, blk
     cdef int part
     for i in range(n_exp):
         e = order[i]
         for part in range(nparts):
             d = (offs[e + 1] - offs[e]) if over_pairs else dims[part]
-            cap += (d + blocks[part] - 1) // blocks[part]
+            blk = _block(blocks[part], d, offs[e + 1] - offs[e], whole_rows)
+            cap += (d + blk - 1) // blk
     cdef Task *tasks = <Task *>malloc(max(cap, 1) * sizeof(Task))
     if tasks == NULL:
         ntasks[0] = -1
@@ -246,7 +255,7 @@ cdef Task *_blocks(int64_t n_exp, const int32_t *order, const int32_t *offs, int
         for part in range(nparts):
             base = offs[e] if over_pairs else 0
             d = (offs[e + 1] - offs[e]) if over_pairs else dims[part]
-            blk = blocks[part]
+            blk = _block(blocks[part], d, offs[e + 1] - offs[e], whole_rows)
             lo = 0
             while lo < d:
                 hi = min(lo + blk, d)
@@ -428,7 +437,9 @@ cdef int _run(int phase, const Layer *L, const Step *S, int64_t n_exp, const int
               int nparts, const int64_t *dims, const int64_t *blocks, bint over_pairs,
               int n_threads) noexcept nogil:
     cdef int64_t ntasks = 0, i
-    cdef Task *tasks = _blocks(n_exp, order, S.offs, nparts, dims, blocks, over_pairs, &ntasks)
+    cdef bint whole_rows = phase == PH_BDOWN or phase == PH_BINPUT
+    cdef Task *tasks = _blocks(n_exp, order, S.offs, nparts, dims, blocks, over_pairs, &ntasks,
+                               whole_rows)
     if ntasks < 0:
         return -1
     for i in prange(ntasks, schedule="dynamic", chunksize=1, num_threads=n_threads):

@@ -226,6 +226,110 @@ static void bnn_pack(int64_t O, const ktsft_bf16 *W__on, int64_t ldw, int64_t nc
     }
 }
 
+/* Few tokens (one token block): memory-bound.  W is streamed row by row,
+ * front to back over the whole column range, four rows (two bf16 pairs)
+ * per step, with the fp32 sums of C kept in L1 between steps.  Per output
+ * element the pairs are added in the same order as in bnn_tile. */
+static void bnn_stream_chunk(int64_t M, int64_t N, int64_t O, const ktsft_bf16 *const *a,
+                       const ktsft_bf16 *W__on, int64_t ldw, int64_t O2, const float *A2__mq,
+                       int64_t lda2, const float *W2__qn, int64_t ldw2, float *C__mn, int64_t ldc,
+                       int accumulate)
+{
+    if (!accumulate)
+        for (int64_t m = 0; m < M; ++m) memset(C__mn + m * ldc, 0, (size_t)N * sizeof(float));
+    __m512i b0[BNN_MR], b1[BNN_MR];
+    int64_t o = 0;
+    while (o + 2 <= O) {
+        const int two = o + 4 <= O; /* else one pair left */
+        for (int64_t m = 0; m < M; ++m) {
+            b0[m] = _mm512_set1_epi32((int)kt_pair(a[m] + o));
+            b1[m] = two ? _mm512_set1_epi32((int)kt_pair(a[m] + o + 2)) : _mm512_setzero_si512();
+        }
+        const ktsft_bf16 *w0 = W__on + o * ldw;
+        for (int64_t c0 = 0; c0 < N; c0 += 32) {
+            const __mmask32 mk = kt_mask32(N - c0);
+            const int64_t cnt0 = N - c0, cnt1 = N - c0 - 16;
+            __m512i lo0, hi0, lo1 = _mm512_setzero_si512(), hi1 = _mm512_setzero_si512();
+            /* the next four rows, same columns: each row is its own page, where
+             * the hardware prefetcher restarts cold */
+            _mm_prefetch((const char *)(w0 + 4 * ldw + c0), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w0 + 5 * ldw + c0), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w0 + 6 * ldw + c0), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w0 + 7 * ldw + c0), _MM_HINT_T0);
+            kt_pair_rows(_mm512_maskz_loadu_epi16(mk, w0 + c0),
+                         _mm512_maskz_loadu_epi16(mk, w0 + ldw + c0), &lo0, &hi0);
+            if (two)
+                kt_pair_rows(_mm512_maskz_loadu_epi16(mk, w0 + 2 * ldw + c0),
+                             _mm512_maskz_loadu_epi16(mk, w0 + 3 * ldw + c0), &lo1, &hi1);
+            if (cnt0 >= 32) { /* full panel: plain loads and stores */
+                for (int64_t m = 0; m < M; ++m) {
+                    float *c = C__mn + m * ldc + c0;
+                    __m512 cl = _mm512_loadu_ps(c), ch = _mm512_loadu_ps(c + 16);
+                    cl = DP(cl, lo0, b0[m]);
+                    ch = DP(ch, hi0, b0[m]);
+                    if (two) {
+                        cl = DP(cl, lo1, b1[m]);
+                        ch = DP(ch, hi1, b1[m]);
+                    }
+                    _mm512_storeu_ps(c, cl);
+                    _mm512_storeu_ps(c + 16, ch);
+                }
+            } else {
+                for (int64_t m = 0; m < M; ++m) {
+                    float *c = C__mn + m * ldc + c0;
+                    __m512 cl = V_LOADN(c, cnt0), ch = V_LOADN(c + 16, cnt1);
+                    cl = DP(cl, lo0, b0[m]);
+                    ch = DP(ch, hi0, b0[m]);
+                    if (two) {
+                        cl = DP(cl, lo1, b1[m]);
+                        ch = DP(ch, hi1, b1[m]);
+                    }
+                    V_STOREN(c, cl, cnt0);
+                    V_STOREN(c + 16, ch, cnt1);
+                }
+            }
+        }
+        o += two ? 4 : 2;
+    }
+    if (o < O) { /* odd O: the last row pairs with zeros */
+        for (int64_t m = 0; m < M; ++m) b0[m] = _mm512_set1_epi32((int)(uint32_t)a[m][o]);
+        for (int64_t c0 = 0; c0 < N; c0 += 32) {
+            const __mmask32 mk = kt_mask32(N - c0);
+            const int64_t cnt0 = N - c0, cnt1 = N - c0 - 16;
+            __m512i lo0, hi0;
+            kt_pair_rows(_mm512_maskz_loadu_epi16(mk, W__on + o * ldw + c0), _mm512_setzero_si512(),
+                         &lo0, &hi0);
+            for (int64_t m = 0; m < M; ++m) {
+                float *c = C__mn + m * ldc + c0;
+                V_STOREN(c, DP(V_LOADN(c, cnt0), lo0, b0[m]), cnt0);
+                V_STOREN(c + 16, DP(V_LOADN(c + 16, cnt1), hi0, b0[m]), cnt1);
+            }
+        }
+    }
+    for (int64_t q = 0; q < O2; ++q)
+        for (int64_t c0 = 0; c0 < N; c0 += 16) {
+            const int64_t cnt = N - c0;
+            __m512 w = V_LOADN(W2__qn + q * ldw2 + c0, cnt);
+            for (int64_t m = 0; m < M; ++m) {
+                float *c = C__mn + m * ldc + c0;
+                V_STOREN(c, _mm512_fmadd_ps(_mm512_set1_ps(A2__mq[m * lda2 + q]), w, V_LOADN(c, cnt)), cnt);
+            }
+        }
+}
+
+/* C rows of the chunk stay in L1 (about 16 KiB of fp32 sums) */
+static void bnn_stream(int64_t M, int64_t N, int64_t O, const ktsft_bf16 *const *a,
+                       const ktsft_bf16 *W__on, int64_t ldw, int64_t O2, const float *A2__mq,
+                       int64_t lda2, const float *W2__qn, int64_t ldw2, float *C__mn, int64_t ldc,
+                       int accumulate)
+{
+    int64_t span = (4096 / (M > 0 ? M : 1)) & ~(int64_t)31;
+    if (span < 32) span = 32;
+    for (int64_t n0 = 0; n0 < N; n0 += span)
+        bnn_stream_chunk(M, N - n0 < span ? N - n0 : span, O, a, W__on + n0, ldw, O2, A2__mq,
+                         lda2, W2__qn ? W2__qn + n0 : NULL, ldw2, C__mn + n0, ldc, accumulate);
+}
+
 #define KT_NN_PACK_COLS (KT_NN_PACK_BYTES / (KT_NN_OCHUNK * 2))
 
 static void gemm_nn_bf16_dp(int64_t M, int64_t N, int64_t O, const ktsft_bf16 *A__mo,
@@ -238,6 +342,12 @@ static void gemm_nn_bf16_dp(int64_t M, int64_t N, int64_t O, const ktsft_bf16 *A
      * interleaved pairs (96 KiB, L2-resident), then every token block runs
      * on them.  C carries exact fp32 partial sums between row chunks, so
      * the result equals one unchunked pass. */
+    if (M <= BNN_MR) {
+        const ktsft_bf16 *a[BNN_MR];
+        for (int64_t i = 0; i < M; ++i) a[i] = A__mo + (arows ? (int64_t)arows[i] : i) * lda;
+        bnn_stream(M, N, O, a, W__on, ldw, O2, A2__mq, lda2, W2__qn, ldw2, C__mn, ldc, accumulate);
+        return;
+    }
     ktsft_bf16 *pairs = aligned_alloc(64, (size_t)KT_NN_OCHUNK * KT_NN_PACK_COLS * sizeof(ktsft_bf16));
     for (int64_t nb0 = 0; nb0 < N; nb0 += KT_NN_PACK_COLS) {
         const int64_t ncb = N - nb0 < KT_NN_PACK_COLS ? N - nb0 : KT_NN_PACK_COLS;
