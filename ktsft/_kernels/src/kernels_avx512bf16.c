@@ -32,7 +32,7 @@
 KT_INLINE void bnt_tile(const int mr, const int64_t K, const ktsft_bf16 *const *a,
                         const ktsft_bf16 *const *w, const int64_t K2, const float *a2,
                         const int64_t lda2, const float *const *w2, float *c,
-                        const int64_t ldc, const int nr)
+                        const int64_t ldc, const int nr, const ktsft_bf16 *const *pf)
 {
     __m512 acc[BNT_MR][BNT_NR];
 #pragma GCC unroll 16
@@ -42,6 +42,9 @@ KT_INLINE void bnt_tile(const int mr, const int64_t K, const ktsft_bf16 *const *
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
         __m512i wv[BNT_NR];
+        if (pf)
+#pragma GCC unroll 8
+            for (int j = 0; j < BNT_NR; ++j) _mm_prefetch((const char *)(pf[j] + k), _MM_HINT_T0);
 #pragma GCC unroll 8
         for (int j = 0; j < BNT_NR; ++j) wv[j] = _mm512_loadu_si512((const void *)(w[j] + k));
 #pragma GCC unroll 16
@@ -96,20 +99,25 @@ static void gemm_nt_bf16_dp(int64_t M, int64_t N, int64_t K, const ktsft_bf16 *A
             w[j] = W__nk + row * ldw;
             w2[j] = K2 ? W2__nq + row * ldw2 : NULL;
         }
+        /* weight rows are pages apart and each starts the hardware prefetcher
+         * cold: the first token block fetches the next row block ahead */
+        const ktsft_bf16 *pf[BNT_NR];
+        for (int j = 0; j < BNT_NR; ++j) pf[j] = w[j] + (n0 + BNT_NR + j < N ? BNT_NR : 0) * ldw;
         for (int64_t m0 = 0; m0 < M; m0 += BNT_MR) {
             const int mr = (int)(M - m0 < BNT_MR ? M - m0 : BNT_MR);
+            const ktsft_bf16 *const *pfm = m0 == 0 ? pf : NULL;
             const ktsft_bf16 *a[BNT_MR];
             for (int i = 0; i < mr; ++i)
                 a[i] = A__mk + (arows ? (int64_t)arows[m0 + i] : m0 + i) * lda;
             const float *a2 = K2 ? A2__mq + m0 * lda2 : NULL;
             float *c = C__mn + m0 * ldc + n0;
             switch (mr) {
-            case 1: bnt_tile(1, K, a, w, K2, a2, lda2, w2, c, ldc, nr); break;
-            case 2: bnt_tile(2, K, a, w, K2, a2, lda2, w2, c, ldc, nr); break;
-            case 3: bnt_tile(3, K, a, w, K2, a2, lda2, w2, c, ldc, nr); break;
-            case 4: bnt_tile(4, K, a, w, K2, a2, lda2, w2, c, ldc, nr); break;
-            case 5: bnt_tile(5, K, a, w, K2, a2, lda2, w2, c, ldc, nr); break;
-            default: bnt_tile(6, K, a, w, K2, a2, lda2, w2, c, ldc, nr); break;
+            case 1: bnt_tile(1, K, a, w, K2, a2, lda2, w2, c, ldc, nr, pfm); break;
+            case 2: bnt_tile(2, K, a, w, K2, a2, lda2, w2, c, ldc, nr, pfm); break;
+            case 3: bnt_tile(3, K, a, w, K2, a2, lda2, w2, c, ldc, nr, pfm); break;
+            case 4: bnt_tile(4, K, a, w, K2, a2, lda2, w2, c, ldc, nr, pfm); break;
+            case 5: bnt_tile(5, K, a, w, K2, a2, lda2, w2, c, ldc, nr, pfm); break;
+            default: bnt_tile(6, K, a, w, K2, a2, lda2, w2, c, ldc, nr, pfm); break;
             }
         }
     }
@@ -214,6 +222,8 @@ static void bnn_pack(int64_t O, const ktsft_bf16 *W__on, int64_t ldw, int64_t nc
     for (int64_t o = 0; o < O; o += 2) {
         for (int64_t c0 = 0; c0 < ncols; c0 += 32) {
             const __mmask32 m = kt_mask32(ncols - c0);
+            _mm_prefetch((const char *)(W__on + (o + 8) * ldw + c0), _MM_HINT_T0);
+            _mm_prefetch((const char *)(W__on + (o + 9) * ldw + c0), _MM_HINT_T0);
             __m512i r0 = _mm512_maskz_loadu_epi16(m, W__on + o * ldw + c0);
             __m512i r1 = o + 1 < O ? _mm512_maskz_loadu_epi16(m, W__on + (o + 1) * ldw + c0)
                                    : _mm512_setzero_si512();
