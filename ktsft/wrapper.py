@@ -129,6 +129,8 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
                                  dtype == "bf16", self.isa)
         self._ws = Workspace(H, I, self.num_experts_per_tok, r, dtype == "bf16")
         self._cache: list[CacheEntry] = []
+        self._handles: list[int] = []        # one per cached entry, same order
+        self._next_handle = 0
         self._spare: list[CacheEntry] = []  # entries backward released, reused by forward
         self._lock = threading.Lock()
         self._base = None
@@ -237,11 +239,15 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
         if self._lora is None:
             raise RuntimeError(f"{op}: call init_lora_weights() first")
 
-    def forward_sft(self, hidden_states, expert_ids, weights, save_for_backward=True):
+    def forward_sft(self, hidden_states, expert_ids, weights, save_for_backward=True, *,
+                    return_handle=False):
         """out[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x_t), LoRA applied.
 
         Returns the same array type and dtype as hidden_states.  With
-        save_for_backward, pushes one cache entry for backward()."""
+        save_for_backward, pushes one cache entry for backward();
+        return_handle=True returns (out, handle) so that a later
+        backward(..., handle=handle) pairs with this forward whatever the
+        order of backwards (None when nothing was cached)."""
         self._ready("forward_sft")
         H, k = self.hidden_size, self.num_experts_per_tok
         x = as_numpy(hidden_states, "hidden_states")
@@ -267,8 +273,16 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
             out = np.empty((T, H), np.float32)
             self._kernel.forward(entry["x"], ws["x_act"] if self.dtype == "bf16" else entry["x"],
                                  ids, rw, entry.arrays, ws, out, self.cpuinfer_threads)
-            (self._cache if save_for_backward else self._spare).append(entry)
-        return to_like(out, hidden_states)
+            handle = None
+            if save_for_backward:
+                handle = self._next_handle
+                self._next_handle += 1
+                self._cache.append(entry)
+                self._handles.append(handle)
+            else:
+                self._spare.append(entry)
+        out = to_like(out, hidden_states)
+        return (out, handle) if return_handle else out
 
     def _take_entry(self, T: int) -> CacheEntry:
         """A released entry large enough for T tokens, else a new one.  At
@@ -284,39 +298,70 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
         return CacheEntry(T, self.num_experts, self.hidden_size, self.moe_intermediate_size,
                           self.num_experts_per_tok, self.lora_rank)
 
-    def backward(self, grad_output):
-        """Gradients of the most recent cached forward (LIFO).
+    def backward(self, grad_output, *, handle=None, grads_out=None):
+        """Gradients of a cached forward: the most recent one (LIFO), or the
+        one forward_sft(..., return_handle=True) named.
 
         Returns (grad_input, grads): grad_input has grad_output's array type
-        and dtype; grads holds the six LoRA gradients (float32, this
-        wrapper's buffers, overwritten by its next backward) and
-        ``grad_routing_weights`` [T, k] float32."""
+        and dtype; grads holds the six LoRA gradients (float32) and
+        ``grad_routing_weights`` [T, k] float32.  The LoRA gradients are
+        written into ``grads_out`` (a dict of C-contiguous float32 arrays of
+        the LoRA shapes) when given, else into this wrapper's buffers, which
+        its next backward overwrites."""
         self._ready("backward")
         with self._lock:
             if not self._cache:
                 raise RuntimeError("backward: no cached forward; call forward_sft(..., "
                                    "save_for_backward=True) first")
-            entry = self._cache[-1]
+            if handle is None:
+                idx = len(self._cache) - 1
+            elif handle in self._handles:
+                idx = self._handles.index(handle)
+            else:
+                raise RuntimeError(f"backward: handle={handle!r} names no cached forward (it was "
+                                   "already used by a backward, released, or never cached)")
+            entry = self._cache[idx]
             T, H = entry.T, self.hidden_size
             g = V.array(grad_output, "grad_output", (T, H), finite=True)
+            out_grads = self._grads
+            if grads_out is not None:
+                shapes = lora_shapes(self.num_experts, H, self.moe_intermediate_size, self.lora_rank)
+                if not isinstance(grads_out, dict) or set(grads_out) != set(LORA_GRAD_NAMES):
+                    raise ValueError(f"grads_out: expected a dict with keys {LORA_GRAD_NAMES}")
+                out_grads = {n: V.array(grads_out[n], f"grads_out[{n!r}]", shapes[n],
+                                        (np.dtype(np.float32),), contiguous=True, writable=True)
+                             for n in LORA_GRAD_NAMES}
             do32 = np.ascontiguousarray(g, dtype=np.float32)
             ws = self._ws.view(T)
             dx = np.empty((T, H), np.float32)
             grad_w = np.empty((T, self.num_experts_per_tok), np.float32)
-            self._cache.pop()
+            del self._cache[idx], self._handles[idx]
             try:
                 self._kernel.backward(entry.arrays, do32,
                                       ws["do_act"] if self.dtype == "bf16" else do32,
-                                      ws, self._grads, grad_w, dx, self.cpuinfer_threads)
+                                      ws, out_grads, grad_w, dx, self.cpuinfer_threads)
             finally:
                 self._spare.append(entry)
-        grads = {n: wrap_like(self._grads[n], grad_output) for n in LORA_GRAD_NAMES}
+        grads = {n: wrap_like(out_grads[n], grad_output) if grads_out is None else grads_out[n]
+                 for n in LORA_GRAD_NAMES}
         grads["grad_routing_weights"] = wrap_like(grad_w, grad_output)
         return to_like(dx, grad_output), grads
+
+    def release(self, handle) -> bool:
+        """Drop the cached forward `handle` without running its backward
+        (e.g. its graph was freed).  Returns whether it was still cached."""
+        with self._lock:
+            if handle not in self._handles:
+                return False
+            idx = self._handles.index(handle)
+            self._spare.append(self._cache.pop(idx))
+            del self._handles[idx]
+            return True
 
     def clear_cache(self) -> None:
         """Drop every cached forward (e.g. after an aborted step) and free
         the cache memory kept for reuse."""
         with self._lock:
             self._cache.clear()
+            self._handles.clear()
             self._spare.clear()

@@ -1,0 +1,188 @@
+"""PyTorch integration: the routed experts of one MoE layer as an nn.Module
+whose LoRA matrices are ordinary nn.Parameters, trained by any optimizer.
+
+    experts = ktsft.torch.LoRAExperts(num_experts=E, top_k=k, hidden_size=H,
+                                      intermediate_size=I, r=16, alpha=32)
+    experts.load_weights(gate_proj, up_proj, down_proj)     # frozen base
+    out = experts(hidden_states, topk_ids, topk_weights)     # autograd-aware
+
+Gradients reach hidden_states, topk_weights (so the router trains) and the
+six LoRA parameters.  The kernels read the parameters' memory in place: an
+optimizer step is seen by the next forward without a copy.  Imported lazily
+(``ktsft.torch``), so the numpy API never needs torch.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+
+import numpy as np
+import torch
+
+from .buffers import LORA_GRAD_NAMES, lora_shapes
+from .wrapper import SFTMoEWrapper
+
+PARAM_NAMES = ("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_lora_a",
+               "down_lora_b")
+
+
+def _host_inputs(hidden, ids, weights):
+    """CPU, contiguous, in a dtype the kernels take (float64 -> float32)."""
+    x = hidden.detach()
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        x = x.float()  # e.g. float64 in gradcheck: the kernels run fp32
+    w = weights.detach()
+    if x.device.type != "cpu":  # device tensors go through host memory
+        x, w, ids = x.cpu(), w.cpu(), ids.cpu()
+    return x.contiguous(), ids.contiguous(), w.contiguous()
+
+
+class _ExpertsFunction(torch.autograd.Function):
+    """One forward_sft/backward pair.  The activation cache lives in the
+    wrapper; ctx holds its handle, so each backward pairs with its own
+    forward in any order, and a graph freed without backward releases it.
+    ctx also keeps references to the inputs (no copies): in recompute mode,
+    or for a second backward through a retained graph, the forward is run
+    again from them."""
+
+    @staticmethod
+    def forward(ctx, module, hidden, ids, weights, *params):
+        wrapper = module.wrapper
+        module._sync_lora()
+        save = any(ctx.needs_input_grad[1:])
+        cache = save and not module.recompute
+        out, handle = wrapper.forward_sft(*_host_inputs(hidden, ids, weights),
+                                          save_for_backward=cache, return_handle=True)
+        ctx.meta = (hidden.dtype, weights.dtype, hidden.device)
+        ctx.module = module
+        ctx.release = weakref.finalize(ctx, wrapper.release, handle) if cache else _Spent()
+        ctx.handle = handle
+        if save:
+            ctx.save_for_backward(hidden, ids, weights)
+        return out.to(device=hidden.device, dtype=hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h_dtype, w_dtype, dev = ctx.meta
+        module = ctx.module
+        wrapper = module.wrapper
+        handle = ctx.handle
+        if not ctx.release.alive:  # recompute mode, or the cache was spent
+            hidden, ids, weights = ctx.saved_tensors
+            module._sync_lora()
+            _, handle = wrapper.forward_sft(*_host_inputs(hidden, ids, weights),
+                                            save_for_backward=True, return_handle=True)
+        shapes = lora_shapes(module.num_experts, module.hidden_size, module.intermediate_size,
+                             module.r)
+        # fresh tensors that autograd will own: the kernels write into them
+        outs = {n: torch.empty(shapes[n], dtype=torch.float32) for n in LORA_GRAD_NAMES}
+        g = grad_out.detach()
+        g = g.cpu() if g.device.type != "cpu" else g
+        if g.dtype not in (torch.float32, torch.bfloat16):
+            g = g.float()
+        dx, grads = wrapper.backward(g.contiguous(), handle=handle,
+                                     grads_out={n: t.numpy() for n, t in outs.items()})
+        ctx.release.detach()
+        ctx.release = _Spent()
+        dx = dx.to(device=dev, dtype=h_dtype)
+        dw = torch.as_tensor(grads["grad_routing_weights"]).to(device=dev, dtype=w_dtype)
+        need = ctx.needs_input_grad
+        pgrads = [outs[n] if need[4 + i] else None for i, n in enumerate(LORA_GRAD_NAMES)]
+        return (None, dx if need[1] else None, None, dw if need[3] else None, *pgrads)
+
+
+class _Spent:
+    """Stands in for a finalizer that has nothing (left) to release."""
+
+    alive = False
+
+    def detach(self):
+        return None
+
+
+class LoRAExperts(torch.nn.Module):
+    """Routed experts of one MoE layer with LoRA on gate, up and down.
+
+    Base weights are frozen and held by a ktsft SFTMoEWrapper (bf16 or fp32);
+    the LoRA matrices are float32 nn.Parameters: ``gate_lora_a`` [E, r, H],
+    ``gate_lora_b`` [E, I, r], ``up_lora_a``, ``up_lora_b``, ``down_lora_a``
+    [E, r, I], ``down_lora_b`` [E, H, r].  Initialised as PEFT does (A
+    Kaiming-uniform, B zero), so a fresh module computes the base experts.
+    Scaling is alpha / r, or alpha / sqrt(r) with ``use_rslora``.
+    ``max_cache_depth`` bounds the forwards awaiting their backward.
+    ``recompute=True`` caches only references to the inputs and runs the
+    forward again in backward: activation memory traded for compute.
+    """
+
+    def __init__(self, num_experts, top_k, hidden_size, intermediate_size, r=16, alpha=32.0,
+                 dtype="bf16", use_rslora=False, threads=None, max_cache_depth=8,
+                 chunked_prefill_size=8192, layer_idx=0, isa=None, recompute=False):
+        super().__init__()
+        self.recompute = bool(recompute)
+        self.num_experts, self.top_k = int(num_experts), int(top_k)
+        self.hidden_size, self.intermediate_size = int(hidden_size), int(intermediate_size)
+        self.r, self.alpha, self.use_rslora = int(r), float(alpha), bool(use_rslora)
+        # the wrapper scales by lora_alpha / r; rsLoRA wants alpha / sqrt(r)
+        wrapper_alpha = self.alpha * math.sqrt(self.r) if self.use_rslora else self.alpha
+        self.wrapper = SFTMoEWrapper(layer_idx, self.num_experts, self.top_k, self.hidden_size,
+                                     self.intermediate_size, cpuinfer_threads=threads,
+                                     chunked_prefill_size=chunked_prefill_size, lora_rank=self.r,
+                                     lora_alpha=wrapper_alpha, max_cache_depth=max_cache_depth,
+                                     dtype=dtype, isa=isa)
+        shapes = lora_shapes(self.num_experts, self.hidden_size, self.intermediate_size, self.r)
+        for name, gname in zip(PARAM_NAMES, LORA_GRAD_NAMES):
+            self.register_parameter(name, torch.nn.Parameter(torch.empty(shapes[gname])))
+        self.reset_lora_parameters()
+
+    @property
+    def scaling(self) -> float:
+        return self.wrapper.lora_scaling
+
+    def lora_parameters(self):
+        return [getattr(self, n) for n in PARAM_NAMES]
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        """PEFT's default: A ~ kaiming_uniform(a=sqrt(5)) per expert, B = 0."""
+        for name in PARAM_NAMES:
+            p = getattr(self, name)
+            if name.endswith("_a"):
+                for e in range(self.num_experts):
+                    torch.nn.init.kaiming_uniform_(p[e], a=math.sqrt(5))
+            else:
+                p.zero_()
+        self._registered = None
+        self._sync_lora()
+
+    def load_weights(self, gate_proj, up_proj, down_proj, physical_to_logical_map=None):
+        """Frozen base weights [E, I, H], [E, I, H], [E, H, I] (numpy or CPU
+        torch; used in place when already in the storage dtype)."""
+        self.wrapper.load_weights(physical_to_logical_map, gate_proj=gate_proj, up_proj=up_proj,
+                                  down_proj=down_proj)
+
+    def _sync_lora(self) -> None:
+        """Register the parameters' memory with the kernels when it moved
+        (first call, ``param.data = ...``, ``module.to(...)``)."""
+        params = self.lora_parameters()
+        for n, p in zip(PARAM_NAMES, params):
+            if p.device.type != "cpu" or p.dtype != torch.float32:
+                raise TypeError(f"{n}: LoRA parameters must stay float32 on the CPU, got {p.dtype} "
+                                f"on {p.device}")
+        ptrs = tuple(p.data_ptr() for p in params)
+        if ptrs != self._registered:
+            self.wrapper.init_lora_weights(*[p.detach() for p in params])
+            self._registered = ptrs
+
+    def forward(self, hidden_states, topk_ids, topk_weights):
+        """hidden_states [..., H], topk_ids / topk_weights [..., k] -> [..., H]."""
+        lead = hidden_states.shape[:-1]
+        x = hidden_states.reshape(-1, self.hidden_size)
+        ids = topk_ids.reshape(-1, self.top_k)
+        w = topk_weights.reshape(-1, self.top_k)
+        out = _ExpertsFunction.apply(self, x, ids, w, *self.lora_parameters())
+        return out.reshape(*lead, self.hidden_size)
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, top_k={self.top_k}, hidden={self.hidden_size}, "
+                f"intermediate={self.intermediate_size}, r={self.r}, alpha={self.alpha}, "
+                f"rslora={self.use_rslora}, dtype={self.wrapper.dtype}")
