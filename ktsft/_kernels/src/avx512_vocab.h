@@ -8,6 +8,7 @@ typedef __m512 VF;
 #define VLEN 16
 #define V_ZERO() _mm512_setzero_ps()
 #define V_SET1(x) _mm512_set1_ps(x)
+#define V_MUL(a, b) _mm512_mul_ps(a, b)
 #define V_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define V_LOADN(p, n) _mm512_maskz_loadu_ps(kt_mask16(n), p)
 #define V_STOREN(p, v, n) _mm512_mask_storeu_ps(p, kt_mask16(n), v)
