@@ -125,6 +125,7 @@ static void gemm_nt_bf16_dp(int64_t M, int64_t N, int64_t K, const ktsft_bf16 *A
 
 /* ---- NN on bf16 pairs: 32 output columns (two zmm) per tile ---- */
 #define BNN_MR 8
+#define KT_STREAM_PAIRS 4
 
 static inline uint32_t kt_pair(const ktsft_bf16 *p)
 {
@@ -247,39 +248,36 @@ static void bnn_stream_chunk(int64_t M, int64_t N, int64_t O, const ktsft_bf16 *
 {
     if (!accumulate)
         for (int64_t m = 0; m < M; ++m) memset(C__mn + m * ldc, 0, (size_t)N * sizeof(float));
-    __m512i b0[BNN_MR], b1[BNN_MR];
+    /* up to KT_STREAM_PAIRS row pairs per pass over the columns: C is
+     * loaded and stored once per pass, so more pairs = less C traffic */
+    __m512i b[KT_STREAM_PAIRS][BNN_MR];
     int64_t o = 0;
     while (o + 2 <= O) {
-        const int two = o + 4 <= O; /* else one pair left */
-        for (int64_t m = 0; m < M; ++m) {
-            b0[m] = _mm512_set1_epi32((int)kt_pair(a[m] + o));
-            b1[m] = two ? _mm512_set1_epi32((int)kt_pair(a[m] + o + 2)) : _mm512_setzero_si512();
-        }
+        const int max_np = M <= 2 ? 2 : KT_STREAM_PAIRS; /* one token: C traffic is small */
+        int np = (int)((O - o) / 2);
+        if (np > max_np) np = max_np;
+        for (int g = 0; g < np; ++g)
+            for (int64_t m = 0; m < M; ++m) b[g][m] = _mm512_set1_epi32((int)kt_pair(a[m] + o + 2 * g));
         const ktsft_bf16 *w0 = W__on + o * ldw;
         for (int64_t c0 = 0; c0 < N; c0 += 32) {
             const __mmask32 mk = kt_mask32(N - c0);
             const int64_t cnt0 = N - c0, cnt1 = N - c0 - 16;
-            __m512i lo0, hi0, lo1 = _mm512_setzero_si512(), hi1 = _mm512_setzero_si512();
-            /* the next four rows, same columns: each row is its own page, where
-             * the hardware prefetcher restarts cold */
-            _mm_prefetch((const char *)(w0 + 4 * ldw + c0), _MM_HINT_T0);
-            _mm_prefetch((const char *)(w0 + 5 * ldw + c0), _MM_HINT_T0);
-            _mm_prefetch((const char *)(w0 + 6 * ldw + c0), _MM_HINT_T0);
-            _mm_prefetch((const char *)(w0 + 7 * ldw + c0), _MM_HINT_T0);
-            kt_pair_rows(_mm512_maskz_loadu_epi16(mk, w0 + c0),
-                         _mm512_maskz_loadu_epi16(mk, w0 + ldw + c0), &lo0, &hi0);
-            if (two)
-                kt_pair_rows(_mm512_maskz_loadu_epi16(mk, w0 + 2 * ldw + c0),
-                             _mm512_maskz_loadu_epi16(mk, w0 + 3 * ldw + c0), &lo1, &hi1);
+            __m512i lo[KT_STREAM_PAIRS], hi[KT_STREAM_PAIRS];
+            for (int g = 0; g < np; ++g) {
+                /* the rows of the next pass, same columns: each row is its own
+                 * page, where the hardware prefetcher restarts cold */
+                _mm_prefetch((const char *)(w0 + (2 * np + 2 * g) * ldw + c0), _MM_HINT_T0);
+                _mm_prefetch((const char *)(w0 + (2 * np + 2 * g + 1) * ldw + c0), _MM_HINT_T0);
+                kt_pair_rows(_mm512_maskz_loadu_epi16(mk, w0 + 2 * g * ldw + c0),
+                             _mm512_maskz_loadu_epi16(mk, w0 + (2 * g + 1) * ldw + c0), &lo[g], &hi[g]);
+            }
             if (cnt0 >= 32) { /* full panel: plain loads and stores */
                 for (int64_t m = 0; m < M; ++m) {
                     float *c = C__mn + m * ldc + c0;
                     __m512 cl = _mm512_loadu_ps(c), ch = _mm512_loadu_ps(c + 16);
-                    cl = DP(cl, lo0, b0[m]);
-                    ch = DP(ch, hi0, b0[m]);
-                    if (two) {
-                        cl = DP(cl, lo1, b1[m]);
-                        ch = DP(ch, hi1, b1[m]);
+                    for (int g = 0; g < np; ++g) {
+                        cl = DP(cl, lo[g], b[g][m]);
+                        ch = DP(ch, hi[g], b[g][m]);
                     }
                     _mm512_storeu_ps(c, cl);
                     _mm512_storeu_ps(c + 16, ch);
@@ -288,21 +286,19 @@ static void bnn_stream_chunk(int64_t M, int64_t N, int64_t O, const ktsft_bf16 *
                 for (int64_t m = 0; m < M; ++m) {
                     float *c = C__mn + m * ldc + c0;
                     __m512 cl = V_LOADN(c, cnt0), ch = V_LOADN(c + 16, cnt1);
-                    cl = DP(cl, lo0, b0[m]);
-                    ch = DP(ch, hi0, b0[m]);
-                    if (two) {
-                        cl = DP(cl, lo1, b1[m]);
-                        ch = DP(ch, hi1, b1[m]);
+                    for (int g = 0; g < np; ++g) {
+                        cl = DP(cl, lo[g], b[g][m]);
+                        ch = DP(ch, hi[g], b[g][m]);
                     }
                     V_STOREN(c, cl, cnt0);
                     V_STOREN(c + 16, ch, cnt1);
                 }
             }
         }
-        o += two ? 4 : 2;
+        o += 2 * np;
     }
     if (o < O) { /* odd O: the last row pairs with zeros */
-        for (int64_t m = 0; m < M; ++m) b0[m] = _mm512_set1_epi32((int)(uint32_t)a[m][o]);
+        for (int64_t m = 0; m < M; ++m) b[0][m] = _mm512_set1_epi32((int)(uint32_t)a[m][o]);
         for (int64_t c0 = 0; c0 < N; c0 += 32) {
             const __mmask32 mk = kt_mask32(N - c0);
             const int64_t cnt0 = N - c0, cnt1 = N - c0 - 16;
@@ -311,8 +307,8 @@ static void bnn_stream_chunk(int64_t M, int64_t N, int64_t O, const ktsft_bf16 *
                          &lo0, &hi0);
             for (int64_t m = 0; m < M; ++m) {
                 float *c = C__mn + m * ldc + c0;
-                V_STOREN(c, DP(V_LOADN(c, cnt0), lo0, b0[m]), cnt0);
-                V_STOREN(c + 16, DP(V_LOADN(c + 16, cnt1), hi0, b0[m]), cnt1);
+                V_STOREN(c, DP(V_LOADN(c, cnt0), lo0, b[0][m]), cnt0);
+                V_STOREN(c + 16, DP(V_LOADN(c + 16, cnt1), hi0, b[0][m]), cnt1);
             }
         }
     }
