@@ -1,38 +1,188 @@
 """Reading one layer's frozen expert weights from weight_path.
 
-Supported here: a directory holding gate_proj.npy, up_proj.npy and
-down_proj.npy (memory-mapped), or one .safetensors file with the keys
-gate_proj, up_proj and down_proj (read through the safetensors library).
+Formats:
+- a directory with gate_proj.npy, up_proj.npy, down_proj.npy ([E, I, H],
+  [E, I, H], [E, H, I]; memory-mapped);
+- a .safetensors file with the keys gate_proj, up_proj, down_proj (same shapes);
+- a Hugging Face checkpoint: one .safetensors file, or a directory of shards
+  with model.safetensors.index.json; only this layer's tensors are read, one
+  expert at a time.  Key layouts (after a prefix, default "model."):
+    layers.{L}.mlp.experts.{e}.{gate,up,down}_proj.weight       (Qwen2/3-MoE, OLMoE, DeepSeek)
+    layers.{L}.block_sparse_moe.experts.{e}.{w1,w3,w2}.weight   (Mixtral)
+    layers.{L}.mlp.experts.gate_up_proj [E, 2I, H] (gate first) and
+    layers.{L}.mlp.experts.down_proj [E, H, I]                  (transformers 5, fused)
+  bf16, fp16 and fp32 tensors; DeepSeek-style fp8 e4m3 weights with a
+  `weight_scale_inv` of 128x128 blocks are dequantized at load.
+
+Experts in files are in logical order.  `expert_source(...)` returns an
+object whose `expert(e)` gives one expert's (gate [I, H], up [I, H],
+down [H, I]) as float arrays, so a caller fills its own storage without
+holding more than one expert of temporaries.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 
 NAMES = ("gate_proj", "up_proj", "down_proj")
+FP8_BLOCK = 128
 
 
-def read_layer(weight_path) -> dict:
-    """{'gate_proj': [E, I, H], 'up_proj': [E, I, H], 'down_proj': [E, H, I]}"""
+def _safe_open(path):
+    """safetensors reader; torch's framework when torch is installed (it
+    also reads fp8), else numpy (bf16 through ml_dtypes)."""
+    from safetensors import safe_open
+
+    try:
+        import torch  # noqa: F401
+
+        return safe_open(path, framework="pt"), "pt"
+    except ImportError:
+        return safe_open(path, framework="numpy"), "numpy"
+
+
+def _to_numpy(t, fw):
+    if fw == "numpy":
+        return np.asarray(t)
+    import torch
+
+    if t.dtype in (torch.bfloat16, torch.float16) or "float8" in str(t.dtype):
+        return t.float().numpy()
+    return t.numpy()
+
+
+class _Stacked:
+    """Stacked [E, ...] arrays: npy memory maps, or the gate_proj / up_proj /
+    down_proj tensors of a safetensors file read one expert slice at a time."""
+
+    def __init__(self, arrays=None, path=None):
+        self.arrays, self.path = arrays, path
+        if path is not None:
+            self.f, self.fw = _safe_open(path)
+
+    def shapes(self):
+        if self.arrays is not None:
+            return {n: tuple(a.shape) for n, a in self.arrays.items()}
+        return {n: tuple(self.f.get_slice(n).get_shape()) for n in NAMES}
+
+    def expert(self, e):
+        if self.arrays is not None:
+            return tuple(np.asarray(self.arrays[n][e]) for n in NAMES)
+        return tuple(_to_numpy(self.f.get_slice(n)[e], self.fw) for n in NAMES)
+
+
+class _Checkpoint:
+    """A Hugging Face checkpoint: tensors of one layer, read per expert."""
+
+    def __init__(self, files: dict, layer: int, prefix: str):
+        self.files = files          # key -> file path
+        self.layer = layer
+        self.prefix = prefix
+        self.handles = {}
+        keys = set(files)
+        base = f"{prefix}layers.{layer}."
+        per = base + "mlp.experts.{e}.{p}.weight"
+        mix = base + "block_sparse_moe.experts.{e}.{p}.weight"
+        if per.format(e=0, p="gate_proj") in keys:
+            self.kind, self.pattern, self.parts = "per-expert", per, ("gate_proj", "up_proj", "down_proj")
+        elif mix.format(e=0, p="w1") in keys:
+            self.kind, self.pattern, self.parts = "mixtral", mix, ("w1", "w3", "w2")
+        elif base + "mlp.experts.gate_up_proj" in keys:
+            self.kind = "fused"
+        else:
+            near = sorted(k for k in keys if k.startswith(base))[:12]
+            raise KeyError(
+                f"no routed-expert weights of layer {layer} with prefix {prefix!r}; looked for "
+                f"{per.format(e=0, p='gate_proj')!r}, {mix.format(e=0, p='w1')!r} and "
+                f"{base + 'mlp.experts.gate_up_proj'!r}; keys of that layer found: "
+                f"{near or sorted(keys)[:12]}")
+        if self.kind == "fused":
+            self.gate_up = base + "mlp.experts.gate_up_proj"
+            self.down = base + "mlp.experts.down_proj"
+            self.num_experts = self._slice(self.gate_up).get_shape()[0]
+        else:
+            e = 0
+            while self.pattern.format(e=e, p=self.parts[0]) in keys:
+                e += 1
+            self.num_experts = e
+
+    def _reader(self, key):
+        path = self.files[key]
+        if path not in self.handles:
+            self.handles[path] = _safe_open(path)
+        return self.handles[path]
+
+    def _slice(self, key):
+        f, _ = self._reader(key)
+        return f.get_slice(key)
+
+    def _tensor(self, key):
+        f, fw = self._reader(key)
+        a = _to_numpy(f.get_tensor(key), fw)
+        scale_key = key + "_scale_inv"
+        if scale_key in self.files:  # fp8 with 128x128 block scales
+            s = _to_numpy(self._reader(scale_key)[0].get_tensor(scale_key), self._reader(scale_key)[1])
+            a = _dequant_blocks(a, s)
+        return a
+
+    def shapes(self):
+        if self.kind == "fused":
+            E, I2, H = self._slice(self.gate_up).get_shape()
+            return {"gate_proj": (E, I2 // 2, H), "up_proj": (E, I2 // 2, H),
+                    "down_proj": tuple(self._slice(self.down).get_shape())}
+        E = self.num_experts
+        return {n: (E, *self._slice(self.pattern.format(e=0, p=p)).get_shape())
+                for n, p in zip(NAMES, self.parts)}
+
+    def expert(self, e):
+        if self.kind == "fused":
+            f, fw = self._reader(self.gate_up)
+            gu = _to_numpy(f.get_slice(self.gate_up)[e], fw)
+            I = gu.shape[0] // 2
+            fd, fwd = self._reader(self.down)
+            return gu[:I], gu[I:], _to_numpy(fd.get_slice(self.down)[e], fwd)
+        return tuple(self._tensor(self.pattern.format(e=e, p=p)) for p in self.parts)
+
+
+def _dequant_blocks(w, scale_inv):
+    """fp8 weight [out, in] times its per-128x128-block scale."""
+    out, inp = w.shape
+    s = np.repeat(np.repeat(np.asarray(scale_inv, np.float32), FP8_BLOCK, 0), FP8_BLOCK, 1)
+    return (np.asarray(w, np.float32) * s[:out, :inp]).astype(np.float32)
+
+
+def _checkpoint_files(path: str) -> dict:
+    """key -> file for a safetensors file or a sharded checkpoint directory."""
+    if os.path.isfile(path):
+        f, _ = _safe_open(path)
+        return {k: path for k in f.keys()}
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as fh:
+            wm = json.load(fh)["weight_map"]
+        return {k: os.path.join(path, v) for k, v in wm.items()}
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return _checkpoint_files(single)
+    raise FileNotFoundError(f"weight_path {path!r}: no gate_proj.npy/up_proj.npy/down_proj.npy, "
+                            f"model.safetensors or model.safetensors.index.json; found "
+                            f"{sorted(os.listdir(path))[:20]}")
+
+
+def expert_source(weight_path, layer_idx: int = 0, key_prefix: str | None = None):
+    """An object with .shapes() and .expert(e) for the given weight_path."""
     if weight_path is None:
         raise ValueError("load_weights: no arrays given and weight_path is None")
     path = os.fspath(weight_path)
-    if os.path.isdir(path):
-        missing = [n for n in NAMES if not os.path.isfile(os.path.join(path, n + ".npy"))]
-        if missing:
-            found = sorted(os.listdir(path))
-            raise FileNotFoundError(
-                f"weight_path {path!r}: missing {', '.join(m + '.npy' for m in missing)}; found {found}")
-        return {n: np.load(os.path.join(path, n + ".npy"), mmap_mode="r") for n in NAMES}
-    if os.path.isfile(path) and path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(path, framework="numpy") as f:
-            keys = set(f.keys())
-            missing = [n for n in NAMES if n not in keys]
-            if missing:
-                raise KeyError(f"weight_path {path!r}: missing keys {missing}; found {sorted(keys)}")
-            return {n: f.get_tensor(n) for n in NAMES}
-    raise FileNotFoundError(
-        f"weight_path {path!r} is neither a directory of .npy files nor a .safetensors file")
+    if os.path.isdir(path) and all(os.path.isfile(os.path.join(path, n + ".npy")) for n in NAMES):
+        return _Stacked(arrays={n: np.load(os.path.join(path, n + ".npy"), mmap_mode="r") for n in NAMES})
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"weight_path {path!r} does not exist")
+    if os.path.isfile(path) and not path.endswith(".safetensors"):
+        raise FileNotFoundError(f"weight_path {path!r} is neither a directory nor a .safetensors file")
+    files = _checkpoint_files(path)
+    if all(n in files for n in NAMES):  # ktsft's own single-layer file
+        return _Stacked(path=path)
+    return _Checkpoint(files, layer_idx, "model." if key_prefix is None else key_prefix)

@@ -150,41 +150,63 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
 
     # ---- weights -----------------------------------------------------------
     def load_weights(self, physical_to_logical_map_cpu=None, *, gate_proj=None, up_proj=None,
-                     down_proj=None) -> None:
-        """Register the frozen base weights (physical slot order).
+                     down_proj=None, key_prefix=None) -> None:
+        """Register the frozen base weights.
 
         physical_to_logical_map_cpu[p] is the logical expert held by slot p;
-        expert_ids are logical.  fp32 arrays in fp32 mode and bf16 arrays in
-        bf16 mode are used in place; others are converted once.
+        expert_ids are logical.  Arrays given here are in physical slot
+        order; fp32 arrays in fp32 mode and bf16 arrays in bf16 mode are used
+        in place, others are converted once.  Without arrays the weights are
+        read from weight_path (ktsft/weights.py lists the formats; files are
+        in logical order; key_prefix overrides the checkpoint's "model."),
+        one expert at a time into this wrapper's own storage.
         """
         given = [a is not None for a in (gate_proj, up_proj, down_proj)]
         if any(given) and not all(given):
             raise ValueError("load_weights: pass all of gate_proj, up_proj and down_proj, or none "
                              "(then they are read from weight_path)")
-        if not any(given):
-            from .weights import read_layer
-
-            src = read_layer(self.weight_path)
-            gate_proj, up_proj, down_proj = src["gate_proj"], src["up_proj"], src["down_proj"]
         E, H, I = self.num_experts, self.hidden_size, self.moe_intermediate_size
         if physical_to_logical_map_cpu is None:
-            slot = np.arange(E, dtype=np.int32)
+            p2l = np.arange(E)
         else:
             p2l = V.permutation(physical_to_logical_map_cpu, "physical_to_logical_map_cpu", E)
-            slot = np.empty(E, np.int32)
-            slot[p2l] = np.arange(E, dtype=np.int32)
+        slot = np.empty(E, np.int32)
+        slot[p2l] = np.arange(E, dtype=np.int32)
         store = BF16 if self.dtype == "bf16" else np.dtype(np.float32)
-        accepted = (np.dtype(np.float32), BF16, np.dtype(np.float16), np.dtype(np.float64))
-        arrays = []
-        for name, a, shape in (("gate_proj", gate_proj, (E, I, H)), ("up_proj", up_proj, (E, I, H)),
-                               ("down_proj", down_proj, (E, H, I))):
-            a = V.array(a, name, shape, accepted)
-            V.check_finite(a, name)
-            arrays.append(np.ascontiguousarray(a, dtype=store))
+        want = {"gate_proj": (E, I, H), "up_proj": (E, I, H), "down_proj": (E, H, I)}
+        if all(given):
+            accepted = (np.dtype(np.float32), BF16, np.dtype(np.float16), np.dtype(np.float64))
+            arrays = []
+            for name, a in (("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", down_proj)):
+                a = V.array(a, name, want[name], accepted)
+                V.check_finite(a, name)
+                arrays.append(np.ascontiguousarray(a, dtype=store))
+        else:
+            arrays = self._read_weights(p2l, store, want, key_prefix)
         views = [a.view(np.uint16) if self.dtype == "bf16" else a for a in arrays]
         with self._lock:
             self._base = (arrays, slot)
             self._kernel.set_base_weights(*views, slot)
+
+    def _read_weights(self, p2l, store, want, key_prefix):
+        """Fill fresh storage from weight_path, slot p <- file expert p2l[p]."""
+        from .weights import NAMES, expert_source
+
+        src = expert_source(self.weight_path, self.layer_idx, key_prefix)
+        shapes = src.shapes()
+        for n in NAMES:
+            if tuple(shapes[n]) != want[n]:
+                raise ValueError(f"weight_path {self.weight_path!r}: {n} has shape {tuple(shapes[n])}, "
+                                 f"this layer needs {want[n]} (num_experts, hidden_size, "
+                                 "moe_intermediate_size)")
+        V.check_memory(sum(int(np.prod(want[n])) for n in NAMES) * store.itemsize,
+                       f"base weights read from {self.weight_path!r}")
+        arrays = [np.empty(want[n], store) for n in NAMES]
+        for p, e in enumerate(p2l):
+            for n, dst, src_e in zip(NAMES, arrays, src.expert(int(e))):
+                V.check_finite(src_e, f"{n} (expert {int(e)} of weight_path)")
+                dst[p] = src_e
+        return arrays
 
     def init_lora_weights(self, gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a,
                           down_lora_b) -> None:
