@@ -237,6 +237,36 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
         with self._lock:
             self._commit_lora(arrays)
 
+    def save_adapter(self, path, **kw) -> None:
+        """Write this layer's LoRA as a PEFT adapter (see ktsft/adapters.py)."""
+        from .adapters import save_adapter
+
+        if self._lora is None:
+            raise RuntimeError("save_adapter() before init_lora_weights()")
+        mats = dict(zip(LORA_ARG_NAMES, self._lora))
+        save_adapter(path, {self.layer_idx: mats}, self.lora_rank, self.lora_alpha, **kw)
+
+    def load_adapter(self, path, **kw) -> dict:
+        """Read this layer's LoRA from a PEFT adapter directory into the
+        registered LoRA arrays, in place (the zero-copy registration and
+        any optimizer holding them stay valid); registers fresh float32
+        arrays if none are.  Returns the adapter's config."""
+        from .adapters import load_adapter
+
+        config, mats = load_adapter(path, self.layer_idx, self.num_experts, **kw)
+        if int(config.get("r", self.lora_rank)) != self.lora_rank:
+            raise ValueError(f"{path}: adapter rank r={config.get('r')} but lora_rank={self.lora_rank}")
+        arrays = [mats[n] for n in LORA_ARG_NAMES]
+        self._check_lora(arrays, finite=True)
+        if self._lora_src is None:
+            self.init_lora_weights(*arrays)
+        else:
+            for dst, src in zip(self._lora_src, arrays):
+                dst_np = as_numpy(dst, "lora")
+                np.copyto(dst_np, src.astype(dst_np.dtype))
+            self.update_lora_weights()
+        return config
+
     def _check_lora(self, srcs, finite: bool):
         E, H, I, r = self.num_experts, self.hidden_size, self.moe_intermediate_size, self.lora_rank
         shapes = lora_shapes(E, H, I, r)
