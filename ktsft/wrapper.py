@@ -18,6 +18,15 @@ LORA_ARG_NAMES = ("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_
                   "down_lora_b")
 
 
+def quantize_int8(w):
+    """Symmetric per-row int8: w ~= scale[:, None] * q, scale = max|row| / 127."""
+    w = np.asarray(w, np.float32)
+    amax = np.abs(w).max(axis=1)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
 def default_threads() -> int:
     """OMP_NUM_THREADS when set, else the cores this process may run on."""
     env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
@@ -115,18 +124,19 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
                          moe_intermediate_size, num_gpu_experts, cpuinfer_threads,
                          threadpool_count, weight_path, chunked_prefill_size, lora_rank,
                          lora_alpha, max_cache_depth)
-        if dtype not in ("fp32", "bf16"):
-            raise ValueError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
+        if dtype not in ("fp32", "bf16", "int8"):
+            raise ValueError(f"dtype must be 'fp32', 'bf16' or 'int8', got {dtype!r}")
         self.dtype = dtype
         self.isa = resolve_isa(isa)
         E, H, I, r = self.num_experts, hidden_size, moe_intermediate_size, lora_rank
-        wbytes = 3 * E * H * I * (2 if dtype == "bf16" else 4)
+        wbytes = 3 * E * H * I * {"bf16": 2, "fp32": 4, "int8": 1}[dtype]
         V.check_memory(wbytes, f"base weights of {E} experts (H={H}, I={I}, {dtype})")
         V.check_memory(self.bytes_per_token() * self.chunked_prefill_size * max_cache_depth,
                        f"max_cache_depth={max_cache_depth} cache entries of "
                        f"chunked_prefill_size={self.chunked_prefill_size} tokens")
         self._kernel = MoEKernel(E, self.num_experts_per_tok, H, I, r, self.lora_scaling,
-                                 dtype == "bf16", self.isa)
+                                 dtype == "bf16", self.isa,
+                                 "int8" if dtype == "int8" else "auto")
         self._ws = Workspace(H, I, self.num_experts_per_tok, r, dtype == "bf16")
         self._cache: list[CacheEntry] = []
         self._handles: list[int] = []        # one per cached entry, same order
@@ -172,24 +182,51 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
             p2l = V.permutation(physical_to_logical_map_cpu, "physical_to_logical_map_cpu", E)
         slot = np.empty(E, np.int32)
         slot[p2l] = np.arange(E, dtype=np.int32)
-        store = BF16 if self.dtype == "bf16" else np.dtype(np.float32)
         want = {"gate_proj": (E, I, H), "up_proj": (E, I, H), "down_proj": (E, H, I)}
+        scales = None
         if all(given):
             accepted = (np.dtype(np.float32), BF16, np.dtype(np.float16), np.dtype(np.float64))
-            arrays = []
+            src = []
             for name, a in (("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", down_proj)):
                 a = V.array(a, name, want[name], accepted)
                 V.check_finite(a, name)
-                arrays.append(np.ascontiguousarray(a, dtype=store))
+                src.append(a)
+            if self.dtype == "int8":
+                arrays, scales = self._fill(want, lambda p: tuple(a[p] for a in src), E)
+            else:
+                arrays = [np.ascontiguousarray(a, dtype=self._store) for a in src]
         else:
-            arrays = self._read_weights(p2l, store, want, key_prefix)
+            arrays, scales = self._read_weights(p2l, want, key_prefix)
         views = [a.view(np.uint16) if self.dtype == "bf16" else a for a in arrays]
         with self._lock:
-            self._base = (arrays, slot)
-            self._kernel.set_base_weights(*views, slot)
+            self._base = (arrays, slot, scales)
+            self._kernel.set_base_weights(*views, slot, scales=scales)
 
-    def _read_weights(self, p2l, store, want, key_prefix):
-        """Fill fresh storage from weight_path, slot p <- file expert p2l[p]."""
+    @property
+    def _store(self):
+        return {"bf16": BF16, "fp32": np.dtype(np.float32), "int8": np.dtype(np.int8)}[self.dtype]
+
+    def _fill(self, want, expert, n_slots, what="arrays"):
+        """Fresh storage filled slot by slot from expert(p) -> (gate, up, down)
+        float arrays; int8 mode quantizes each row symmetrically (scale =
+        max|w| / 127).  Returns (arrays, scales or None)."""
+        from .weights import NAMES
+
+        V.check_memory(sum(int(np.prod(want[n])) for n in NAMES) * self._store.itemsize,
+                       f"base weights from {what}")
+        arrays = [np.empty(want[n], self._store) for n in NAMES]
+        scales = ([np.empty(want[n][:2], np.float32) for n in NAMES]
+                  if self.dtype == "int8" else None)
+        for p in range(n_slots):
+            for i, w in enumerate(expert(p)):
+                if scales is None:
+                    arrays[i][p] = w
+                else:
+                    arrays[i][p], scales[i][p] = quantize_int8(w)
+        return arrays, scales
+
+    def _read_weights(self, p2l, want, key_prefix):
+        """Storage filled from weight_path, slot p <- file expert p2l[p]."""
         from .weights import NAMES, expert_source
 
         src = expert_source(self.weight_path, self.layer_idx, key_prefix)
@@ -199,14 +236,15 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
                 raise ValueError(f"weight_path {self.weight_path!r}: {n} has shape {tuple(shapes[n])}, "
                                  f"this layer needs {want[n]} (num_experts, hidden_size, "
                                  "moe_intermediate_size)")
-        V.check_memory(sum(int(np.prod(want[n])) for n in NAMES) * store.itemsize,
-                       f"base weights read from {self.weight_path!r}")
-        arrays = [np.empty(want[n], store) for n in NAMES]
-        for p, e in enumerate(p2l):
-            for n, dst, src_e in zip(NAMES, arrays, src.expert(int(e))):
-                V.check_finite(src_e, f"{n} (expert {int(e)} of weight_path)")
-                dst[p] = src_e
-        return arrays
+
+        def expert(p):
+            e = int(p2l[p])
+            ws = src.expert(e)
+            for n, w in zip(NAMES, ws):
+                V.check_finite(w, f"{n} (expert {e} of weight_path)")
+            return ws
+
+        return self._fill(want, expert, len(p2l), f"{self.weight_path!r}")
 
     def init_lora_weights(self, gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a,
                           down_lora_b) -> None:

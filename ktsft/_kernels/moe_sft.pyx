@@ -8,7 +8,7 @@ one owner task that reduces in a fixed order, so results are bitwise equal
 for any thread count.  Inputs are validated in Python (ktsft.validation)
 before anything here runs; these functions trust their arguments.
 """
-from libc.stdint cimport int32_t, int64_t, uint16_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint16_t
 from libc.stdlib cimport malloc, free, qsort
 from libc.string cimport memset
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
@@ -79,12 +79,17 @@ def openmp_max_threads():
 cdef struct Layer:
     const ktsft_kernels *kern
     int64_t E, H, I, r, k
-    bint bf16
+    bint bf16                # activations read by the base GEMMs are bf16
+    bint q8                  # base weights are int8 with per-row scales
+    int64_t wsize            # bytes per base-weight element
     float scaling
     const void *w_gate       # [E, I, H] physical slots, fp32 or bf16
     const void *w_up         # [E, I, H]
     const void *w_down       # [E, H, I]
     const int32_t *slot      # logical expert -> physical slot
+    const float *s_gate      # [E, I] row scales of int8 weights (q8 only)
+    const float *s_up        # [E, I]
+    const float *s_down      # [E, H]
     const float *a_gate      # [E, r, H]
     const float *b_gate      # [E, I, r]
     const float *a_up
@@ -137,11 +142,20 @@ cdef struct Task:
 
 cdef inline const void *_expert_w(const Layer *L, const void *base, int64_t e,
                                   int64_t per_expert) noexcept nogil:
-    cdef int64_t esz = 2 if L.bf16 else 4
-    return <const char *>base + <int64_t>L.slot[e] * per_expert * esz
+    return <const char *>base + <int64_t>L.slot[e] * per_expert * L.wsize
+
+
+cdef inline const void *_woff(const Layer *L, const void *base, int64_t elems) noexcept nogil:
+    return <const char *>base + elems * L.wsize
+
+
+cdef inline const float *_scales(const Layer *L, const float *base, int64_t e,
+                                 int64_t rows) noexcept nogil:
+    return base + <int64_t>L.slot[e] * rows if base != NULL else NULL
 
 
 cdef inline const void *_off(const Layer *L, const void *base, int64_t elems) noexcept nogil:
+    """An activation buffer's element `elems` (bf16 or fp32)."""
     cdef int64_t esz = 2 if L.bf16 else 4
     return <const char *>base + elems * esz
 
@@ -149,8 +163,11 @@ cdef inline const void *_off(const Layer *L, const void *base, int64_t elems) no
 cdef inline void _nt(const Layer *L, int64_t M, int64_t N, int64_t K, const void *A, int64_t lda,
                      const int32_t *arows, const void *W, int64_t ldw, int64_t K2, const float *A2,
                      int64_t lda2, const float *W2, int64_t ldw2, float *C,
-                     int64_t ldc) noexcept nogil:
-    if L.bf16:
+                     int64_t ldc, const float *ws) noexcept nogil:
+    if L.q8:
+        L.kern.gemm_nt_q8(M, N, K, <const float *>A, lda, arows, <const int8_t *>W, ldw, K2, A2,
+                          lda2, W2, ldw2, C, ldc, ws)
+    elif L.bf16:
         L.kern.gemm_nt_bf16(M, N, K, <const ktsft_bf16 *>A, lda, arows, <const ktsft_bf16 *>W,
                             ldw, K2, A2, lda2, W2, ldw2, C, ldc)
     else:
@@ -161,8 +178,11 @@ cdef inline void _nt(const Layer *L, int64_t M, int64_t N, int64_t K, const void
 cdef inline void _nn(const Layer *L, int64_t M, int64_t N, int64_t O, const void *A, int64_t lda,
                      const int32_t *arows, const void *W, int64_t ldw, int64_t O2, const float *A2,
                      int64_t lda2, const float *W2, int64_t ldw2, float *C, int64_t ldc,
-                     int accumulate) noexcept nogil:
-    if L.bf16:
+                     int accumulate, const float *ws) noexcept nogil:
+    if L.q8:
+        L.kern.gemm_nn_q8(M, N, O, <const float *>A, lda, arows, <const int8_t *>W, ldw, O2, A2,
+                          lda2, W2, ldw2, C, ldc, accumulate, ws)
+    elif L.bf16:
         L.kern.gemm_nn_bf16(M, N, O, <const ktsft_bf16 *>A, lda, arows, <const ktsft_bf16 *>W,
                             ldw, O2, A2, lda2, W2, ldw2, C, ldc, accumulate)
     else:
@@ -291,8 +311,10 @@ cdef void _f_gate_up(const Layer *L, const Step *S, const Task *t) noexcept nogi
     cdef const float *B = L.b_gate if t.part == 0 else L.b_up
     cdef float *xs = S.xs_g if t.part == 0 else S.xs_u
     cdef float *C = S.G if t.part == 0 else S.U
-    _nt(L, n, nb, H, S.x_act, H, S.pair_tok + off, _off(L, _expert_w(L, W, e, I * H), lo * H), H,
-        r, xs + off * r, r, B + e * I * r + lo * r, r, C + off * I + lo, I)
+    cdef const float *ws = _scales(L, L.s_gate if t.part == 0 else L.s_up, e, I)
+    _nt(L, n, nb, H, S.x_act, H, S.pair_tok + off, _woff(L, _expert_w(L, W, e, I * H), lo * H), H,
+        r, xs + off * r, r, B + e * I * r + lo * r, r, C + off * I + lo, I,
+        ws + lo if ws != NULL else NULL)
 
 
 cdef void _f_swiglu(const Layer *L, const Step *S, const Task *t) noexcept nogil:
@@ -310,9 +332,11 @@ cdef void _f_down(const Layer *L, const Step *S, const Task *t) noexcept nogil:
     """y rows [lo, hi) of H for one expert: W_down h + B_down hs."""
     cdef int64_t e = t.e, off = S.offs[t.e], n = S.offs[t.e + 1] - off
     cdef int64_t H = L.H, I = L.I, r = L.r, lo = t.lo, nb = t.hi - t.lo
+    cdef const float *ws = _scales(L, L.s_down, e, H)
     _nt(L, n, nb, I, _off(L, S.h_act, off * I), I, NULL,
-        _off(L, _expert_w(L, L.w_down, e, H * I), lo * I), I,
-        r, S.hs + off * r, r, L.b_down + e * H * r + lo * r, r, S.ybuf + off * H + lo, H)
+        _woff(L, _expert_w(L, L.w_down, e, H * I), lo * I), I,
+        r, S.hs + off * r, r, L.b_down + e * H * r + lo * r, r, S.ybuf + off * H + lo, H,
+        ws + lo if ws != NULL else NULL)
 
 
 # --------------------------------------------------------------------------
@@ -331,8 +355,9 @@ cdef void _b_down(const Layer *L, const Step *S, const Task *t) noexcept nogil:
     cdef int64_t e = t.e, off = S.offs[t.e], n = S.offs[t.e + 1] - off
     cdef int64_t H = L.H, I = L.I, r = L.r, lo = t.lo, nb = t.hi - t.lo
     _nn(L, n, nb, H, S.do_act, H, S.pair_tok + off,
-        _off(L, _expert_w(L, L.w_down, e, H * I), lo), I,
-        r, S.bds + off * r, r, L.a_down + e * r * I + lo, I, S.h32 + off * I + lo, I, 0)
+        _woff(L, _expert_w(L, L.w_down, e, H * I), lo), I,
+        r, S.bds + off * r, r, L.a_down + e * r * I + lo, I, S.h32 + off * I + lo, I, 0,
+        _scales(L, L.s_down, e, H))
 
 
 cdef void _b_swiglu(const Layer *L, const Step *S, const Task *t) noexcept nogil:
@@ -358,11 +383,13 @@ cdef void _b_input(const Layer *L, const Step *S, const Task *t) noexcept nogil:
     cdef int64_t e = t.e, off = S.offs[t.e], n = S.offs[t.e + 1] - off
     cdef int64_t H = L.H, I = L.I, r = L.r, lo = t.lo, nb = t.hi - t.lo
     _nn(L, n, nb, I, _off(L, S.dg_act, off * I), I, NULL,
-        _off(L, _expert_w(L, L.w_gate, e, I * H), lo), H,
-        r, S.gbs_g + off * r, r, L.a_gate + e * r * H + lo, H, S.ybuf + off * H + lo, H, 0)
+        _woff(L, _expert_w(L, L.w_gate, e, I * H), lo), H,
+        r, S.gbs_g + off * r, r, L.a_gate + e * r * H + lo, H, S.ybuf + off * H + lo, H, 0,
+        _scales(L, L.s_gate, e, I))
     _nn(L, n, nb, I, _off(L, S.du_act, off * I), I, NULL,
-        _off(L, _expert_w(L, L.w_up, e, I * H), lo), H,
-        r, S.gbs_u + off * r, r, L.a_up + e * r * H + lo, H, S.ybuf + off * H + lo, H, 1)
+        _woff(L, _expert_w(L, L.w_up, e, I * H), lo), H,
+        r, S.gbs_u + off * r, r, L.a_up + e * r * H + lo, H, S.ybuf + off * H + lo, H, 1,
+        _scales(L, L.s_up, e, I))
 
 
 cdef void _b_lora_grads(const Layer *L, const Step *S, const Task *t) noexcept nogil:
@@ -479,7 +506,9 @@ cdef class MoEKernel:
 
     def __init__(self, int64_t num_experts, int64_t top_k, int64_t hidden_size,
                  int64_t intermediate_size, int64_t lora_rank, float lora_scaling, bint bf16,
-                 str isa):
+                 str isa, str weight_type="auto"):
+        """bf16: the base GEMMs read bf16 activations (and bf16 weights);
+        weight_type "int8": fp32 activations, int8 weights with row scales."""
         cdef const ktsft_kernels *kern = ktsft_kernels_by_name(isa.encode())
         if kern == NULL or isa not in runnable_isas():
             raise ValueError(f"ISA {isa!r} is not available here; runnable: {runnable_isas()}")
@@ -494,13 +523,24 @@ cdef class MoEKernel:
         self.L.r = lora_rank
         self.L.scaling = lora_scaling
         self.L.bf16 = bf16
+        self.L.q8 = weight_type == "int8"
+        if self.L.q8 and bf16:
+            raise ValueError("int8 weights run with fp32 activations")
+        self.L.wsize = 1 if self.L.q8 else (2 if bf16 else 4)
         self.isa = isa
         self._keep = {}
 
-    def set_base_weights(self, gate, up, down, slot):
-        """gate/up [E, I, H], down [E, H, I] (float32, or uint16 holding bf16
-        in bf16 mode), slot: int32 [E] logical expert -> physical slot."""
-        self._keep["base"] = (gate, up, down, slot)
+    def set_base_weights(self, gate, up, down, slot, scales=None):
+        """gate/up [E, I, H], down [E, H, I] (float32, uint16 holding bf16 in
+        bf16 mode, or int8 with `scales` = (s_gate [E, I], s_up [E, I],
+        s_down [E, H]) float32), slot: int32 [E] logical expert -> physical slot."""
+        if self.L.q8 != (scales is not None):
+            raise ValueError("int8 weights need their row scales (and only they have them)")
+        self._keep["base"] = (gate, up, down, slot, scales)
+        if scales is not None:
+            self.L.s_gate = <const float *>_ptr(scales[0])
+            self.L.s_up = <const float *>_ptr(scales[1])
+            self.L.s_down = <const float *>_ptr(scales[2])
         self.L.w_gate = _ptr(gate)
         self.L.w_up = _ptr(up)
         self.L.w_down = _ptr(down)

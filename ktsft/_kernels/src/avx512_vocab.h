@@ -36,4 +36,7 @@ static inline __m512 kt_widen_bf16x16(__m256i b)
 #define KT_LOAD_BF16X16(p) kt_widen_bf16x16(_mm256_loadu_si256((const __m256i *)(p)))
 #define KT_LOADN_BF16X16(p, n) kt_widen_bf16x16(_mm256_maskz_loadu_epi16(kt_mask16(n), p))
 
+#define KT_LOAD_I8X16(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+#define KT_LOADN_I8X16(p, n) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(kt_mask16(n), p)))
+
 #endif

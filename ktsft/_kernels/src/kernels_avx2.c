@@ -46,12 +46,44 @@ static inline __m256 kt_loadn_bf16x8(const ktsft_bf16 *p, int64_t n)
     return kt_load_bf16x8(tmp);
 }
 
+static inline __m256 kt_load_i8x8(const int8_t *p)
+{
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+static inline __m256 kt_loadn_i8x8(const int8_t *p, int64_t n)
+{
+    int8_t tmp[16] = {0};
+    for (int64_t i = 0; i < n && i < 8; ++i) tmp[i] = p[i];
+    return kt_load_i8x8(tmp);
+}
+
 #define T_ELT float
 #define T_NAME(x) x##_f32
 #define T_LOAD(p) _mm256_loadu_ps(p)
 #define T_LOADN(p, n) V_LOADN(p, n)
 #define T_TOF32(x) (x)
 #include "gemm_fma.inc"
+
+#undef T_ELT
+#undef T_NAME
+#undef T_LOAD
+#undef T_LOADN
+#undef T_TOF32
+#define T_ELT float
+#define T_NAME(x) x##_q8
+#define T_LOAD(p) _mm256_loadu_ps(p)
+#define T_LOADN(p, n) V_LOADN(p, n)
+#define T_TOF32(x) (x)
+#define W_ELT int8_t
+#define W_LOAD(p) kt_load_i8x8(p)
+#define W_LOADN(p, n) kt_loadn_i8x8(p, n)
+#define W_SCALED 1
+#include "gemm_fma.inc"
+#undef W_ELT
+#undef W_LOAD
+#undef W_LOADN
+#undef W_SCALED
 
 #define OUT_RT 12
 #include "outer_fma.inc"
@@ -72,7 +104,7 @@ const ktsft_kernels *ktsft_kernels_avx2(void)
 {
     static const ktsft_kernels table = {
         "avx2",       gemm_nt_f32,        gemm_nt_bf16,       gemm_nn_f32,   gemm_nn_bf16,
-        kt_outer_f32, kt_swiglu_forward, kt_swiglu_backward, kt_round_bf16, kt_combine,
+        gemm_nt_q8, gemm_nn_q8, kt_outer_f32, kt_swiglu_forward, kt_swiglu_backward, kt_round_bf16, kt_combine,
     };
     return &table;
 }

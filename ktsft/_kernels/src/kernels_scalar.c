@@ -24,6 +24,26 @@ typedef float VF;
 #define T_TOF32(x) (x)
 #include "gemm_fma.inc"
 
+#undef T_ELT
+#undef T_NAME
+#undef T_LOAD
+#undef T_LOADN
+#undef T_TOF32
+#define T_ELT float
+#define T_NAME(x) x##_q8
+#define T_LOAD(p) (*(p))
+#define T_LOADN(p, n) V_LOADN(p, n)
+#define T_TOF32(x) (x)
+#define W_ELT int8_t
+#define W_LOAD(p) ((float)*(p))
+#define W_LOADN(p, n) ((n) > 0 ? (float)*(p) : 0.0f)
+#define W_SCALED 1
+#include "gemm_fma.inc"
+#undef W_ELT
+#undef W_LOAD
+#undef W_LOADN
+#undef W_SCALED
+
 #define OUT_RT 8
 #include "outer_fma.inc"
 #undef T_ELT
@@ -43,7 +63,7 @@ const ktsft_kernels *ktsft_kernels_scalar(void)
 {
     static const ktsft_kernels table = {
         "scalar",     gemm_nt_f32,        gemm_nt_bf16,       gemm_nn_f32,   gemm_nn_bf16,
-        kt_outer_f32, kt_swiglu_forward, kt_swiglu_backward, kt_round_bf16, kt_combine,
+        gemm_nt_q8, gemm_nn_q8, kt_outer_f32, kt_swiglu_forward, kt_swiglu_backward, kt_round_bf16, kt_combine,
     };
     return &table;
 }

@@ -64,6 +64,22 @@ typedef void (*ktsft_gemm_nn_bf16_fn)(
     int64_t O2, const float *A2__mq, int64_t lda2, const float *W2__qn, int64_t ldw2,
     float *C__mn, int64_t ldc, int accumulate);
 
+/* The same two products with int8 weights quantized per row: W[o, :] =
+ * wscale[o] * q[o, :] (symmetric), dequantized in registers; fp32 activations.
+ * wscale points at the scale of W's first row. */
+typedef void (*ktsft_gemm_nt_q8_fn)(
+    int64_t M, int64_t N, int64_t K,
+    const float *A__mk, int64_t lda, const int32_t *arows,
+    const int8_t *Q__nk, int64_t ldw,
+    int64_t K2, const float *A2__mq, int64_t lda2, const float *W2__nq, int64_t ldw2,
+    float *C__mn, int64_t ldc, const float *wscale__n);
+typedef void (*ktsft_gemm_nn_q8_fn)(
+    int64_t M, int64_t N, int64_t O,
+    const float *A__mo, int64_t lda, const int32_t *arows,
+    const int8_t *Q__on, int64_t ldw,
+    int64_t O2, const float *A2__mq, int64_t lda2, const float *W2__qn, int64_t ldw2,
+    float *C__mn, int64_t ldc, int accumulate, const float *wscale__o);
+
 /* Sum of outer products, one owner per output, pairs in order:
  *   C[a, b] = sum_p coef[p] * U[urow(p), a] * V[vrow(p), b]   (coef NULL = 1) */
 typedef void (*ktsft_outer_f32_fn)(
@@ -94,6 +110,8 @@ typedef struct ktsft_kernels {
     ktsft_gemm_nt_bf16_fn gemm_nt_bf16;
     ktsft_gemm_nn_f32_fn gemm_nn_f32;
     ktsft_gemm_nn_bf16_fn gemm_nn_bf16;
+    ktsft_gemm_nt_q8_fn gemm_nt_q8;
+    ktsft_gemm_nn_q8_fn gemm_nn_q8;
     ktsft_outer_f32_fn outer_f32;
     ktsft_swiglu_forward_fn swiglu_forward;
     ktsft_swiglu_backward_fn swiglu_backward;
