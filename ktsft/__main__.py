@@ -1,5 +1,8 @@
 """python -m ktsft: build a random layer, run forward + backward, check it
-against ktsft.reference (float64) and time it against the PyTorch eager loop."""
+against ktsft.reference (float64) and time it against the PyTorch eager loop.
+
+python -m ktsft demo [--model-size ...]: fine-tune the routed experts' LoRA of
+a small MoE model (see ktsft/demo.py and ``python -m ktsft demo --help``)."""
 from __future__ import annotations
 
 import argparse
@@ -32,7 +35,19 @@ def _best(fn, repeats):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__)
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        from .demo import main as demo_main
+
+        return demo_main(argv[1:])
+    return layer_check(argv)
+
+
+def layer_check(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m ktsft", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--rank", type=int, default=16)

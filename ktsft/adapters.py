@@ -1,28 +1,231 @@
-"""LoRA adapters in PEFT's format: adapter_config.json plus
-adapter_model.safetensors with per-expert ("2D") keys
+"""LoRA adapters in PEFT's format (adapter_config.json + adapter_model.safetensors).
 
-    base_model.model.{module}.lora_A.weight   [r, in]
-    base_model.model.{module}.lora_B.weight   [out, r]
+Two layouts:
 
-where module is, by default, model.layers.{layer}.mlp.experts.{expert}.{proj}
-and proj is gate_proj / up_proj / down_proj (Mixtral: pass
-proj_names=("w1", "w3", "w2") and block="block_sparse_moe").
+* per-expert ("2D"), written by :func:`save_adapter`: one LoRA per expert
+  projection, as PEFT saves LoRA on ``nn.Linear`` experts (transformers 4.x
+  ModuleList experts; PEFT >= 0.18 converts it when loading into a
+  transformers-5 fused model)::
+
+      base_model.model.{module}.lora_A.weight   [r, in]
+      base_model.model.{module}.lora_B.weight   [out, r]
+
+  where module is, by default, ``model.layers.{layer}.mlp.experts.{expert}.{proj}``
+  and proj is gate_proj / up_proj / down_proj (Mixtral: pass
+  ``proj_names=("w1", "w3", "w2")`` and ``block="block_sparse_moe"``).
+
+* fused-expert ("3D", PEFT ``target_parameters``), written by
+  :func:`export_peft_fused`: LoRA on the stacked parameters
+  ``experts.gate_up_proj`` [E, 2I, H] and ``experts.down_proj`` [E, H, I] of
+  transformers-5 MoE models (PEFT's ``lora.ParamWrapper``)::
+
+      base_model.model.{experts}.base_layer.lora_A.weight  [E*2r, H]   gate_up_proj (inner wrapper)
+      base_model.model.{experts}.base_layer.lora_B.weight  [2I, 2r*E]
+      base_model.model.{experts}.lora_A.weight             [E*r, I]    down_proj (outer wrapper)
+      base_model.model.{experts}.lora_B.weight             [H, r*E]
+
+  A is expert-major (row e*rank + j), B is rank-major (column j*E + e): PEFT
+  reads A as ``reshape(E, rank, in)`` and B as ``reshape(out, rank, E)``.
+  Gate and up become one rank-2r adapter whose B is block-diagonal per expert
+  (A = [A_gate; A_up], B = [[B_gate, 0], [0, B_up]]), which is exactly
+  gate/up LoRA side by side; its alpha is 2*alpha (sqrt(2)*alpha with rsLoRA)
+  so that its scaling equals the rank-r one.  Down stays rank r.
+
+Writes are atomic: the files are written and fsynced in a temporary
+directory next to the target, then renamed into place (see
+:func:`_commit`).  :func:`load_adapter` reads either layout back and checks
+dtypes, shapes, rank and (optionally) scaling against the layer, listing
+every mismatch.
 """
 from __future__ import annotations
 
+import ctypes
 import json
+import math
 import os
+import re
+import shutil
+import sys
+import tempfile
 
 import numpy as np
 
 PROJS = ("gate", "up", "down")
+NAMES = ("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_lora_a", "down_lora_b")
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
+_FLOAT_DTYPES = ("float16", "float32", "float64", "bfloat16")
 
 
+# ---------------------------------------------------------------------------
+# atomic directory writes
+# ---------------------------------------------------------------------------
+def _fsync_path(p: str) -> None:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two directory entries (Linux renameat2 with
+    RENAME_EXCHANGE); False where the OS or filesystem cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def _commit(tmp: str, path: str) -> None:
+    """Move the finished adapter directory `tmp` to `path`.
+
+    - `path` absent (or an empty directory): one rename; atomic.
+    - `path` an adapter directory holding nothing but adapter_config.json and
+      adapter_model.safetensors: the two directories are exchanged in one
+      atomic step (Linux); `tmp` then holds the old adapter and is removed.
+    - otherwise (other files live in `path`, or no atomic exchange): each file
+      is renamed over its old version, weights first and config last; each
+      rename is atomic, and everything slow (writing, fsync) happened before
+      the first one.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.replace(tmp, path)
+        _fsync_path(parent)
+        return
+    except OSError:
+        if not os.path.isdir(path):
+            raise
+    if set(os.listdir(path)) <= {CONFIG, WEIGHTS} and _exchange(tmp, path):
+        _fsync_path(parent)
+        return
+    for name in (WEIGHTS, CONFIG):
+        os.replace(os.path.join(tmp, name), os.path.join(path, name))
+    _fsync_path(path)
+
+
+def _write_adapter(path, tensors: dict, config: dict) -> None:
+    """Write an adapter directory atomically: never a partial file or a
+    half-updated directory at `path`, whatever fails mid-save."""
+    import safetensors.numpy as stn
+
+    path = os.path.realpath(os.fspath(path))  # a symlinked adapter directory: write where it points
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{path}: exists and is not a directory (an adapter is a directory)")
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.tmp-", dir=parent)
+    try:
+        wpath = os.path.join(tmp, WEIGHTS)
+        stn.save_file(tensors, wpath, metadata={"format": "pt"})
+        _fsync_path(wpath)
+        cpath = os.path.join(tmp, CONFIG)
+        with open(cpath, "w") as f:
+            json.dump(config, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_path(tmp)
+        _commit(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# checks
+# ---------------------------------------------------------------------------
+def _scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    return float(alpha) / (math.sqrt(r) if use_rslora else r)
+
+
+def _dims_of(layers: dict, r: int):
+    """(E, H, I) of every layer's six matrices as numpy float32, checked
+    against each other and r; ValueError lists every mismatch."""
+    from ._arrays import as_numpy
+
+    out, problems, dims = {}, [], None
+    for layer, mats in layers.items():
+        missing = [n for n in NAMES if n not in mats]
+        if missing:
+            raise KeyError(f"layer {layer}: missing LoRA matrices {missing} (need {list(NAMES)})")
+        arr = {n: np.asarray(as_numpy(mats[n], n), np.float32) for n in NAMES}
+        bad = [f"{n} has {a.ndim} dims" for n, a in arr.items() if a.ndim != 3]
+        if bad:
+            raise ValueError(f"layer {layer}: LoRA matrices must be [E, r, in] / [E, out, r]: "
+                             + "; ".join(bad))
+        E, _, H = arr["gate_lora_a"].shape
+        I = arr["gate_lora_b"].shape[1]
+        want = {"gate_lora_a": (E, r, H), "gate_lora_b": (E, I, r), "up_lora_a": (E, r, H),
+                "up_lora_b": (E, I, r), "down_lora_a": (E, r, I), "down_lora_b": (E, H, r)}
+        for n in NAMES:
+            if arr[n].shape != want[n]:
+                problems.append(f"layer {layer} {n}: shape {list(arr[n].shape)}, expected "
+                                f"{list(want[n])} (E={E}, r={r}, H={H}, I={I})")
+        if dims is None:
+            dims = (E, H, I)
+        elif dims != (E, H, I):
+            problems.append(f"layer {layer}: (E, H, I) = {(E, H, I)} differs from {dims}")
+        out[layer] = arr
+    if problems:
+        raise ValueError("LoRA matrices do not match: " + "; ".join(problems))
+    return out
+
+
+def _check_dtype(problems, key, t):
+    if t.dtype.name not in _FLOAT_DTYPES:
+        problems.append(f"{key}: dtype {t.dtype.name}, expected a float type ({', '.join(_FLOAT_DTYPES)})")
+        return False
+    return True
+
+
+def _pattern_hits(patterns, names):
+    """The (pattern, name) pairs where PEFT's rank/alpha_pattern matching
+    (peft.utils.other.get_pattern_key) would apply `pattern` to `name`."""
+    return [(p, n) for p in (patterns or {}) for n in names if re.match(rf"(.*\.)?({p})$", n)]
+
+
+def _check_expect(problems, where, *, r_file, scaling_file, H, I, r, scaling, hidden_size,
+                  intermediate_size):
+    if r is not None and int(r) != r_file:
+        problems.append(f"{where}: rank r={r_file}, the layer has r={int(r)}")
+    if hidden_size is not None and H is not None and int(hidden_size) != H:
+        problems.append(f"{where}: hidden_size {H}, the layer has {int(hidden_size)}")
+    if intermediate_size is not None and I is not None and int(intermediate_size) != I:
+        problems.append(f"{where}: moe_intermediate_size {I}, the layer has {int(intermediate_size)}")
+    if scaling is not None and not math.isclose(float(scaling), scaling_file, rel_tol=1e-6):
+        problems.append(f"{where}: LoRA scaling {scaling_file:g} (lora_alpha/r or lora_alpha/sqrt(r) "
+                        f"with use_rslora), the layer scales by {float(scaling):g}")
+
+
+def _raise(problems, path, layer):
+    if problems:
+        raise ValueError(f"{path}: adapter does not match layer {layer}:\n  - " + "\n  - ".join(problems))
+
+
+# ---------------------------------------------------------------------------
+# per-expert ("2D") layout
+# ---------------------------------------------------------------------------
 def _module(layer, expert, proj, block, proj_names, model_prefix):
     name = proj_names[PROJS.index(proj)]
     return f"{model_prefix}layers.{layer}.{block}.experts.{expert}.{name}"
+
+
+def _experts_module(layer, block, model_prefix):
+    return f"{model_prefix}layers.{layer}.{block}.experts"
 
 
 def save_adapter(path, layers: dict, r: int, lora_alpha: float, use_rslora: bool = False,
@@ -30,24 +233,20 @@ def save_adapter(path, layers: dict, r: int, lora_alpha: float, use_rslora: bool
                  proj_names=("gate_proj", "up_proj", "down_proj"), model_prefix: str = "model.",
                  dtype=np.float32) -> None:
     """Write `layers` = {layer_idx: {"gate_lora_a": [E, r, H], ...}} (the six
-    LoRA matrices, numpy or torch) as a PEFT adapter directory."""
-    from safetensors.numpy import save_file
-
-    from ._arrays import as_numpy
-
-    os.makedirs(path, exist_ok=True)
+    LoRA matrices, numpy or torch) as a per-expert PEFT adapter directory,
+    atomically (a failure mid-save leaves `path` as it was)."""
+    r = int(r)
+    arrs = _dims_of(layers, r)
     tensors = {}
-    for layer, mats in layers.items():
+    for layer, mats in arrs.items():
         for proj in PROJS:
-            A = np.asarray(as_numpy(mats[f"{proj}_lora_a"], f"{proj}_lora_a"), np.float32)
-            B = np.asarray(as_numpy(mats[f"{proj}_lora_b"], f"{proj}_lora_b"), np.float32)
+            A, B = mats[f"{proj}_lora_a"], mats[f"{proj}_lora_b"]
             for e in range(A.shape[0]):
                 mod = _module(layer, e, proj, block, proj_names, model_prefix)
                 tensors[f"base_model.model.{mod}.lora_A.weight"] = np.ascontiguousarray(A[e], dtype)
                 tensors[f"base_model.model.{mod}.lora_B.weight"] = np.ascontiguousarray(B[e], dtype)
-    save_file(tensors, os.path.join(path, WEIGHTS))
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(r), "lora_alpha": float(lora_alpha),
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": float(lora_alpha),
         "use_rslora": bool(use_rslora), "lora_dropout": 0.0, "bias": "none",
         "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
         "target_modules": list(proj_names),
@@ -55,34 +254,275 @@ def save_adapter(path, layers: dict, r: int, lora_alpha: float, use_rslora: bool
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None, "modules_to_save": None,
     }
-    with open(os.path.join(path, CONFIG), "w") as f:
-        json.dump(config, f, indent=2)
+    _write_adapter(path, tensors, config)
 
 
-def load_adapter(path, layer: int, num_experts: int, block: str = "mlp",
-                 proj_names=None, model_prefix: str = "model.") -> tuple[dict, dict]:
-    """(config, {"gate_lora_a": [E, r, H] float32, ...}) for one layer of a
-    PEFT adapter directory; a clear KeyError lists what is missing."""
+def model_layers(model) -> tuple[dict, int, float, bool]:
+    """(layers, r, lora_alpha, use_rslora) of every ktsft.torch.LoRAExperts in
+    `model` (e.g. after ktsft.integrations.transformers.apply_lora_experts),
+    keyed by layer index: the arguments of save_adapter / export_peft_fused."""
+    from .torch import PARAM_NAMES, LoRAExperts
+
+    mods = [m for m in model.modules() if isinstance(m, LoRAExperts)]
+    if not mods:
+        raise ValueError(f"{type(model).__name__}: no ktsft LoRAExperts module")
+    hyper = {(m.r, m.alpha, m.use_rslora) for m in mods}
+    if len(hyper) > 1:
+        raise ValueError(f"LoRAExperts modules differ in (r, alpha, use_rslora): {sorted(hyper)}; "
+                         "one adapter config holds one")
+    layers = {}
+    for m in mods:
+        L = m.wrapper.layer_idx
+        if L in layers:
+            raise ValueError(f"two LoRAExperts modules have layer_idx {L}")
+        layers[L] = {n: p.detach() for n, p in zip(PARAM_NAMES, m.lora_parameters())}
+    r, alpha, rslora = hyper.pop()
+    return dict(sorted(layers.items())), r, alpha, rslora
+
+
+def _read(path):
     from safetensors.numpy import load_file
 
-    with open(os.path.join(path, CONFIG)) as f:
+    path = os.fspath(path)
+    cpath, wpath = os.path.join(path, CONFIG), os.path.join(path, WEIGHTS)
+    for p in (cpath, wpath):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{path}: not a PEFT adapter directory (no {os.path.basename(p)})")
+    with open(cpath) as f:
         config = json.load(f)
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type {config.get('peft_type')!r}, only LORA adapters are read")
+    for k in ("use_dora", "lora_bias"):
+        if config.get(k):
+            raise ValueError(f"{path}: {k}=true is not plain LoRA; ktsft cannot represent it")
+    return config, load_file(wpath)
+
+
+def load_adapter(path, layer: int, num_experts: int, block: str = "mlp", proj_names=None,
+                 model_prefix: str = "model.", *, hidden_size: int | None = None,
+                 intermediate_size: int | None = None, r: int | None = None,
+                 scaling: float | None = None) -> tuple[dict, dict]:
+    """(config, {"gate_lora_a": [E, r, H] float32, ...}) for one layer of a
+    PEFT adapter directory, per-expert or fused (export_peft_fused) layout.
+
+    Checks the tensors' dtypes (float), shapes (lora_A [r, in], lora_B
+    [out, r], consistent over experts and projections), the expert count and,
+    where given, hidden_size, intermediate_size, r and the LoRA scaling
+    against the layer; every mismatch is listed in one ValueError.  Missing
+    tensors raise KeyError naming them."""
+    config, tensors = _read(path)
+    expect = dict(hidden_size=hidden_size, intermediate_size=intermediate_size, r=r, scaling=scaling)
+    mod = _experts_module(layer, block, model_prefix)
+    fused_key = f"base_model.model.{mod}.base_layer.lora_A.weight"
+    if config.get("target_parameters") and fused_key in tensors:
+        return config, _load_fused(path, config, tensors, layer, num_experts, mod, **expect)
+
     proj_names = tuple(proj_names or config.get("target_modules") or ("gate_proj", "up_proj", "down_proj"))
     if len(proj_names) != 3:
         raise ValueError(f"{path}: target_modules {proj_names} do not name gate, up and down "
                          "projections; pass proj_names=(gate, up, down)")
-    tensors = load_file(os.path.join(path, WEIGHTS))
+    r_file = int(config.get("r", 0))
+    alpha = float(config.get("lora_alpha", r_file))
+    rslora = bool(config.get("use_rslora", False))
+    problems = []
+    if r_file <= 0:
+        problems.append(f"config r={config.get('r')!r} is not a positive rank")
+    names = [_module(layer, e, p, block, proj_names, model_prefix) for e in range(num_experts)
+             for p in PROJS]
+    for what in ("rank_pattern", "alpha_pattern"):
+        hits = _pattern_hits(config.get(what), names)
+        if hits:
+            problems.append(f"{what} {hits[0][0]!r} gives {hits[0][1]} its own rank/alpha; ktsft "
+                            "has one rank and one scaling per layer")
+    _raise(problems, path, layer)
+
+    prefix = f"base_model.model.{mod}."
+    pat = re.compile(re.escape(prefix) + r"(\d+)\.(" + "|".join(map(re.escape, proj_names))
+                     + r")\.lora_[AB]\.weight$")
+    present = [k for k in tensors if pat.match(k)]
+    extra = sorted({int(pat.match(k).group(1)) for k in present} - set(range(num_experts)))
+    keys = {(proj, ab, e): (f"base_model.model.{_module(layer, e, proj, block, proj_names, model_prefix)}"
+                            f".lora_{ab}.weight")
+            for proj in PROJS for ab in ("A", "B") for e in range(num_experts)}
+    missing = [k for k in keys.values() if k not in tensors]
+    if missing:
+        near = sorted(k for k in tensors if f"layers.{layer}." in k)[:6]
+        have = sorted({int(pat.match(k).group(1)) for k in present})
+        raise KeyError(f"{path}: adapter has no {missing[0]!r}"
+                       + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                       + (f"; it has experts {have[0]}..{have[-1]} of layer {layer}, the layer has "
+                          f"{num_experts}" if have else f"; keys of layer {layer}: "
+                          f"{near or sorted(tensors)[:6]}"))
     out = {}
+    dims = {}  # (proj, "in"/"out") -> size seen at expert 0
     for proj in PROJS:
         for ab in ("A", "B"):
             mats = []
             for e in range(num_experts):
-                key = (f"base_model.model.{_module(layer, e, proj, block, proj_names, model_prefix)}"
-                       f".lora_{ab}.weight")
-                if key not in tensors:
-                    near = sorted(k for k in tensors if f"layers.{layer}." in k)[:6]
-                    raise KeyError(f"{path}: adapter has no {key!r}; keys of layer {layer}: "
-                                   f"{near or sorted(tensors)[:6]}")
-                mats.append(np.asarray(tensors[key], np.float32))
-            out[f"{proj}_lora_{ab.lower()}"] = np.stack(mats)
+                key = keys[(proj, ab, e)]
+                t = tensors[key]
+                if not _check_dtype(problems, key, t):
+                    continue
+                if t.ndim != 2:
+                    problems.append(f"{key}: {t.ndim} dims, expected 2")
+                    continue
+                rank = t.shape[0] if ab == "A" else t.shape[1]
+                feat = t.shape[1] if ab == "A" else t.shape[0]
+                side = "in" if ab == "A" else "out"
+                if rank != r_file:
+                    problems.append(f"{key}: shape {list(t.shape)} has rank {rank}, config r={r_file}")
+                    continue
+                ref = dims.setdefault((proj, side), feat)
+                if feat != ref:
+                    problems.append(f"{key}: shape {list(t.shape)}, expert 0 has {side}_features={ref}")
+                    continue
+                mats.append(np.asarray(t, np.float32))
+            if len(mats) == num_experts:
+                out[f"{proj}_lora_{ab.lower()}"] = np.stack(mats)
+    if extra:
+        problems.append(f"the adapter has experts {extra[:4]}{'...' if len(extra) > 4 else ''} in "
+                        f"layer {layer}; the layer has {num_experts}")
+    H = dims.get(("gate", "in"))
+    I = dims.get(("gate", "out"))
+    for (proj, side), want in ((("up", "in"), H), (("down", "out"), H), (("up", "out"), I),
+                               (("down", "in"), I)):
+        got = dims.get((proj, side))
+        if got is not None and want is not None and got != want:
+            problems.append(f"{proj_names[PROJS.index(proj)]}: {side}_features {got}, but gate gives "
+                            f"{want} (gate/up in = down out = hidden, gate/up out = down in = "
+                            "intermediate)")
+    _check_expect(problems, "adapter", r_file=r_file, scaling_file=_scaling(alpha, r_file, rslora),
+                  H=H, I=I, **expect)
+    _raise(problems, path, layer)
     return config, out
+
+
+# ---------------------------------------------------------------------------
+# fused-expert ("3D", target_parameters) layout
+# ---------------------------------------------------------------------------
+def fuse_layer(mats: dict) -> dict:
+    """One layer's six LoRA matrices ([E, r, in] / [E, out, r]) as PEFT's
+    ParamWrapper tensors: {"gate_up_A": [E*2r, H], "gate_up_B": [2I, 2r*E],
+    "down_A": [E*r, I], "down_B": [H, r*E]} (float32)."""
+    ga, gb, ua, ub, da, db = (np.asarray(mats[n], np.float32) for n in NAMES)
+    E, r, H = ga.shape
+    I = gb.shape[1]
+    A_gu = np.concatenate([ga, ua], axis=1).reshape(E * 2 * r, H)   # expert-major
+    Bbd = np.zeros((E, 2 * I, 2 * r), np.float32)                    # block-diagonal per expert
+    Bbd[:, :I, :r] = gb
+    Bbd[:, I:, r:] = ub
+    B_gu = Bbd.transpose(1, 2, 0).reshape(2 * I, 2 * r * E)          # rank-major
+    return {"gate_up_A": A_gu, "gate_up_B": np.ascontiguousarray(B_gu),
+            "down_A": da.reshape(E * r, I),
+            "down_B": np.ascontiguousarray(db.transpose(1, 2, 0).reshape(H, r * E))}
+
+
+def unfuse_layer(fused: dict, num_experts: int, r: int, where: str = "") -> dict:
+    """The inverse of fuse_layer; ValueError if gate_up's B is not
+    block-diagonal (a LoRA trained fused cannot be split into rank-r gate
+    and up LoRA)."""
+    E = int(num_experts)
+    A_gu, B_gu = np.asarray(fused["gate_up_A"], np.float32), np.asarray(fused["gate_up_B"], np.float32)
+    A_d, B_d = np.asarray(fused["down_A"], np.float32), np.asarray(fused["down_B"], np.float32)
+    H, I2 = A_gu.shape[1], B_gu.shape[0]
+    I = I2 // 2
+    A = A_gu.reshape(E, 2 * r, H)
+    Bbd = B_gu.reshape(I2, 2 * r, E).transpose(2, 0, 1)               # [E, 2I, 2r]
+    off = max(float(np.abs(Bbd[:, :I, r:]).max(initial=0.0)), float(np.abs(Bbd[:, I:, :r]).max(initial=0.0)))
+    if off != 0.0:
+        raise ValueError(f"{where}gate_up_proj lora_B is not block-diagonal (largest off-diagonal "
+                         f"entry {off:.3g}): an adapter trained on the fused gate_up_proj cannot be "
+                         "split into rank-r gate and up LoRA")
+    return {"gate_lora_a": np.ascontiguousarray(A[:, :r]), "gate_lora_b": np.ascontiguousarray(Bbd[:, :I, :r]),
+            "up_lora_a": np.ascontiguousarray(A[:, r:]), "up_lora_b": np.ascontiguousarray(Bbd[:, I:, r:]),
+            "down_lora_a": np.ascontiguousarray(A_d.reshape(E, r, A_d.shape[1])),
+            "down_lora_b": np.ascontiguousarray(B_d.reshape(B_d.shape[0], r, E).transpose(2, 0, 1))}
+
+
+def export_peft_fused(path, layers: dict, r: int, lora_alpha: float, use_rslora: bool = False,
+                      base_model_name_or_path: str | None = None, block: str = "mlp",
+                      model_prefix: str = "model.", gate_up_name: str = "gate_up_proj",
+                      down_name: str = "down_proj", dtype=np.float32) -> None:
+    """Write `layers` = {layer_idx: {"gate_lora_a": [E, r, H], ...}} as a PEFT
+    adapter on transformers-5 fused experts (``LoraConfig(target_parameters=
+    [...experts.gate_up_proj, ...experts.down_proj])``), atomically.
+
+    Exact: gate_up_proj gets rank 2r with A = [A_gate; A_up] and B =
+    blockdiag(B_gate, B_up) per expert, and lora_alpha 2*alpha (sqrt(2)*alpha
+    with rsLoRA) through rank_pattern / alpha_pattern, so PEFT's delta is
+    scaling * [B_gate A_gate; B_up A_up] -- ktsft's.  down_proj keeps rank r
+    and alpha.  The same tensors serve experts stored transposed
+    (``is_transposed``: [E, H, 2I] / [E, I, H]); gate rows must come first in
+    gate_up_proj (not interleaved)."""
+    r = int(r)
+    arrs = _dims_of(layers, r)
+    tensors, targets = {}, []
+    for layer, mats in arrs.items():
+        mod = _experts_module(layer, block, model_prefix)
+        f = fuse_layer(mats)
+        # PEFT nests one ParamWrapper per parameter, in the module's parameter order:
+        # gate_up_proj (registered first) inside, down_proj outside.
+        tensors[f"base_model.model.{mod}.base_layer.lora_A.weight"] = f["gate_up_A"].astype(dtype)
+        tensors[f"base_model.model.{mod}.base_layer.lora_B.weight"] = f["gate_up_B"].astype(dtype)
+        tensors[f"base_model.model.{mod}.lora_A.weight"] = f["down_A"].astype(dtype)
+        tensors[f"base_model.model.{mod}.lora_B.weight"] = f["down_B"].astype(dtype)
+        targets += [f"{mod}.{gate_up_name}", f"{mod}.{down_name}"]
+    alpha_gu = float(lora_alpha) * (math.sqrt(2.0) if use_rslora else 2.0)
+    pat = re.escape(gate_up_name)
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": float(lora_alpha),
+        "rank_pattern": {pat: 2 * r}, "alpha_pattern": {pat: alpha_gu},
+        "use_rslora": bool(use_rslora), "lora_dropout": 0.0, "bias": "none",
+        "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+        "target_modules": [], "target_parameters": targets,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None, "modules_to_save": None,
+    }
+    _write_adapter(path, tensors, config)
+
+
+def _load_fused(path, config, tensors, layer, num_experts, mod, *, hidden_size, intermediate_size,
+                r, scaling):
+    r_file = int(config.get("r", 0))
+    alpha = float(config.get("lora_alpha", r_file))
+    rslora = bool(config.get("use_rslora", False))
+    E = int(num_experts)
+    problems = []
+    gu_name = next((t.rsplit(".", 1)[-1] for t in config.get("target_parameters") or []
+                    if t.endswith("gate_up_proj")), "gate_up_proj")
+    names = [f"{mod}.{gu_name}"]
+    rk = _pattern_hits(config.get("rank_pattern"), names)
+    al = _pattern_hits(config.get("alpha_pattern"), names)
+    r_gu = int(config["rank_pattern"][rk[0][0]]) if rk else r_file
+    a_gu = float(config["alpha_pattern"][al[0][0]]) if al else alpha
+    if r_gu != 2 * r_file:
+        problems.append(f"gate_up_proj rank {r_gu}, expected 2*r = {2 * r_file} (gate and up side by side)")
+    s_gu, s_d = _scaling(a_gu, r_gu, rslora), _scaling(alpha, r_file, rslora)
+    if r_gu == 2 * r_file and not math.isclose(s_gu, s_d, rel_tol=1e-6):
+        problems.append(f"gate_up_proj scales by {s_gu:g} but down_proj by {s_d:g}; ktsft has one "
+                        "scaling per layer")
+    keys = {"gate_up_A": f"base_model.model.{mod}.base_layer.lora_A.weight",
+            "gate_up_B": f"base_model.model.{mod}.base_layer.lora_B.weight",
+            "down_A": f"base_model.model.{mod}.lora_A.weight",
+            "down_B": f"base_model.model.{mod}.lora_B.weight"}
+    missing = [k for k in keys.values() if k not in tensors]
+    if missing:
+        raise KeyError(f"{path}: fused adapter has no {missing[0]!r}")
+    t = {n: tensors[k] for n, k in keys.items()}
+    for n, k in keys.items():
+        _check_dtype(problems, k, t[n])
+        if t[n].ndim != 2:
+            problems.append(f"{k}: {t[n].ndim} dims, expected 2")
+    _raise(problems, path, layer)
+    H = t["gate_up_A"].shape[1]
+    I = t["down_A"].shape[1]
+    want = {"gate_up_A": (E * r_gu, H), "gate_up_B": (2 * I, r_gu * E), "down_A": (E * r_file, I),
+            "down_B": (H, r_file * E)}
+    for n, k in keys.items():
+        if tuple(t[n].shape) != want[n]:
+            problems.append(f"{k}: shape {list(t[n].shape)}, expected {list(want[n])} (experts={E}, "
+                            f"rank={r_gu if n.startswith('gate_up') else r_file}, H={H}, I={I})")
+    _check_expect(problems, "adapter", r_file=r_file, scaling_file=s_d, H=H, I=I, hidden_size=hidden_size,
+                  intermediate_size=intermediate_size, r=r, scaling=scaling)
+    _raise(problems, path, layer)
+    return unfuse_layer(t, E, r_file, where=f"{path}: layer {layer}: ")

@@ -27,6 +27,29 @@ def quantize_int8(w):
     return q, scale
 
 
+def quantize_int4(w, group: int):
+    """Symmetric int4 with one scale per `group` inputs of a row: w ~=
+    scale[:, i // group] * q, q in [-7, 7], stored as q + 8, two per byte
+    (element 2i in the low nibble).  Returns (packed [out, in / 2] uint8,
+    scale [out, in / group] float32)."""
+    w = np.asarray(w, np.float32)
+    out, inp = w.shape
+    g = w.reshape(out, inp // group, group)
+    amax = np.abs(g).max(axis=2)
+    scale = np.where(amax > 0, amax / 7.0, 1.0).astype(np.float32)
+    q = (np.clip(np.rint(g / scale[:, :, None]), -7, 7).astype(np.int16) + 8).reshape(out, inp)
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
+    return packed, scale
+
+
+def dequantize_int4(packed, scale, group: int):
+    """float32 weights that an int4 (packed, scale) pair stands for."""
+    q = np.empty((packed.shape[0], packed.shape[1] * 2), np.float32)
+    q[:, 0::2] = (packed & 0xF).astype(np.float32) - 8
+    q[:, 1::2] = (packed >> 4).astype(np.float32) - 8
+    return q * np.repeat(scale, group, axis=1)
+
+
 def default_threads() -> int:
     """OMP_NUM_THREADS when set, else the cores this process may run on."""
     env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
@@ -119,24 +142,32 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
     def __init__(self, layer_idx, num_experts, num_experts_per_tok, hidden_size,
                  moe_intermediate_size, num_gpu_experts=0, cpuinfer_threads=None,
                  threadpool_count=1, weight_path=None, chunked_prefill_size=8192, lora_rank=16,
-                 lora_alpha=32.0, max_cache_depth=1, dtype="bf16", *, isa=None):
+                 lora_alpha=32.0, max_cache_depth=1, dtype="bf16", *, isa=None, quant_group=128):
         super().__init__(layer_idx, num_experts, num_experts_per_tok, hidden_size,
                          moe_intermediate_size, num_gpu_experts, cpuinfer_threads,
                          threadpool_count, weight_path, chunked_prefill_size, lora_rank,
                          lora_alpha, max_cache_depth)
-        if dtype not in ("fp32", "bf16", "int8"):
-            raise ValueError(f"dtype must be 'fp32', 'bf16' or 'int8', got {dtype!r}")
+        if dtype not in ("fp32", "bf16", "int8", "int4"):
+            raise ValueError(f"dtype must be 'fp32', 'bf16', 'int8' or 'int4', got {dtype!r}")
+        self.quant_group = V.check_int(quant_group, "quant_group")
+        if dtype == "int4" and (self.quant_group not in (32, 64, 128) or
+                                hidden_size % self.quant_group or
+                                moe_intermediate_size % self.quant_group):
+            raise ValueError(f"quant_group={quant_group}: int4 needs 32, 64 or 128 dividing "
+                             f"hidden_size={hidden_size} and moe_intermediate_size="
+                             f"{moe_intermediate_size}")
         self.dtype = dtype
         self.isa = resolve_isa(isa)
         E, H, I, r = self.num_experts, hidden_size, moe_intermediate_size, lora_rank
-        wbytes = 3 * E * H * I * {"bf16": 2, "fp32": 4, "int8": 1}[dtype]
+        wbytes = int(3 * E * H * I * {"bf16": 2, "fp32": 4, "int8": 1, "int4": 0.5}[dtype])
         V.check_memory(wbytes, f"base weights of {E} experts (H={H}, I={I}, {dtype})")
         V.check_memory(self.bytes_per_token() * self.chunked_prefill_size * max_cache_depth,
                        f"max_cache_depth={max_cache_depth} cache entries of "
                        f"chunked_prefill_size={self.chunked_prefill_size} tokens")
         self._kernel = MoEKernel(E, self.num_experts_per_tok, H, I, r, self.lora_scaling,
                                  dtype == "bf16", self.isa,
-                                 "int8" if dtype == "int8" else "auto")
+                                 dtype if dtype in ("int8", "int4") else "auto",
+                                 self.quant_group if dtype == "int4" else 0)
         self._ws = Workspace(H, I, self.num_experts_per_tok, r, dtype == "bf16")
         self._cache: list[CacheEntry] = []
         self._handles: list[int] = []        # one per cached entry, same order
@@ -191,7 +222,7 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
                 a = V.array(a, name, want[name], accepted)
                 V.check_finite(a, name)
                 src.append(a)
-            if self.dtype == "int8":
+            if self.dtype in ("int8", "int4"):
                 arrays, scales = self._fill(want, lambda p: tuple(a[p] for a in src), E)
             else:
                 arrays = [np.ascontiguousarray(a, dtype=self._store) for a in src]
@@ -204,7 +235,8 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
 
     @property
     def _store(self):
-        return {"bf16": BF16, "fp32": np.dtype(np.float32), "int8": np.dtype(np.int8)}[self.dtype]
+        return {"bf16": BF16, "fp32": np.dtype(np.float32), "int8": np.dtype(np.int8),
+                "int4": np.dtype(np.uint8)}[self.dtype]
 
     def _fill(self, want, expert, n_slots, what="arrays"):
         """Fresh storage filled slot by slot from expert(p) -> (gate, up, down)
@@ -212,17 +244,25 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
         max|w| / 127).  Returns (arrays, scales or None)."""
         from .weights import NAMES
 
-        V.check_memory(sum(int(np.prod(want[n])) for n in NAMES) * self._store.itemsize,
+        G = self.quant_group
+        shape = {n: (*want[n][:2], want[n][2] // 2) if self.dtype == "int4" else want[n]
+                 for n in NAMES}
+        V.check_memory(sum(int(np.prod(shape[n])) for n in NAMES) * self._store.itemsize,
                        f"base weights from {what}")
-        arrays = [np.empty(want[n], self._store) for n in NAMES]
-        scales = ([np.empty(want[n][:2], np.float32) for n in NAMES]
-                  if self.dtype == "int8" else None)
+        arrays = [np.empty(shape[n], self._store) for n in NAMES]
+        scales = None
+        if self.dtype == "int8":
+            scales = [np.empty(want[n][:2], np.float32) for n in NAMES]
+        elif self.dtype == "int4":
+            scales = [np.empty((*want[n][:2], want[n][2] // G), np.float32) for n in NAMES]
         for p in range(n_slots):
             for i, w in enumerate(expert(p)):
-                if scales is None:
-                    arrays[i][p] = w
-                else:
+                if self.dtype == "int8":
                     arrays[i][p], scales[i][p] = quantize_int8(w)
+                elif self.dtype == "int4":
+                    arrays[i][p], scales[i][p] = quantize_int4(w, G)
+                else:
+                    arrays[i][p] = w
         return arrays, scales
 
     def _read_weights(self, p2l, want, key_prefix):

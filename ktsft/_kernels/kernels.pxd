@@ -1,5 +1,5 @@
 # C declarations of the kernel table (include/ktsft/kernels.h) and the CPU probe.
-from libc.stdint cimport int8_t, int32_t, int64_t, uint16_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t
 
 cdef extern from "ktsft/kernels.h" nogil:
     ctypedef uint16_t ktsft_bf16
@@ -22,11 +22,23 @@ cdef extern from "ktsft/kernels.h" nogil:
     ctypedef void (*ktsft_gemm_nt_q8_fn)(int64_t, int64_t, int64_t, const float*, int64_t,
                                          const int32_t*, const int8_t*, int64_t, int64_t,
                                          const float*, int64_t, const float*, int64_t,
-                                         float*, int64_t, const float*) noexcept nogil
+                                         float*, int64_t, const float*, int64_t,
+                                         int64_t) noexcept nogil
     ctypedef void (*ktsft_gemm_nn_q8_fn)(int64_t, int64_t, int64_t, const float*, int64_t,
                                          const int32_t*, const int8_t*, int64_t, int64_t,
                                          const float*, int64_t, const float*, int64_t,
-                                         float*, int64_t, int, const float*) noexcept nogil
+                                         float*, int64_t, int, const float*, int64_t,
+                                         int64_t) noexcept nogil
+    ctypedef void (*ktsft_gemm_nt_q4_fn)(int64_t, int64_t, int64_t, const float*, int64_t,
+                                         const int32_t*, const uint8_t*, int64_t, int64_t,
+                                         const float*, int64_t, const float*, int64_t,
+                                         float*, int64_t, const float*, int64_t,
+                                         int64_t) noexcept nogil
+    ctypedef void (*ktsft_gemm_nn_q4_fn)(int64_t, int64_t, int64_t, const float*, int64_t,
+                                         const int32_t*, const uint8_t*, int64_t, int64_t,
+                                         const float*, int64_t, const float*, int64_t,
+                                         float*, int64_t, int, const float*, int64_t,
+                                         int64_t) noexcept nogil
     ctypedef void (*ktsft_outer_f32_fn)(int64_t, int64_t, int64_t, const float*, int64_t,
                                         const int32_t*, const float*, const float*, int64_t,
                                         const int32_t*, float*, int64_t) noexcept nogil
@@ -46,6 +58,8 @@ cdef extern from "ktsft/kernels.h" nogil:
         ktsft_gemm_nn_bf16_fn gemm_nn_bf16
         ktsft_gemm_nt_q8_fn gemm_nt_q8
         ktsft_gemm_nn_q8_fn gemm_nn_q8
+        ktsft_gemm_nt_q4_fn gemm_nt_q4
+        ktsft_gemm_nn_q4_fn gemm_nn_q4
         ktsft_outer_f32_fn outer_f32
         ktsft_swiglu_forward_fn swiglu_forward
         ktsft_swiglu_backward_fn swiglu_backward

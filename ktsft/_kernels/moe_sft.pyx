@@ -8,7 +8,7 @@ one owner task that reduces in a fixed order, so results are bitwise equal
 for any thread count.  Inputs are validated in Python (ktsft.validation)
 before anything here runs; these functions trust their arguments.
 """
-from libc.stdint cimport int8_t, int32_t, int64_t, uint16_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t
 from libc.stdlib cimport malloc, free, qsort
 from libc.string cimport memset
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
@@ -81,15 +81,19 @@ cdef struct Layer:
     int64_t E, H, I, r, k
     bint bf16                # activations read by the base GEMMs are bf16
     bint q8                  # base weights are int8 with per-row scales
-    int64_t wsize            # bytes per base-weight element
+    bint q4                  # base weights are int4 with per-group scales
+    int64_t wbits            # bits per base-weight element
+    int64_t group            # quantization group along a row's inputs
+    int64_t ng_in_h          # scale groups per row of gate/up (inputs: H)
+    int64_t ng_in_i          # scale groups per row of down (inputs: I)
     float scaling
     const void *w_gate       # [E, I, H] physical slots, fp32 or bf16
     const void *w_up         # [E, I, H]
     const void *w_down       # [E, H, I]
     const int32_t *slot      # logical expert -> physical slot
-    const float *s_gate      # [E, I] row scales of int8 weights (q8 only)
-    const float *s_up        # [E, I]
-    const float *s_down      # [E, H]
+    const float *s_gate      # [E, I, ng_in_h] scales of quantized weights
+    const float *s_up        # [E, I, ng_in_h]
+    const float *s_down      # [E, H, ng_in_i]
     const float *a_gate      # [E, r, H]
     const float *b_gate      # [E, I, r]
     const float *a_up
@@ -142,16 +146,26 @@ cdef struct Task:
 
 cdef inline const void *_expert_w(const Layer *L, const void *base, int64_t e,
                                   int64_t per_expert) noexcept nogil:
-    return <const char *>base + <int64_t>L.slot[e] * per_expert * L.wsize
+    return <const char *>base + <int64_t>L.slot[e] * per_expert * L.wbits // 8
 
 
 cdef inline const void *_woff(const Layer *L, const void *base, int64_t elems) noexcept nogil:
-    return <const char *>base + elems * L.wsize
+    # int4: element offsets are even (rows and column blocks)
+    return <const char *>base + elems * L.wbits // 8
 
 
-cdef inline const float *_scales(const Layer *L, const float *base, int64_t e,
-                                 int64_t rows) noexcept nogil:
-    return base + <int64_t>L.slot[e] * rows if base != NULL else NULL
+cdef inline const float *_scales(const Layer *L, const float *base, int64_t e, int64_t rows,
+                                 int64_t ngroups) noexcept nogil:
+    return base + <int64_t>L.slot[e] * rows * ngroups if base != NULL else NULL
+
+
+cdef inline const float *_nn_scales(const Layer *L, const float *base, int64_t e, int64_t rows,
+                                    int64_t ngroups, int64_t col0) noexcept nogil:
+    """Scales for an NN product over columns [col0, ...) of W: int4 column
+    blocks start on a group boundary (blocks are multiples of 256)."""
+    if base == NULL:
+        return NULL
+    return _scales(L, base, e, rows, ngroups) + (col0 // L.group if L.q4 else 0)
 
 
 cdef inline const void *_off(const Layer *L, const void *base, int64_t elems) noexcept nogil:
@@ -166,7 +180,10 @@ cdef inline void _nt(const Layer *L, int64_t M, int64_t N, int64_t K, const void
                      int64_t ldc, const float *ws) noexcept nogil:
     if L.q8:
         L.kern.gemm_nt_q8(M, N, K, <const float *>A, lda, arows, <const int8_t *>W, ldw, K2, A2,
-                          lda2, W2, ldw2, C, ldc, ws)
+                          lda2, W2, ldw2, C, ldc, ws, K, 1)
+    elif L.q4:
+        L.kern.gemm_nt_q4(M, N, K, <const float *>A, lda, arows, <const uint8_t *>W, ldw, K2, A2,
+                          lda2, W2, ldw2, C, ldc, ws, L.group, K // L.group)
     elif L.bf16:
         L.kern.gemm_nt_bf16(M, N, K, <const ktsft_bf16 *>A, lda, arows, <const ktsft_bf16 *>W,
                             ldw, K2, A2, lda2, W2, ldw2, C, ldc)
@@ -179,9 +196,13 @@ cdef inline void _nn(const Layer *L, int64_t M, int64_t N, int64_t O, const void
                      const int32_t *arows, const void *W, int64_t ldw, int64_t O2, const float *A2,
                      int64_t lda2, const float *W2, int64_t ldw2, float *C, int64_t ldc,
                      int accumulate, const float *ws) noexcept nogil:
+    # NN: the quantization groups run along W's columns (its inputs), ldw long
     if L.q8:
         L.kern.gemm_nn_q8(M, N, O, <const float *>A, lda, arows, <const int8_t *>W, ldw, O2, A2,
-                          lda2, W2, ldw2, C, ldc, accumulate, ws)
+                          lda2, W2, ldw2, C, ldc, accumulate, ws, ldw, 1)
+    elif L.q4:
+        L.kern.gemm_nn_q4(M, N, O, <const float *>A, lda, arows, <const uint8_t *>W, ldw, O2, A2,
+                          lda2, W2, ldw2, C, ldc, accumulate, ws, L.group, ldw // L.group)
     elif L.bf16:
         L.kern.gemm_nn_bf16(M, N, O, <const ktsft_bf16 *>A, lda, arows, <const ktsft_bf16 *>W,
                             ldw, O2, A2, lda2, W2, ldw2, C, ldc, accumulate)
@@ -311,10 +332,10 @@ cdef void _f_gate_up(const Layer *L, const Step *S, const Task *t) noexcept nogi
     cdef const float *B = L.b_gate if t.part == 0 else L.b_up
     cdef float *xs = S.xs_g if t.part == 0 else S.xs_u
     cdef float *C = S.G if t.part == 0 else S.U
-    cdef const float *ws = _scales(L, L.s_gate if t.part == 0 else L.s_up, e, I)
+    cdef const float *ws = _scales(L, L.s_gate if t.part == 0 else L.s_up, e, I, L.ng_in_h)
     _nt(L, n, nb, H, S.x_act, H, S.pair_tok + off, _woff(L, _expert_w(L, W, e, I * H), lo * H), H,
         r, xs + off * r, r, B + e * I * r + lo * r, r, C + off * I + lo, I,
-        ws + lo if ws != NULL else NULL)
+        ws + lo * L.ng_in_h if ws != NULL else NULL)
 
 
 cdef void _f_swiglu(const Layer *L, const Step *S, const Task *t) noexcept nogil:
@@ -332,11 +353,11 @@ cdef void _f_down(const Layer *L, const Step *S, const Task *t) noexcept nogil:
     """y rows [lo, hi) of H for one expert: W_down h + B_down hs."""
     cdef int64_t e = t.e, off = S.offs[t.e], n = S.offs[t.e + 1] - off
     cdef int64_t H = L.H, I = L.I, r = L.r, lo = t.lo, nb = t.hi - t.lo
-    cdef const float *ws = _scales(L, L.s_down, e, H)
+    cdef const float *ws = _scales(L, L.s_down, e, H, L.ng_in_i)
     _nt(L, n, nb, I, _off(L, S.h_act, off * I), I, NULL,
         _woff(L, _expert_w(L, L.w_down, e, H * I), lo * I), I,
         r, S.hs + off * r, r, L.b_down + e * H * r + lo * r, r, S.ybuf + off * H + lo, H,
-        ws + lo if ws != NULL else NULL)
+        ws + lo * L.ng_in_i if ws != NULL else NULL)
 
 
 # --------------------------------------------------------------------------
@@ -357,7 +378,7 @@ cdef void _b_down(const Layer *L, const Step *S, const Task *t) noexcept nogil:
     _nn(L, n, nb, H, S.do_act, H, S.pair_tok + off,
         _woff(L, _expert_w(L, L.w_down, e, H * I), lo), I,
         r, S.bds + off * r, r, L.a_down + e * r * I + lo, I, S.h32 + off * I + lo, I, 0,
-        _scales(L, L.s_down, e, H))
+        _nn_scales(L, L.s_down, e, H, L.ng_in_i, lo))
 
 
 cdef void _b_swiglu(const Layer *L, const Step *S, const Task *t) noexcept nogil:
@@ -385,11 +406,11 @@ cdef void _b_input(const Layer *L, const Step *S, const Task *t) noexcept nogil:
     _nn(L, n, nb, I, _off(L, S.dg_act, off * I), I, NULL,
         _woff(L, _expert_w(L, L.w_gate, e, I * H), lo), H,
         r, S.gbs_g + off * r, r, L.a_gate + e * r * H + lo, H, S.ybuf + off * H + lo, H, 0,
-        _scales(L, L.s_gate, e, I))
+        _nn_scales(L, L.s_gate, e, I, L.ng_in_h, lo))
     _nn(L, n, nb, I, _off(L, S.du_act, off * I), I, NULL,
         _woff(L, _expert_w(L, L.w_up, e, I * H), lo), H,
         r, S.gbs_u + off * r, r, L.a_up + e * r * H + lo, H, S.ybuf + off * H + lo, H, 1,
-        _scales(L, L.s_up, e, I))
+        _nn_scales(L, L.s_up, e, I, L.ng_in_h, lo))
 
 
 cdef void _b_lora_grads(const Layer *L, const Step *S, const Task *t) noexcept nogil:
@@ -506,9 +527,11 @@ cdef class MoEKernel:
 
     def __init__(self, int64_t num_experts, int64_t top_k, int64_t hidden_size,
                  int64_t intermediate_size, int64_t lora_rank, float lora_scaling, bint bf16,
-                 str isa, str weight_type="auto"):
+                 str isa, str weight_type="auto", int64_t group=0):
         """bf16: the base GEMMs read bf16 activations (and bf16 weights);
-        weight_type "int8": fp32 activations, int8 weights with row scales."""
+        weight_type "int8": fp32 activations, int8 weights with row scales;
+        "int4": fp32 activations, int4 weights with a scale per `group`
+        inputs (hidden_size and intermediate_size multiples of group)."""
         cdef const ktsft_kernels *kern = ktsft_kernels_by_name(isa.encode())
         if kern == NULL or isa not in runnable_isas():
             raise ValueError(f"ISA {isa!r} is not available here; runnable: {runnable_isas()}")
@@ -524,9 +547,17 @@ cdef class MoEKernel:
         self.L.scaling = lora_scaling
         self.L.bf16 = bf16
         self.L.q8 = weight_type == "int8"
-        if self.L.q8 and bf16:
-            raise ValueError("int8 weights run with fp32 activations")
-        self.L.wsize = 1 if self.L.q8 else (2 if bf16 else 4)
+        self.L.q4 = weight_type == "int4"
+        if (self.L.q8 or self.L.q4) and bf16:
+            raise ValueError("quantized weights run with fp32 activations")
+        self.L.wbits = 8 if self.L.q8 else (4 if self.L.q4 else (16 if bf16 else 32))
+        self.L.group = group if self.L.q4 else 0
+        if self.L.q4 and (group <= 0 or group % 32 or hidden_size % group or
+                          intermediate_size % group):
+            raise ValueError(f"int4 group={group}: must be a multiple of 32 dividing hidden_size "
+                             f"and intermediate_size")
+        self.L.ng_in_h = hidden_size // group if self.L.q4 else 1
+        self.L.ng_in_i = intermediate_size // group if self.L.q4 else 1
         self.isa = isa
         self._keep = {}
 
@@ -534,8 +565,8 @@ cdef class MoEKernel:
         """gate/up [E, I, H], down [E, H, I] (float32, uint16 holding bf16 in
         bf16 mode, or int8 with `scales` = (s_gate [E, I], s_up [E, I],
         s_down [E, H]) float32), slot: int32 [E] logical expert -> physical slot."""
-        if self.L.q8 != (scales is not None):
-            raise ValueError("int8 weights need their row scales (and only they have them)")
+        if (self.L.q8 or self.L.q4) != (scales is not None):
+            raise ValueError("quantized weights need their scales (and only they have them)")
         self._keep["base"] = (gate, up, down, slot, scales)
         if scales is not None:
             self.L.s_gate = <const float *>_ptr(scales[0])

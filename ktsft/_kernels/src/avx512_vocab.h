@@ -39,4 +39,23 @@ static inline __m512 kt_widen_bf16x16(__m256i b)
 #define KT_LOAD_I8X16(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
 #define KT_LOADN_I8X16(p, n) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(kt_mask16(n), p)))
 
+/* int4: two per byte, element 2i in the low nibble, stored as q + 8 */
+static inline __m512 kt_widen_i4x16(__m128i b)
+{
+    const __m128i m = _mm_set1_epi8(0x0f);
+    const __m128i v = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+    return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(v), _mm512_set1_epi32(8)));
+}
+
+static inline __m512 kt_load_i4x16(const uint8_t *p)
+{
+    return kt_widen_i4x16(_mm_loadl_epi64((const __m128i *)p));
+}
+
+static inline __m512 kt_loadn_i4x16(const uint8_t *p, int64_t n)
+{
+    const int64_t bytes = (n + 1) / 2;
+    return _mm512_maskz_mov_ps(kt_mask16(n), kt_widen_i4x16(_mm_maskz_loadu_epi8(kt_mask16(bytes), p)));
+}
+
 #endif

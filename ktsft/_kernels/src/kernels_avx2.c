@@ -58,6 +58,24 @@ static inline __m256 kt_loadn_i8x8(const int8_t *p, int64_t n)
     return kt_load_i8x8(tmp);
 }
 
+/* int4: two per byte, element 2i in the low nibble, stored as q + 8 */
+static inline __m256 kt_load_i4x8(const uint8_t *p)
+{
+    int32_t w;
+    memcpy(&w, p, 4);
+    const __m128i b = _mm_cvtsi32_si128(w);
+    const __m128i m = _mm_set1_epi8(0x0f);
+    const __m128i v = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(v), _mm256_set1_epi32(8)));
+}
+
+static inline __m256 kt_loadn_i4x8(const uint8_t *p, int64_t n)
+{
+    uint8_t tmp[8] = {0};
+    for (int64_t i = 0; i < (n + 1) / 2 && i < 4; ++i) tmp[i] = p[i];
+    return _mm256_and_ps(kt_load_i4x8(tmp), _mm256_castsi256_ps(kt_mask8(n)));
+}
+
 #define T_ELT float
 #define T_NAME(x) x##_f32
 #define T_LOAD(p) _mm256_loadu_ps(p)
@@ -85,6 +103,34 @@ static inline __m256 kt_loadn_i8x8(const int8_t *p, int64_t n)
 #undef W_LOADN
 #undef W_SCALED
 
+#undef T_ELT
+#undef T_NAME
+#undef T_LOAD
+#undef T_LOADN
+#undef T_TOF32
+#define T_ELT float
+#define T_NAME(x) x##_q4
+#define T_LOAD(p) _mm256_loadu_ps(p)
+#define T_LOADN(p, n) V_LOADN(p, n)
+#define T_TOF32(x) (x)
+#define W_ELT uint8_t
+#define W_LOAD(p) 0
+#define W_LOADN(p, n) 0
+#define W_SCALED 1
+#define W_AT(p, e) ((p) + ((e) >> 1))
+#define W_LOADK(p, k) kt_load_i4x8(W_AT(p, k))
+#define W_LOADNK(p, k, n) kt_loadn_i4x8(W_AT(p, k), n)
+#define W_BYTES(n) ((size_t)((n) + 1) / 2)
+#include "gemm_fma.inc"
+#undef W_ELT
+#undef W_LOAD
+#undef W_LOADN
+#undef W_SCALED
+#undef W_AT
+#undef W_LOADK
+#undef W_LOADNK
+#undef W_BYTES
+
 #define OUT_RT 12
 #include "outer_fma.inc"
 #undef T_ELT
@@ -104,7 +150,7 @@ const ktsft_kernels *ktsft_kernels_avx2(void)
 {
     static const ktsft_kernels table = {
         "avx2",       gemm_nt_f32,        gemm_nt_bf16,       gemm_nn_f32,   gemm_nn_bf16,
-        gemm_nt_q8, gemm_nn_q8, kt_outer_f32, kt_swiglu_forward, kt_swiglu_backward, kt_round_bf16, kt_combine,
+        gemm_nt_q8, gemm_nn_q8, gemm_nt_q4, gemm_nn_q4, kt_outer_f32, kt_swiglu_forward, kt_swiglu_backward, kt_round_bf16, kt_combine,
     };
     return &table;
 }

@@ -17,6 +17,13 @@ typedef float VF;
 #define NN_MR 4
 #define NN_NV 4
 
+/* int4: two per byte, element 2i in the low nibble, stored as q + 8 */
+static inline float kt_i4_at(const uint8_t *row, int64_t k)
+{
+    const int v = (row[k >> 1] >> ((k & 1) * 4)) & 0xf;
+    return (float)(v - 8);
+}
+
 #define T_ELT float
 #define T_NAME(x) x##_f32
 #define T_LOAD(p) (*(p))
@@ -44,6 +51,34 @@ typedef float VF;
 #undef W_LOADN
 #undef W_SCALED
 
+#undef T_ELT
+#undef T_NAME
+#undef T_LOAD
+#undef T_LOADN
+#undef T_TOF32
+#define T_ELT float
+#define T_NAME(x) x##_q4
+#define T_LOAD(p) (*(p))
+#define T_LOADN(p, n) V_LOADN(p, n)
+#define T_TOF32(x) (x)
+#define W_ELT uint8_t
+#define W_LOAD(p) 0
+#define W_LOADN(p, n) 0
+#define W_SCALED 1
+#define W_AT(p, e) ((p) + ((e) >> 1))
+#define W_LOADK(p, k) kt_i4_at(p, k)
+#define W_LOADNK(p, k, n) ((n) > 0 ? kt_i4_at(p, k) : 0.0f)
+#define W_BYTES(n) ((size_t)((n) + 1) / 2)
+#include "gemm_fma.inc"
+#undef W_ELT
+#undef W_LOAD
+#undef W_LOADN
+#undef W_SCALED
+#undef W_AT
+#undef W_LOADK
+#undef W_LOADNK
+#undef W_BYTES
+
 #define OUT_RT 8
 #include "outer_fma.inc"
 #undef T_ELT
@@ -63,7 +98,7 @@ const ktsft_kernels *ktsft_kernels_scalar(void)
 {
     static const ktsft_kernels table = {
         "scalar",     gemm_nt_f32,        gemm_nt_bf16,       gemm_nn_f32,   gemm_nn_bf16,
-        gemm_nt_q8, gemm_nn_q8, kt_outer_f32, kt_swiglu_forward, kt_swiglu_backward, kt_round_bf16, kt_combine,
+        gemm_nt_q8, gemm_nn_q8, gemm_nt_q4, gemm_nn_q4, kt_outer_f32, kt_swiglu_forward, kt_swiglu_backward, kt_round_bf16, kt_combine,
     };
     return &table;
 }

@@ -64,21 +64,37 @@ typedef void (*ktsft_gemm_nn_bf16_fn)(
     int64_t O2, const float *A2__mq, int64_t lda2, const float *W2__qn, int64_t ldw2,
     float *C__mn, int64_t ldc, int accumulate);
 
-/* The same two products with int8 weights quantized per row: W[o, :] =
- * wscale[o] * q[o, :] (symmetric), dequantized in registers; fp32 activations.
- * wscale points at the scale of W's first row. */
+/* The same two products with quantized weights, dequantized in registers,
+ * fp32 activations.  Element (o, i) of W is wscale[o * sld + i / group] * q:
+ * a scale per row and group of inputs (int8: one group per row, group
+ * >= the row length).  wscale points at the scales of W's first row.
+ * int8: q in [-127, 127].  int4: two per byte, element 2i in the low
+ * nibble, stored as q + 8 (q in [-8, 7]); ldw and offsets count elements
+ * and must be even. */
 typedef void (*ktsft_gemm_nt_q8_fn)(
     int64_t M, int64_t N, int64_t K,
     const float *A__mk, int64_t lda, const int32_t *arows,
     const int8_t *Q__nk, int64_t ldw,
     int64_t K2, const float *A2__mq, int64_t lda2, const float *W2__nq, int64_t ldw2,
-    float *C__mn, int64_t ldc, const float *wscale__n);
+    float *C__mn, int64_t ldc, const float *wscale, int64_t group, int64_t sld);
 typedef void (*ktsft_gemm_nn_q8_fn)(
     int64_t M, int64_t N, int64_t O,
     const float *A__mo, int64_t lda, const int32_t *arows,
     const int8_t *Q__on, int64_t ldw,
     int64_t O2, const float *A2__mq, int64_t lda2, const float *W2__qn, int64_t ldw2,
-    float *C__mn, int64_t ldc, int accumulate, const float *wscale__o);
+    float *C__mn, int64_t ldc, int accumulate, const float *wscale, int64_t group, int64_t sld);
+typedef void (*ktsft_gemm_nt_q4_fn)(
+    int64_t M, int64_t N, int64_t K,
+    const float *A__mk, int64_t lda, const int32_t *arows,
+    const uint8_t *Q__nk, int64_t ldw,
+    int64_t K2, const float *A2__mq, int64_t lda2, const float *W2__nq, int64_t ldw2,
+    float *C__mn, int64_t ldc, const float *wscale, int64_t group, int64_t sld);
+typedef void (*ktsft_gemm_nn_q4_fn)(
+    int64_t M, int64_t N, int64_t O,
+    const float *A__mo, int64_t lda, const int32_t *arows,
+    const uint8_t *Q__on, int64_t ldw,
+    int64_t O2, const float *A2__mq, int64_t lda2, const float *W2__qn, int64_t ldw2,
+    float *C__mn, int64_t ldc, int accumulate, const float *wscale, int64_t group, int64_t sld);
 
 /* Sum of outer products, one owner per output, pairs in order:
  *   C[a, b] = sum_p coef[p] * U[urow(p), a] * V[vrow(p), b]   (coef NULL = 1) */
@@ -112,6 +128,8 @@ typedef struct ktsft_kernels {
     ktsft_gemm_nn_bf16_fn gemm_nn_bf16;
     ktsft_gemm_nt_q8_fn gemm_nt_q8;
     ktsft_gemm_nn_q8_fn gemm_nn_q8;
+    ktsft_gemm_nt_q4_fn gemm_nt_q4;
+    ktsft_gemm_nn_q4_fn gemm_nn_q4;
     ktsft_outer_f32_fn outer_f32;
     ktsft_swiglu_forward_fn swiglu_forward;
     ktsft_swiglu_backward_fn swiglu_backward;

@@ -1,0 +1,416 @@
+"""Hugging Face transformers MoE models with ktsft routed experts.
+
+    from ktsft.integrations.transformers import apply_lora_experts
+    model = AutoModelForCausalLM.from_pretrained(..., dtype=torch.bfloat16)
+    apply_lora_experts(model, r=16, alpha=32, dtype="bf16")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+Every routed-expert module of the model is replaced by an ``HFLoRAExperts``
+(a ``ktsft.torch.LoRAExperts``) holding that layer's frozen expert weights in
+ktsft and six LoRA ``nn.Parameter``s.  The router, attention, shared experts
+and everything else stay PyTorch: the MoE block still computes its top-k ids
+and weights exactly as before and hands them to the experts.
+
+Layouts understood:
+
+- transformers >= 5: a fused experts module (``Qwen3MoeExperts``,
+  ``Qwen2MoeExperts``, ``OlmoeExperts``, ``MixtralExperts``,
+  ``DeepseekV3Experts``, ...) with parameters ``gate_up_proj`` [E, 2I, H]
+  (gate rows first; interleaved or transposed variants are read too) and
+  ``down_proj`` [E, H, I], called as ``experts(hidden, top_k_index,
+  top_k_weights)``.  The module is swapped; the block's forward is untouched.
+- transformers 4.x: an ``nn.ModuleList`` of per-expert MLPs
+  (``gate_proj``/``up_proj``/``down_proj``, or Mixtral's ``w1``/``w3``/``w2``)
+  looped over by the block.  The block's forward is replaced by the same
+  router math (softmax, top-k, ``norm_topk_prob``; Mixtral always normalises;
+  Qwen2-MoE's sigmoid-gated shared expert) followed by one ktsft call; for
+  DeepSeek-V3 only its ``moe(hidden, topk_indices, topk_weights)`` method is
+  replaced and its own router is kept.
+
+Needs torch; transformers itself is not imported here (duck typing), so any
+model built on these layouts works.
+"""
+from __future__ import annotations
+
+import math
+import re
+import types
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+
+from ..eager import eager_moe_forward
+from ..torch import PARAM_NAMES, LoRAExperts
+
+__all__ = ["HFLoRAExperts", "EagerHFLoRAExperts", "apply_lora_experts", "find_expert_modules",
+           "lora_state_dict", "load_lora_state_dict", "save_lora_experts"]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _mask_sentinel(top_k_index, top_k_weights, num_experts):
+    """transformers marks slots owned by no local expert with id == E (expert
+    parallelism).  They contribute nothing: point them at expert 0 with a
+    weight of exactly 0 (the multiply also zeroes their weight gradient)."""
+    if top_k_index.numel() and int(top_k_index.max()) >= num_experts:
+        keep = top_k_index < num_experts
+        top_k_index = torch.where(keep, top_k_index, torch.zeros_like(top_k_index))
+        top_k_weights = top_k_weights * keep.to(top_k_weights.dtype)
+    return top_k_index, top_k_weights
+
+
+class HFLoRAExperts(LoRAExperts):
+    """``LoRAExperts`` with the call signature of a transformers experts
+    module: ``forward(hidden_states [T, H], top_k_index [T, k], top_k_weights
+    [T, k]) -> [T, H]`` in the dtype of hidden_states.
+
+    The module ignores ``model.to(device / dtype)``: its base weights live in
+    ktsft (CPU memory) and the kernels read the float32 LoRA parameters in
+    place, so they stay float32 on the CPU.  Inputs on another device are
+    copied to the host and the result is returned on their device."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        top_k_index, top_k_weights = _mask_sentinel(top_k_index, top_k_weights, self.num_experts)
+        return super().forward(hidden_states, top_k_index, top_k_weights)
+
+    def _apply(self, fn, recurse=True):  # keep the LoRA parameters fp32 on the CPU
+        return self
+
+
+class EagerHFLoRAExperts(torch.nn.Module):
+    """The same LoRA experts in plain PyTorch (``ktsft.eager``): a loop over
+    the experts with tokens, base weights as buffers in the storage dtype,
+    fp32 LoRA held per expert (``gate_lora_a.<e>``, ... as a ModuleList of
+    experts would).  The baseline for timings and the oracle for tests."""
+
+    def __init__(self, gate_proj, up_proj, down_proj, r=16, alpha=32.0, dtype="bf16",
+                 use_rslora=False):
+        super().__init__()
+        E, I, H = gate_proj.shape
+        self.num_experts, self.hidden_size, self.intermediate_size = E, H, I
+        self.r, self.alpha, self.use_rslora = int(r), float(alpha), bool(use_rslora)
+        self.act_dtype = _DTYPES[dtype]
+        for n, w in (("w_gate", gate_proj), ("w_up", up_proj), ("w_down", down_proj)):
+            self.register_buffer(n, w.detach().to(self.act_dtype).contiguous())
+        shapes = {"gate_lora_a": (r, H), "gate_lora_b": (I, r), "up_lora_a": (r, H),
+                  "up_lora_b": (I, r), "down_lora_a": (r, I), "down_lora_b": (H, r)}
+        for n in PARAM_NAMES:
+            setattr(self, n, torch.nn.ParameterList(
+                torch.nn.Parameter(torch.zeros(shapes[n])) for _ in range(E)))
+        with torch.no_grad():  # PEFT init, same draws and order as LoRAExperts
+            for n in PARAM_NAMES:
+                if n.endswith("_a"):
+                    for p in getattr(self, n):
+                        torch.nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        top_k_index, top_k_weights = _mask_sentinel(top_k_index, top_k_weights, self.num_experts)
+        lora = [list(getattr(self, n)) for n in PARAM_NAMES]
+        out = eager_moe_forward(hidden_states, top_k_index, top_k_weights, self.w_gate, self.w_up,
+                                self.w_down, lora, self.scaling, self.act_dtype)
+        return out.to(hidden_states.dtype)
+
+
+# ---------------------------------------------------------------------------
+# finding the experts and reading their weights
+# ---------------------------------------------------------------------------
+_MLP_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+
+
+def _is_silu(act) -> bool:
+    if act is None:
+        return True  # no act_fn attribute: the model's own code decides; assume SwiGLU
+    if isinstance(act, torch.nn.SiLU):
+        return True
+    try:
+        t = torch.linspace(-4, 4, 17)
+        return bool(torch.allclose(act(t), F.silu(t)))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _fused_kind(m):
+    gu, dn = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
+    return (isinstance(gu, torch.Tensor) and isinstance(dn, torch.Tensor) and gu.dim() == 3
+            and dn.dim() == 3)
+
+
+def _mlp_names(mlp):
+    for names in _MLP_NAMES:
+        if all(isinstance(getattr(mlp, n, None), torch.nn.Linear) for n in names):
+            return names
+    return None
+
+
+def _legacy_kind(m):
+    return (isinstance(m, torch.nn.ModuleList) and len(m) > 0
+            and all(_mlp_names(e) is not None for e in m))
+
+
+def find_expert_modules(model):
+    """[(qualified name, parent block, attribute name, experts module,
+    layout)] for every routed-experts module; layout is "fused" or
+    "modulelist".  Shared experts (a single MLP, not a set) are not matched."""
+    found = []
+    for name, block in model.named_modules():
+        ex = getattr(block, "experts", None)
+        if ex is None or not isinstance(ex, torch.nn.Module):
+            continue
+        qual = f"{name}.experts" if name else "experts"
+        if isinstance(ex, (LoRAExperts, EagerHFLoRAExperts)):
+            raise RuntimeError(f"{qual} is already replaced (apply_lora_experts ran twice?)")
+        if _fused_kind(ex):
+            found.append((qual, block, "experts", ex, "fused"))
+        elif _legacy_kind(ex):
+            found.append((qual, block, "experts", ex, "modulelist"))
+    return found
+
+
+def _layer_index(qual, fallback):
+    m = re.search(r"layers\.(\d+)\.", qual)
+    return int(m.group(1)) if m else fallback
+
+
+def _fused_weights(ex, store):
+    """gate [E, I, H], up [E, I, H], down [E, H, I] in `store` dtype, C-contiguous.
+    down_proj is returned as is (no copy) when it already is that; the
+    gate/up halves of gate_up_proj are strided views, so they get one copy."""
+    if getattr(ex, "has_bias", False) or any(
+            isinstance(getattr(ex, n, None), torch.Tensor) for n in ("gate_up_proj_bias",
+                                                                      "down_proj_bias")):
+        raise NotImplementedError(f"{type(ex).__name__}: experts with biases are not supported")
+    if getattr(ex, "has_gate", True) is False:
+        raise NotImplementedError(f"{type(ex).__name__}: experts without a gate projection "
+                                  "are not supported (ktsft computes down(silu(gate x) * up x))")
+    if not _is_silu(getattr(ex, "act_fn", None)):
+        raise NotImplementedError(f"{type(ex).__name__}: activation {getattr(ex, 'act_fn')!r} "
+                                  "is not SiLU")
+    gu, dn = ex.gate_up_proj.detach(), ex.down_proj.detach()
+    if getattr(ex, "is_transposed", False):  # [E, H, 2I], [E, I, H]
+        gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)
+    E, I2, H = gu.shape
+    if I2 % 2 or dn.shape != (E, H, I2 // 2):
+        raise ValueError(f"{type(ex).__name__}: gate_up_proj {tuple(gu.shape)} and down_proj "
+                         f"{tuple(dn.shape)} are not [E, 2I, H] and [E, H, I]")
+    I = I2 // 2
+    if getattr(ex, "is_concatenated", True):
+        g_src, u_src = gu[:, :I], gu[:, I:]
+    else:  # interleaved rows: gate0, up0, gate1, up1, ...
+        g_src, u_src = gu[:, 0::2], gu[:, 1::2]
+    gate = torch.empty((E, I, H), dtype=store)
+    gate.copy_(g_src)
+    up = torch.empty((E, I, H), dtype=store)
+    up.copy_(u_src)
+    down = dn if (dn.dtype == store and dn.is_contiguous() and dn.device.type == "cpu") else \
+        dn.to(device="cpu", dtype=store).contiguous()
+    return gate, up, down
+
+
+def _modulelist_weights(ex, store):
+    names = _mlp_names(ex[0])
+    for e in ex:
+        if any(getattr(e, n).bias is not None for n in names):
+            raise NotImplementedError("experts with biases are not supported")
+        if not _is_silu(getattr(e, "act_fn", None)):
+            raise NotImplementedError(f"expert activation {e.act_fn!r} is not SiLU")
+    E = len(ex)
+    I, H = getattr(ex[0], names[0]).weight.shape
+    gate = torch.empty((E, I, H), dtype=store)
+    up = torch.empty((E, I, H), dtype=store)
+    down = torch.empty((E, H, I), dtype=store)
+    for e, mlp in enumerate(ex):
+        for dst, n in zip((gate, up, down), names):
+            dst[e].copy_(getattr(mlp, n).weight.detach())
+    return gate, up, down
+
+
+def _release(module):
+    """Free the storage of every parameter of the replaced experts module,
+    even where an optimizer or a user still references the Parameter
+    objects (ktsft keeps its own reference to memory it uses in place)."""
+    for p in list(module.parameters()):
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        p.requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------
+# transformers 4.x blocks: the router in PyTorch, one experts call
+# ---------------------------------------------------------------------------
+def _softmax_topk_block_forward(self, hidden_states):
+    """Qwen2-MoE / Qwen3-MoE / OLMoE / Mixtral sparse block of transformers
+    4.x, with the loop over experts replaced by one call of self.experts."""
+    batch_size, sequence_length, hidden_dim = hidden_states.shape
+    jitter = getattr(self, "jitter_noise", 0) or 0
+    if self.training and jitter > 0:
+        hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
+            1.0 - jitter, 1.0 + jitter)
+    x = hidden_states.view(-1, hidden_dim)
+    router_logits = self.gate(x)
+    routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float)
+    routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
+    if self._ktsft_norm_topk_prob:
+        routing_weights = routing_weights / routing_weights.sum(dim=-1, keepdim=True)
+    routing_weights = routing_weights.to(x.dtype)
+    out = self.experts(x, selected_experts, routing_weights)
+    shared = getattr(self, "shared_expert", None)
+    if shared is not None:  # Qwen2-MoE: sigmoid-gated shared expert
+        s = shared(x)
+        gate = getattr(self, "shared_expert_gate", None)
+        out = out + (torch.sigmoid(gate(x)) * s if gate is not None else s)
+    return out.reshape(batch_size, sequence_length, hidden_dim), router_logits
+
+
+def _deepseek_moe(self, hidden_states, topk_indices, topk_weights):
+    return self.experts(hidden_states, topk_indices, topk_weights).type(hidden_states.dtype)
+
+
+def _patch_legacy_block(block, qual):
+    if callable(getattr(block, "moe", None)):  # DeepSeek-V3 (4.x): keep its router
+        block.moe = types.MethodType(_deepseek_moe, block)
+        return
+    if not (isinstance(getattr(block, "gate", None), torch.nn.Linear) and hasattr(block, "top_k")):
+        raise NotImplementedError(
+            f"{qual}: a ModuleList of experts in a {type(block).__name__} whose router is not a "
+            "softmax top-k over an nn.Linear gate; replace its forward yourself and call the "
+            "experts as experts(hidden [T, H], topk_ids [T, k], topk_weights [T, k])")
+    norm = getattr(block, "norm_topk_prob", None)
+    if norm is None:
+        if "Mixtral" not in type(block).__name__:
+            raise NotImplementedError(f"{qual}: {type(block).__name__} has no norm_topk_prob")
+        norm = True  # Mixtral always renormalises its top-k
+    block._ktsft_norm_topk_prob = bool(norm)
+    block.forward = types.MethodType(_softmax_topk_block_forward, block)
+
+
+# ---------------------------------------------------------------------------
+# the entry point
+# ---------------------------------------------------------------------------
+def apply_lora_experts(model, r=16, alpha=32.0, dtype="bf16", use_rslora=False, threads=None,
+                       freeze_other=True, recompute=False, *, backend="ktsft", **lora_kwargs):
+    """Replace every routed-experts module of `model` by ktsft LoRA experts.
+
+    r, alpha, use_rslora: LoRA rank and scaling (alpha / r, or alpha /
+    sqrt(r)); PEFT init (A Kaiming-uniform, B zero), so the patched model
+    computes what the original does.  dtype: "bf16" stores the base weights
+    in bf16 (fp32 accumulation, fp32 LoRA), "fp32" keeps them fp32.
+    threads: OpenMP threads of each layer (default: the usable cores).
+    freeze_other: requires_grad=False on every parameter but the LoRA ones.
+    recompute: cache only the inputs and recompute in backward.
+    backend="eager" builds the plain PyTorch loop (``EagerHFLoRAExperts``)
+    instead: the baseline for timings and tests.  Other keyword arguments go
+    to ``LoRAExperts`` (max_cache_depth, chunked_prefill_size, isa).
+
+    The expert weights move into ktsft: fp32 tensors in fp32 mode (and bf16
+    in bf16 mode) are used in place where contiguous, otherwise converted
+    once; the replaced parameters' storage is then released, so one copy of
+    the base weights remains.  Returns the model (modified in place).
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be 'bf16' or 'fp32', got {dtype!r}")
+    if backend not in ("ktsft", "eager"):
+        raise ValueError(f"backend must be 'ktsft' or 'eager', got {backend!r}")
+    found = find_expert_modules(model)
+    if not found:
+        raise ValueError(f"{type(model).__name__}: no routed-experts module found (expected a "
+                         "fused experts module with gate_up_proj/down_proj, or a ModuleList of "
+                         "gate_proj/up_proj/down_proj or w1/w3/w2 MLPs, as `.experts` of a block)")
+    store = _DTYPES[dtype]
+    for i, (qual, block, attr, ex, layout) in enumerate(found):
+        gate, up, down = (_fused_weights if layout == "fused" else _modulelist_weights)(ex, store)
+        top_k = getattr(block, "top_k", None) or getattr(getattr(block, "gate", None), "top_k",
+                                                         None)
+        if top_k is None:
+            cfg = getattr(model, "config", None)
+            top_k = getattr(cfg, "num_experts_per_tok", None)
+        if top_k is None:
+            raise ValueError(f"{qual}: cannot find top_k (block.top_k, block.gate.top_k or "
+                             "config.num_experts_per_tok)")
+        E, I, H = gate.shape
+        if backend == "ktsft":
+            new = HFLoRAExperts(E, int(top_k), H, I, r=r, alpha=alpha, dtype=dtype,
+                                use_rslora=use_rslora, threads=threads, recompute=recompute,
+                                layer_idx=_layer_index(qual, i), **lora_kwargs)
+            new.load_weights(gate, up, down)
+        else:
+            new = EagerHFLoRAExperts(gate, up, down, r=r, alpha=alpha, dtype=dtype,
+                                     use_rslora=use_rslora)
+        del gate, up, down
+        _release(ex)
+        setattr(block, attr, new)
+        if layout == "modulelist":
+            _patch_legacy_block(block, qual)
+    lora_ids = {id(p) for m in model.modules() if isinstance(m, (LoRAExperts, EagerHFLoRAExperts))
+                for p in m.parameters()}
+    if freeze_other:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in lora_ids)
+    return model
+
+
+# ---------------------------------------------------------------------------
+# adapters
+# ---------------------------------------------------------------------------
+def _lora_modules(model):
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, (LoRAExperts, EagerHFLoRAExperts))]
+
+
+def lora_state_dict(model) -> "OrderedDict[str, torch.Tensor]":
+    """{"<module>.gate_lora_a": [E, r, H], ...}: the LoRA matrices of every
+    ktsft (or eager) experts module, stacked over experts, detached (the
+    ktsft ones are the parameters' own memory, not copies)."""
+    sd = OrderedDict()
+    for name, m in _lora_modules(model):
+        for n in PARAM_NAMES:
+            p = getattr(m, n)
+            sd[f"{name}.{n}"] = (p.detach() if isinstance(p, torch.Tensor)
+                                 else torch.stack([q.detach() for q in p]))
+    return sd
+
+
+@torch.no_grad()
+def load_lora_state_dict(model, state_dict, strict=True) -> None:
+    """Copy LoRA matrices (as lora_state_dict returns them) into the model,
+    in place (the kernels keep reading the same memory)."""
+    used = set()
+    for name, m in _lora_modules(model):
+        for n in PARAM_NAMES:
+            key = f"{name}.{n}"
+            if key not in state_dict:
+                if strict:
+                    raise KeyError(f"missing LoRA tensor {key!r}")
+                continue
+            src = torch.as_tensor(state_dict[key]).float()
+            p = getattr(m, n)
+            if isinstance(p, torch.Tensor):
+                p.copy_(src)
+            else:
+                for e, q in enumerate(p):
+                    q.copy_(src[e])
+            used.add(key)
+    extra = set(state_dict) - used
+    if strict and extra:
+        raise KeyError(f"unexpected LoRA tensors: {sorted(extra)[:5]}")
+
+
+def save_lora_experts(model, path, metadata=None) -> str:
+    """Write the LoRA matrices (lora_state_dict) to a .safetensors file with
+    r, alpha, use_rslora and the layout in its metadata.  Returns path."""
+    from safetensors.torch import save_file
+
+    mods = _lora_modules(model)
+    if not mods:
+        raise ValueError("the model has no ktsft LoRA experts")
+    m0 = mods[0][1]
+    meta = {"format": "ktsft-lora-experts", "r": str(m0.r), "lora_alpha": str(m0.alpha),
+            "use_rslora": str(m0.use_rslora).lower(),
+            "shapes": "A [E, r, in], B [E, out, r]; gate/up: in=H, out=I; down: in=I, out=H"}
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    save_file({k: v.contiguous().clone() for k, v in lora_state_dict(model).items()}, str(path),
+              metadata=meta)
+    return str(path)
