@@ -99,7 +99,8 @@ def test_int4_matches_reference_on_dequantized_weights(case, group, isa):
     m.init_lora_weights(*p.lora)
     got = p.run(m)
     check_against_reference(dequantized4(p, group), got, "fp32")
-    assert rel_err(got["out"], orig["out"]) < 0.2  # int4 itself: ~10% on Gaussian weights
+    # int4 itself is lossy: 15-20% on Gaussian weights (max|w| ~ 3 sigma, 15 levels)
+    assert rel_err(got["out"], orig["out"]) < 0.35
 
 
 def test_int4_storage_and_bad_groups():
