@@ -403,7 +403,7 @@ def run(model_size="small", steps=300, threads=None, dtype="bf16", out="ktsft-de
         first = next(m for m in model.modules() if isinstance(m, LoRAExperts))
         eager_first = next(m for m in twin.modules() if isinstance(m, EagerHFLoRAExperts))
         layer_errs = _check_layer_vs_reference(first, eager_first, check["layer0_inputs"], torch)
-        bar_model = 1e-5 if dtype == "fp32" else 2e-2
+        bar_model = 1e-5 if dtype == "fp32" else 5e-2
         bar_layer = 1e-5 if dtype == "fp32" else 1e-2
         ok = grad_err <= bar_model and max(layer_errs.values()) <= bar_layer
 

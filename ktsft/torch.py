@@ -190,20 +190,24 @@ class LoRAExperts(torch.nn.Module):
         save_adapter(path, {self.wrapper.layer_idx: mats}, self.r, self.alpha,
                      use_rslora=self.use_rslora, **kw)
 
+    def export_peft_fused(self, path, **kw) -> None:
+        """This layer's LoRA in PEFT's fused-expert (target_parameters) layout."""
+        from .adapters import export_peft_fused
+
+        mats = {n: p.detach() for n, p in zip(PARAM_NAMES, self.lora_parameters())}
+        export_peft_fused(path, {self.wrapper.layer_idx: mats}, self.r, self.alpha,
+                          use_rslora=self.use_rslora, **kw)
+
     @torch.no_grad()
     def load_adapter(self, path, **kw) -> dict:
         """Copy a PEFT adapter's matrices for this layer into the parameters
         (in place); returns its config."""
         from .adapters import load_adapter
 
-        config, mats = load_adapter(path, self.wrapper.layer_idx, self.num_experts, **kw)
-        if int(config.get("r", self.r)) != self.r:
-            raise ValueError(f"{path}: adapter rank r={config.get('r')} but this module has r={self.r}")
-        if bool(config.get("use_rslora", False)) != self.use_rslora or \
-                float(config.get("lora_alpha", self.alpha)) != self.alpha:
-            raise ValueError(f"{path}: adapter scaling (lora_alpha={config.get('lora_alpha')}, "
-                             f"use_rslora={config.get('use_rslora')}) differs from this module's "
-                             f"(alpha={self.alpha}, use_rslora={self.use_rslora})")
+        config, mats = load_adapter(path, self.wrapper.layer_idx, self.num_experts,
+                                    hidden_size=self.hidden_size,
+                                    intermediate_size=self.intermediate_size, r=self.r,
+                                    scaling=self.scaling, **kw)
         for n, p in zip(PARAM_NAMES, self.lora_parameters()):
             p.copy_(torch.from_numpy(mats[n]))
         return config

@@ -324,6 +324,15 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
         mats = dict(zip(LORA_ARG_NAMES, self._lora))
         save_adapter(path, {self.layer_idx: mats}, self.lora_rank, self.lora_alpha, **kw)
 
+    def export_peft_fused(self, path, **kw) -> None:
+        """This layer's LoRA in PEFT's fused-expert (target_parameters) layout."""
+        from .adapters import export_peft_fused
+
+        if self._lora is None:
+            raise RuntimeError("export_peft_fused() before init_lora_weights()")
+        export_peft_fused(path, {self.layer_idx: dict(zip(LORA_ARG_NAMES, self._lora))},
+                          self.lora_rank, self.lora_alpha, **kw)
+
     def load_adapter(self, path, **kw) -> dict:
         """Read this layer's LoRA from a PEFT adapter directory into the
         registered LoRA arrays, in place (the zero-copy registration and
@@ -331,9 +340,10 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
         arrays if none are.  Returns the adapter's config."""
         from .adapters import load_adapter
 
-        config, mats = load_adapter(path, self.layer_idx, self.num_experts, **kw)
-        if int(config.get("r", self.lora_rank)) != self.lora_rank:
-            raise ValueError(f"{path}: adapter rank r={config.get('r')} but lora_rank={self.lora_rank}")
+        config, mats = load_adapter(path, self.layer_idx, self.num_experts,
+                                    hidden_size=self.hidden_size,
+                                    intermediate_size=self.moe_intermediate_size,
+                                    r=self.lora_rank, scaling=self.lora_scaling, **kw)
         arrays = [mats[n] for n in LORA_ARG_NAMES]
         self._check_lora(arrays, finite=True)
         if self._lora_src is None:
