@@ -19,17 +19,36 @@ def flops(shape, T: int, rank: int) -> dict:
     return {"base": base, "lora": lora, "total": base + lora}
 
 
+QUANTIZED = ("int8", "int4")
+INT4_GROUP = 128  # ktsft's default quant_group
+
+
+def weight_bytes_per_element(dtype: str, shape) -> float:
+    """Stored bytes per base weight, scales included (int8: one fp32 scale
+    per row; int4: half a byte plus one fp32 scale per group)."""
+    if dtype == "int8":
+        return 1 + 4 * (2 / shape.H + 1 / shape.I) / 3
+    if dtype == "int4":
+        return 0.5 + 4 / INT4_GROUP
+    return 2 if dtype == "bf16" else 4
+
+
+def compute_dtype(dtype: str) -> str:
+    """The dtype whose GEMM peak bounds a row: quantized weights are
+    dequantized to fp32 in registers."""
+    return "fp32" if dtype in QUANTIZED else dtype
+
+
 def streamed_bytes(shape, dtype: str, n_active: int) -> int:
     """Base-weight bytes of the experts that got a token, read once by the
     forward and once by the backward."""
-    itemsize = 2 if dtype == "bf16" else 4
-    return 2 * n_active * 3 * shape.H * shape.I * itemsize
+    return int(2 * n_active * 3 * shape.H * shape.I * weight_bytes_per_element(dtype, shape))
 
 
 def derive(row: dict, ceilings: dict) -> dict:
     """The report's derived columns for one row of raw measurements."""
     t = row["fwd_ms"] / 1e3 + row["bwd_ms"] / 1e3
-    peak = ceilings["gemm_gflops"][row["dtype"]] * 1e9
+    peak = ceilings["gemm_gflops"][compute_dtype(row["dtype"])] * 1e9
     bw = ceilings["read_gbs"] * 1e9
     fl = row["flops"]
     nbytes = row["streamed_bytes"]

@@ -39,7 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="layer shapes (default: all but tiny)")
     p.add_argument("--qlen", nargs="+", type=int, default=[8, 32, 128, 512],
                    help="tokens per step")
-    p.add_argument("--dtype", nargs="+", choices=["bf16", "fp32"], default=["bf16", "fp32"])
+    p.add_argument("--dtype", nargs="+", choices=["bf16", "fp32", "int8", "int4"],
+                   default=["bf16", "fp32"],
+                   help="int8/int4: quantized base weights (no PyTorch peer; fp32 GEMM peak)")
     p.add_argument("--threads", type=int, default=usable_cores(),
                    help="ktsft cpuinfer_threads and torch threads (default: usable cores)")
     p.add_argument("--routing", nargs="+", choices=["uniform", "skewed"], default=["uniform"],
@@ -85,9 +87,11 @@ class Sweep:
             shape = presets.get(preset)
             for dtype in a.dtype:
                 self.bar.set_description(f"{preset} {dtype}: generating weights")
-                base = data.base_weights(shape, dtype)
+                quantized = dtype in metrics.QUANTIZED
+                # quantized layers are made from fp32 weights (ktsft quantizes at load)
+                base = data.base_weights(shape, "fp32" if quantized else dtype)
                 lora = data.lora_weights(shape, a.rank)
-                layer = (None if a.no_peers else
+                layer = (None if a.no_peers or quantized else
                          peers.TorchLayer(base, lora, subject.LORA_ALPHA / a.rank))
                 for routing in a.routing:
                     for T in a.qlen:
@@ -166,14 +170,15 @@ def main(argv=None) -> int:
     info = machine.describe(args.threads)
     print(f"{info['cpu_model']}: {args.threads} threads, ktsft isa {', '.join(args.isa)}; "
           "measuring ceilings...", file=sys.stderr, flush=True)
-    ceil_start = machine.ceilings(args.dtype, args.threads)
+    ceil_dtypes = sorted({metrics.compute_dtype(d) for d in args.dtype})
+    ceil_start = machine.ceilings(ceil_dtypes, args.threads)
     n_rows = len(args.preset) * len(args.dtype) * len(args.routing) * len(args.qlen) * len(args.isa)
     with tqdm(total=n_rows, unit="row", file=sys.stderr, dynamic_ncols=True) as bar:
         sweep = Sweep(args, bar)
         rows = sweep.run()
     settle()
     # measured again at the end: on a shared machine either may be depressed
-    ceil = {"start": ceil_start, "end": machine.ceilings(args.dtype, args.threads)}
+    ceil = {"start": ceil_start, "end": machine.ceilings(ceil_dtypes, args.threads)}
     ceil["best"] = machine.best_of(ceil["start"], ceil["end"])
     for row in rows:
         row.update(metrics.derive(row, ceil["best"]))

@@ -22,7 +22,8 @@ def build(shape, dtype: str, isa, rank: int, threads: int, base: dict, lora: tup
     m = ktsft.SFTMoEWrapper(layer_idx=0, num_experts=shape.E, num_experts_per_tok=shape.k,
                             hidden_size=shape.H, moe_intermediate_size=shape.I,
                             cpuinfer_threads=threads, lora_rank=rank, lora_alpha=LORA_ALPHA,
-                            max_cache_depth=1, dtype=dtype, isa=isa)
+                            max_cache_depth=1, dtype=dtype, isa=isa,
+                            quant_group=32 if shape.H % 128 or shape.I % 128 else 128)
     m.load_weights(**base)
     m.init_lora_weights(*lora)
     return m
@@ -70,10 +71,11 @@ def measure(m, x, ids, w, gout, repeats: int) -> dict:
 
 def call_overhead_us(dtype: str, isa, threads: int, calls: int = 400) -> dict:
     """Median µs of one forward_sft and one backward call on a tiny layer
-    (E=4, H=I=16, k=2, T=1): argument checking, cache bookkeeping and the
+    (E=4, H=I=32, k=2, T=1): argument checking, cache bookkeeping and the
     OpenMP fork/join, with almost no arithmetic."""
-    tiny = Shape("overhead", 16, 16, 4, 2)
-    m = build(tiny, dtype, isa, 4, threads, base_weights(tiny, dtype), lora_weights(tiny, 4))
+    tiny = Shape("overhead", 32, 32, 4, 2)  # int4 needs sizes that are groups
+    wdtype = "fp32" if dtype in ("int8", "int4") else dtype
+    m = build(tiny, dtype, isa, 4, threads, base_weights(tiny, wdtype), lora_weights(tiny, 4))
     ids, w = routing(1, tiny, "uniform")
     x, g = activations(1, tiny.H)
     fwd_t, bwd_t = [], []
