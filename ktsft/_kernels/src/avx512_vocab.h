@@ -33,11 +33,12 @@ static inline __m512 kt_widen_bf16x16(__m256i b)
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
 }
 
-#define KT_LOAD_BF16X16(p) kt_widen_bf16x16(_mm256_loadu_si256((const __m256i *)(p)))
-#define KT_LOADN_BF16X16(p, n) kt_widen_bf16x16(_mm256_maskz_loadu_epi16(kt_mask16(n), p))
+#define KT_LOAD_F32(p) _mm512_loadu_ps(p)
+#define KT_LOAD_BF16(p) kt_widen_bf16x16(_mm256_loadu_si256((const __m256i *)(p)))
+#define KT_LOADN_BF16(p, n) kt_widen_bf16x16(_mm256_maskz_loadu_epi16(kt_mask16(n), p))
 
-#define KT_LOAD_I8X16(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
-#define KT_LOADN_I8X16(p, n) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(kt_mask16(n), p)))
+#define KT_LOAD_I8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+#define KT_LOADN_I8(p, n) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(kt_mask16(n), p)))
 
 /* int4: two per byte, element 2i in the low nibble, stored as q + 8 */
 static inline __m512 kt_widen_i4x16(__m128i b)
@@ -57,5 +58,8 @@ static inline __m512 kt_loadn_i4x16(const uint8_t *p, int64_t n)
     const int64_t bytes = (n + 1) / 2;
     return _mm512_maskz_mov_ps(kt_mask16(n), kt_widen_i4x16(_mm_maskz_loadu_epi8(kt_mask16(bytes), p)));
 }
+#define KT_LOAD_I4(row, k) kt_load_i4x16((row) + ((k) >> 1))
+#define KT_LOADN_I4(row, k, n) kt_loadn_i4x16((row) + ((k) >> 1), n)
+#define OUT_RT 16
 
 #endif

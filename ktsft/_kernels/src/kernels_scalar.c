@@ -24,81 +24,18 @@ static inline float kt_i4_at(const uint8_t *row, int64_t k)
     return (float)(v - 8);
 }
 
-#define T_ELT float
-#define T_NAME(x) x##_f32
-#define T_LOAD(p) (*(p))
-#define T_LOADN(p, n) V_LOADN(p, n)
-#define T_TOF32(x) (x)
-#include "gemm_fma.inc"
-
-#undef T_ELT
-#undef T_NAME
-#undef T_LOAD
-#undef T_LOADN
-#undef T_TOF32
-#define T_ELT float
-#define T_NAME(x) x##_q8
-#define T_LOAD(p) (*(p))
-#define T_LOADN(p, n) V_LOADN(p, n)
-#define T_TOF32(x) (x)
-#define W_ELT int8_t
-#define W_LOAD(p) ((float)*(p))
-#define W_LOADN(p, n) ((n) > 0 ? (float)*(p) : 0.0f)
-#define W_SCALED 1
-#include "gemm_fma.inc"
-#undef W_ELT
-#undef W_LOAD
-#undef W_LOADN
-#undef W_SCALED
-
-#undef T_ELT
-#undef T_NAME
-#undef T_LOAD
-#undef T_LOADN
-#undef T_TOF32
-#define T_ELT float
-#define T_NAME(x) x##_q4
-#define T_LOAD(p) (*(p))
-#define T_LOADN(p, n) V_LOADN(p, n)
-#define T_TOF32(x) (x)
-#define W_ELT uint8_t
-#define W_LOAD(p) 0
-#define W_LOADN(p, n) 0
-#define W_SCALED 1
-#define W_AT(p, e) ((p) + ((e) >> 1))
-#define W_LOADK(p, k) kt_i4_at(p, k)
-#define W_LOADNK(p, k, n) ((n) > 0 ? kt_i4_at(p, k) : 0.0f)
-#define W_BYTES(n) ((size_t)((n) + 1) / 2)
-#include "gemm_fma.inc"
-#undef W_ELT
-#undef W_LOAD
-#undef W_LOADN
-#undef W_SCALED
-#undef W_AT
-#undef W_LOADK
-#undef W_LOADNK
-#undef W_BYTES
-
+#define KT_LOAD_F32(p) (*(p))
+#define KT_LOAD_BF16(p) kt_bf16_to_f32(*(p))
+#define KT_LOADN_BF16(p, n) ((n) > 0 ? kt_bf16_to_f32(*(p)) : 0.0f)
+#define KT_LOAD_I8(p) ((float)*(p))
+#define KT_LOADN_I8(p, n) ((n) > 0 ? (float)*(p) : 0.0f)
+#define KT_LOAD_I4(row, k) kt_i4_at(row, k)
+#define KT_LOADN_I4(row, k, n) ((n) > 0 ? kt_i4_at(row, k) : 0.0f)
 #define OUT_RT 8
-#include "outer_fma.inc"
-#undef T_ELT
-#undef T_NAME
-#undef T_LOAD
-#undef T_LOADN
-#undef T_TOF32
-
-#define T_ELT ktsft_bf16
-#define T_NAME(x) x##_bf16
-#define T_LOAD(p) kt_bf16_to_f32(*(p))
-#define T_LOADN(p, n) ((n) > 0 ? kt_bf16_to_f32(*(p)) : 0.0f)
-#define T_TOF32(x) kt_bf16_to_f32(x)
-#include "gemm_fma.inc"
+#include "instances.inc"
 
 const ktsft_kernels *ktsft_kernels_scalar(void)
 {
-    static const ktsft_kernels table = {
-        "scalar",     gemm_nt_f32,        gemm_nt_bf16,       gemm_nn_f32,   gemm_nn_bf16,
-        gemm_nt_q8, gemm_nn_q8, gemm_nt_q4, gemm_nn_q4, kt_outer_f32, kt_swiglu_forward, kt_swiglu_backward, kt_round_bf16, kt_combine,
-    };
+    KT_TABLE("scalar", gemm_nt_bf16, gemm_nn_bf16);
     return &table;
 }
