@@ -515,6 +515,24 @@ BACKWARD_PHASES = ("round_dO", "lora_b_down", "down_T", "swiglu_bwd", "input_T",
                    "combine")
 
 
+cdef int _bind_cache(Step *S, dict cache, dict ws) except -1:
+    """The arrays a forward and its backward share: the cache entry's routing
+    and activations, and the workspace they both use."""
+    S.offs = <const int32_t *>_ptr(cache["offs"])
+    S.pair_tok = <const int32_t *>_ptr(cache["pair_tok"])
+    S.pair_tj = <const int32_t *>_ptr(cache["pair_tj"])
+    S.pair_w = <const float *>_ptr(cache["pair_w"])
+    S.pos = <const int32_t *>_ptr(cache["pos"])
+    S.G = <float *>_ptr(cache["G"])
+    S.U = <float *>_ptr(cache["U"])
+    S.xs_g = <float *>_ptr(cache["xs_gate"])
+    S.xs_u = <float *>_ptr(cache["xs_up"])
+    S.hs = <float *>_ptr(cache["hs_down"])
+    S.h32 = <float *>_ptr(ws["h32"])
+    S.ybuf = <float *>_ptr(ws["ybuf"])
+    return 0
+
+
 cdef class MoEKernel:
     """Native state of one layer: shapes, the kernel table and borrowed
     pointers to base weights and LoRA.  The Python wrapper owns the arrays
@@ -599,22 +617,11 @@ cdef class MoEKernel:
         memset(dims, 0, sizeof(dims))
         S.T = T
         S.P = P
-        S.offs = <const int32_t *>_ptr(cache["offs"])
-        S.pair_tok = <const int32_t *>_ptr(cache["pair_tok"])
-        S.pair_tj = <const int32_t *>_ptr(cache["pair_tj"])
-        S.pair_w = <const float *>_ptr(cache["pair_w"])
-        S.pos = <const int32_t *>_ptr(cache["pos"])
+        _bind_cache(&S, cache, ws)
         S.rw = <const float *>_ptr(rw)
         S.x32 = <const float *>_ptr(x32)
         S.x_act = _ptr(x_act)
-        S.G = <float *>_ptr(cache["G"])
-        S.U = <float *>_ptr(cache["U"])
-        S.xs_g = <float *>_ptr(cache["xs_gate"])
-        S.xs_u = <float *>_ptr(cache["xs_up"])
-        S.hs = <float *>_ptr(cache["hs_down"])
-        S.h32 = <float *>_ptr(ws["h32"])
         S.h_act = <void *>_ptr(ws["h_act"])
-        S.ybuf = <float *>_ptr(ws["ybuf"])
         S.out = <float *>_ptr(out)
         cdef const int32_t *ids_p = <const int32_t *>_ptr(ids)
         cdef int32_t *order = <int32_t *>malloc(2 * max(self.L.E, 1) * sizeof(int32_t))
@@ -677,19 +684,8 @@ cdef class MoEKernel:
         memset(dims, 0, sizeof(dims))
         S.T = T
         S.P = P
-        S.offs = <const int32_t *>_ptr(cache["offs"])
-        S.pair_tok = <const int32_t *>_ptr(cache["pair_tok"])
-        S.pair_tj = <const int32_t *>_ptr(cache["pair_tj"])
-        S.pair_w = <const float *>_ptr(cache["pair_w"])
-        S.pos = <const int32_t *>_ptr(cache["pos"])
+        _bind_cache(&S, cache, ws)
         S.x32 = <const float *>_ptr(cache["x"])
-        S.G = <float *>_ptr(cache["G"])
-        S.U = <float *>_ptr(cache["U"])
-        S.xs_g = <float *>_ptr(cache["xs_gate"])
-        S.xs_u = <float *>_ptr(cache["xs_up"])
-        S.hs = <float *>_ptr(cache["hs_down"])
-        S.h32 = <float *>_ptr(ws["h32"])
-        S.ybuf = <float *>_ptr(ws["ybuf"])
         S.do32 = <const float *>_ptr(do32)
         S.do_act = _ptr(do_act)
         S.dg_act = <void *>_ptr(ws["dg_act"]) if self.L.bf16 else <void *>S.G
