@@ -11,7 +11,8 @@ At the end it prints the ktsft step time against the same model on the
 PyTorch eager loop over experts (timed in this run), checks one step's
 gradients against the eager PyTorch model and one layer against the float64
 ktsft.reference, and writes a loss-curve PNG, the trained adapter
-(adapter.safetensors) and summary.json into --out.
+(adapter.safetensors, ktsft's stacked layout; with transformers also
+peft_adapter/, PEFT's fused-expert format) and summary.json into --out.
 """
 from __future__ import annotations
 
@@ -411,6 +412,13 @@ def run(model_size="small", steps=300, threads=None, dtype="bf16", out="ktsft-de
         adapter = save_lora_experts(model, os.path.join(out, "adapter.safetensors"),
                                     metadata={"model_size": model_size, "dtype": dtype,
                                               "task": task.name, "steps": steps})
+        peft_dir = None
+        if use_transformers:  # PEFT's fused-expert (target_parameters) layout
+            from .adapters import export_peft_fused, model_layers
+
+            layers, r_, alpha_, rs_ = model_layers(model)
+            peft_dir = os.path.join(out, "peft_adapter")
+            export_peft_fused(peft_dir, layers, r_, alpha_, use_rslora=rs_)
         png = _plot(os.path.join(out, "loss.png"), losses, metric_steps, metrics, task.metric,
                     f"ktsft expert-LoRA fine-tuning: {model_size} {dtype}, {tokens} tokens/step")
         summary = dict(
@@ -422,7 +430,7 @@ def run(model_size="small", steps=300, threads=None, dtype="bf16", out="ktsft-de
             speedup=t_eager / t_ktsft, grad_rel_err_vs_eager=grad_err,
             grad_rel_err_vs_eager_worst_tensor=check["grad_rel_err_max_tensor"],
             loss_rel_err_vs_eager=loss_err, layer_rel_err_vs_reference=layer_errs,
-            grad_check_ok=ok, adapter=adapter, loss_png=png, transformers=use_transformers)
+            grad_check_ok=ok, adapter=adapter, peft_adapter=peft_dir, loss_png=png, transformers=use_transformers)
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
 
@@ -439,7 +447,8 @@ def run(model_size="small", steps=300, threads=None, dtype="bf16", out="ktsft-de
         say(f"gradient check, layer 0 vs float64 ktsft.reference: max rel. error "
             f"{max(layer_errs.values()):.1e} ({', '.join(f'{k} {v:.0e}' for k, v in layer_errs.items())}), "
             f"bar {bar_layer:g}: {'ok' if max(layer_errs.values()) <= bar_layer else 'FAIL'}")
-        say(f"wrote {adapter}" + (f", {png}" if png else " (no matplotlib: no plot)")
+        say(f"wrote {adapter}" + (f", {peft_dir}/ (PEFT)" if peft_dir else "")
+            + (f", {png}" if png else " (no matplotlib: no plot)")
             + f", {os.path.join(out, 'summary.json')}")
         return summary
     finally:
