@@ -13,41 +13,10 @@ from ._arrays import BF16, as_numpy, is_torch_tensor, to_like, torch_module, wra
 from ._dispatch import resolve_isa
 from ._kernels.moe_sft import MoEKernel
 from .buffers import LORA_GRAD_NAMES, CacheEntry, Workspace, lora_shapes
+from .quantize import quantize_int4, quantize_int8
 
 LORA_ARG_NAMES = ("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_lora_a",
                   "down_lora_b")
-
-
-def quantize_int8(w):
-    """Symmetric per-row int8: w ~= scale[:, None] * q, scale = max|row| / 127."""
-    w = np.asarray(w, np.float32)
-    amax = np.abs(w).max(axis=1)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
-    return q, scale
-
-
-def quantize_int4(w, group: int):
-    """Symmetric int4 with one scale per `group` inputs of a row: w ~=
-    scale[:, i // group] * q, q in [-7, 7], stored as q + 8, two per byte
-    (element 2i in the low nibble).  Returns (packed [out, in / 2] uint8,
-    scale [out, in / group] float32)."""
-    w = np.asarray(w, np.float32)
-    out, inp = w.shape
-    g = w.reshape(out, inp // group, group)
-    amax = np.abs(g).max(axis=2)
-    scale = np.where(amax > 0, amax / 7.0, 1.0).astype(np.float32)
-    q = (np.clip(np.rint(g / scale[:, :, None]), -7, 7).astype(np.int16) + 8).reshape(out, inp)
-    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
-    return packed, scale
-
-
-def dequantize_int4(packed, scale, group: int):
-    """float32 weights that an int4 (packed, scale) pair stands for."""
-    q = np.empty((packed.shape[0], packed.shape[1] * 2), np.float32)
-    q[:, 0::2] = (packed & 0xF).astype(np.float32) - 8
-    q[:, 1::2] = (packed >> 4).astype(np.float32) - 8
-    return q * np.repeat(scale, group, axis=1)
 
 
 def default_threads() -> int:

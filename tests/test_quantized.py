@@ -5,7 +5,7 @@ import pytest
 
 import ktsft
 from conftest import OUTPUTS, Problem, check_against_reference, rel_err
-from ktsft.wrapper import quantize_int8
+from ktsft.quantize import quantize_int8
 
 CASES = [dict(T=7, H=37, I=29, E=5, k=3, r=3),
          dict(T=40, H=300, I=200, E=4, k=2, r=8),      # packed NN path, row chunks
@@ -71,7 +71,7 @@ def test_int8_deterministic_across_threads(isa):
 
 
 def dequantized4(p, group):
-    from ktsft.wrapper import dequantize_int4, quantize_int4
+    from ktsft.quantize import dequantize_int4, quantize_int4
 
     for n in ("gate_proj", "up_proj", "down_proj"):
         w = getattr(p, n)
