@@ -19,6 +19,39 @@ LORA_ARG_NAMES = ("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_
                   "down_lora_b")
 
 
+MAX_THREADS = 4096   # libgomp cannot create (and crashes on) absurd thread counts
+INT32_MAX = (1 << 31) - 1  # the native code indexes experts and (token, slot) pairs in int32
+
+_fork = {"parent_ran_parallel": False, "child": False, "warned": False}
+
+
+def _after_fork_in_child() -> None:
+    _fork["child"] = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def effective_threads(requested: int) -> int:
+    """The OpenMP thread count a call really uses.  GNU OpenMP cannot run a
+    parallel region in a child forked after the parent ran one (it hangs):
+    such a child runs on one thread, with a warning (use multiprocessing's
+    'spawn' start method for parallel children)."""
+    if _fork["child"] and _fork["parent_ran_parallel"]:
+        if requested > 1 and not _fork["warned"]:
+            import warnings
+
+            warnings.warn("ktsft: this process was forked after OpenMP ran in its parent; "
+                          "kernels run on 1 thread here (use the 'spawn' start method for "
+                          "parallel workers)", RuntimeWarning, stacklevel=3)
+            _fork["warned"] = True
+        return 1
+    if requested > 1:
+        _fork["parent_ran_parallel"] = True
+    return requested
+
+
 def default_threads() -> int:
     """OMP_NUM_THREADS when set, else the cores this process may run on."""
     env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
@@ -44,7 +77,7 @@ class BaseSFTMoEWrapper(ABC):
                  threadpool_count=1, weight_path=None, chunked_prefill_size=8192,
                  lora_rank=16, lora_alpha=32.0, max_cache_depth=1):
         self.layer_idx = V.check_int(layer_idx, "layer_idx", minimum=0)
-        self.num_experts = V.check_int(num_experts, "num_experts")
+        self.num_experts = V.check_int(num_experts, "num_experts", maximum=INT32_MAX - 1)
         self.num_experts_per_tok = V.check_int(num_experts_per_tok, "num_experts_per_tok",
                                                maximum=self.num_experts)
         self.hidden_size = V.check_int(hidden_size, "hidden_size")
@@ -54,8 +87,9 @@ class BaseSFTMoEWrapper(ABC):
             raise NotImplementedError(
                 f"num_gpu_experts={num_gpu_experts}: only 0 is supported (all routed experts on the CPU)")
         self.num_gpu_experts = 0
-        self.cpuinfer_threads = (default_threads() if cpuinfer_threads is None
-                                 else V.check_int(cpuinfer_threads, "cpuinfer_threads"))
+        self.cpuinfer_threads = (min(default_threads(), MAX_THREADS) if cpuinfer_threads is None
+                                 else V.check_int(cpuinfer_threads, "cpuinfer_threads",
+                                                  maximum=MAX_THREADS))
         # Accepted for interface compatibility: one pool of cpuinfer_threads
         # serves the layer; NUMA sub-pools are not implemented yet.
         self.threadpool_count = V.check_int(threadpool_count, "threadpool_count")
@@ -63,9 +97,17 @@ class BaseSFTMoEWrapper(ABC):
             raise TypeError(f"weight_path must be a path or None, got {type(weight_path).__name__}")
         self.weight_path = weight_path
         self.chunked_prefill_size = V.check_int(chunked_prefill_size, "chunked_prefill_size")
+        if self.chunked_prefill_size * self.num_experts_per_tok > INT32_MAX:
+            raise ValueError(f"chunked_prefill_size={self.chunked_prefill_size} x num_experts_per_tok="
+                             f"{self.num_experts_per_tok} (token, slot) pairs exceed 2^31 - 1, the "
+                             "native index range; split batches into smaller chunks")
         self.lora_rank = V.check_int(lora_rank, "lora_rank")
         self.lora_alpha = V.check_positive_float(lora_alpha, "lora_alpha")
         self.lora_scaling = self.lora_alpha / self.lora_rank
+        if not (1e-30 <= self.lora_scaling <= 1e30):
+            # the kernels scale in fp32: beyond this the LoRA term is lost or overflows
+            raise ValueError(f"lora_alpha={lora_alpha!r}: lora_alpha / lora_rank = "
+                             f"{self.lora_scaling:g} is outside [1e-30, 1e30]")
         self.max_cache_depth = V.check_int(max_cache_depth, "max_cache_depth")
 
     @abstractmethod
@@ -381,7 +423,8 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
             ws = self._ws.view(T)
             out = np.empty((T, H), np.float32)
             self._kernel.forward(entry["x"], ws["x_act"] if self.dtype == "bf16" else entry["x"],
-                                 ids, rw, entry.arrays, ws, out, self.cpuinfer_threads)
+                                 ids, rw, entry.arrays, ws, out,
+                                 effective_threads(self.cpuinfer_threads))
             handle = None
             if save_for_backward:
                 handle = self._next_handle
@@ -448,7 +491,8 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
             try:
                 self._kernel.backward(entry.arrays, do32,
                                       ws["do_act"] if self.dtype == "bf16" else do32,
-                                      ws, out_grads, grad_w, dx, self.cpuinfer_threads)
+                                      ws, out_grads, grad_w, dx,
+                                      effective_threads(self.cpuinfer_threads))
             finally:
                 self._spare.append(entry)
         grads = {n: wrap_like(out_grads[n], grad_output) if grads_out is None else grads_out[n]

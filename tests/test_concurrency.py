@@ -278,14 +278,13 @@ def test_fork_after_openmp_works(parent, child):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ktsft bug/limitation: after the parent ran a parallel region with >1 threads, a "
-    "forked child's first multi-threaded forward hangs forever in libgomp (GNU OpenMP "
-    "is not fork-safe); ktsft should detect the fork (os.register_at_fork) and run the "
-    "child on one thread with a warning, or raise a clear error"))
 def test_fork_after_parallel_openmp_multithreaded_child():
-    r = _python(_FORK.format(parent=2, child=2, wait=5))
+    """libgomp cannot run a parallel region in a child forked after the
+    parent ran one: ktsft runs such a child on one thread, with a warning,
+    and the results are still bitwise the parent's (thread-count agnostic)."""
+    r = _python(_FORK.format(parent=2, child=2, wait=20))
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "forked after OpenMP ran" in r.stderr
 
 
 _MP = """
