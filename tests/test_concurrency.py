@@ -231,6 +231,7 @@ _PRELUDE = textwrap.dedent(f"""
     import os, sys, signal, time
     import numpy as np
     sys.path.insert(0, {TESTS!r})
+    sys.path.insert(0, {os.path.dirname(TESTS)!r})  # ktsft built in place, not installed
     from conftest import Problem
     P = Problem(T=40, H=64, I=48, E=4, k=2, r=4, seed=1)
 
