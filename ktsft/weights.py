@@ -186,3 +186,69 @@ def expert_source(weight_path, layer_idx: int = 0, key_prefix: str | None = None
     if all(n in files for n in NAMES):  # ktsft's own single-layer file
         return _Stacked(path=path)
     return _Checkpoint(files, layer_idx, "model." if key_prefix is None else key_prefix)
+
+
+KTSFT_FORMAT = "ktsft-layer-v1"
+
+
+def save_layer(path, arrays, scales, dtype: str, group: int, slot) -> None:
+    """Write a layer's stored base weights (logical expert order) as one
+    safetensors file that expert_source() reads back without converting:
+    quantized layers are reloaded as they are, never quantized twice.
+    The file is written next to `path` and renamed into place."""
+    from safetensors.numpy import save_file
+
+    order = np.asarray(slot)  # slot[logical] = physical: logical order = arrays[slot]
+    tensors = {}
+    for n, a in zip(NAMES, arrays):
+        a = np.ascontiguousarray(a[order])
+        tensors[n] = a.view(np.uint16) if a.dtype.name == "bfloat16" else a
+    if scales is not None:
+        for n, sc in zip(NAMES, scales):
+            tensors[n + "_scale"] = np.ascontiguousarray(sc[order])
+    meta = {"format": KTSFT_FORMAT, "dtype": dtype, "quant_group": str(group)}
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+class _KtsftLayer:
+    """A file written by save_layer: stored arrays, read one expert at a time."""
+
+    def __init__(self, path, meta):
+        from safetensors import safe_open
+
+        self.f = safe_open(path, framework="numpy")
+        self.dtype = meta["dtype"]
+        self.group = int(meta.get("quant_group", "0"))
+
+    def stored_shapes(self):
+        return {n: tuple(self.f.get_slice(n).get_shape()) for n in NAMES}
+
+    def stored_expert(self, e):
+        """(arrays, scales or None) of logical expert e, as stored."""
+        import ml_dtypes
+
+        arrs = []
+        for n in NAMES:
+            a = self.f.get_slice(n)[e]
+            arrs.append(a.view(ml_dtypes.bfloat16) if self.dtype == "bf16" else a)
+        scales = None
+        if self.dtype in ("int8", "int4"):
+            scales = [self.f.get_slice(n + "_scale")[e] for n in NAMES]
+        return arrs, scales
+
+
+def ktsft_layer(path):
+    """The save_layer file at `path`, or None if it is not one."""
+    if path is None:
+        return None
+    path = os.fspath(path)
+    if not (os.path.isfile(path) and path.endswith(".safetensors")):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(path, framework="numpy") as f:
+        meta = f.metadata() or {}
+    return _KtsftLayer(path, meta) if meta.get("format") == KTSFT_FORMAT else None

@@ -276,9 +276,31 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
                     arrays[i][p] = w
         return arrays, scales
 
+    def save_weights(self, path) -> None:
+        """Write the stored base weights (bf16, fp32, or int8/int4 with their
+        scales) to one safetensors file, experts in logical order.  A wrapper
+        of the same dtype (and quant_group) loads it back as it is:
+        ``SFTMoEWrapper(..., weight_path=path).load_weights()``."""
+        from .weights import save_layer
+
+        if self._base is None:
+            raise RuntimeError("save_weights() before load_weights()")
+        arrays, slot, scales = self._base
+        save_layer(path, arrays, scales, self.dtype, self.quant_group, slot)
+
     def _read_weights(self, p2l, want, key_prefix):
         """Storage filled from weight_path, slot p <- file expert p2l[p]."""
-        from .weights import NAMES, expert_source
+        from .weights import NAMES, expert_source, ktsft_layer
+
+        own = ktsft_layer(self.weight_path)
+        if own is not None and own.dtype == self.dtype and (
+                own.dtype != "int4" or own.group == self.quant_group):
+            return self._read_stored(own, p2l, want)
+        if own is not None and own.dtype in ("int8", "int4"):
+            raise ValueError(f"weight_path {self.weight_path!r} holds {own.dtype} weights saved by "
+                             f"ktsft (quant_group={own.group}); load them with dtype={own.dtype!r}"
+                             + (f", quant_group={own.group}" if own.dtype == "int4" else "")
+                             + f", not dtype={self.dtype!r}, quant_group={self.quant_group}")
 
         src = expert_source(self.weight_path, self.layer_idx, key_prefix)
         shapes = src.shapes()
@@ -296,6 +318,30 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
             return ws
 
         return self._fill(want, expert, len(p2l), f"{self.weight_path!r}")
+
+    def _read_stored(self, src, p2l, want):
+        """A save_weights file of this dtype: copied slot by slot, as stored."""
+        from .weights import NAMES
+
+        E = len(p2l)
+        got = src.stored_shapes()
+        arrays = []
+        for n in NAMES:
+            shape = got[n]
+            if shape[:2] != want[n][:2] or shape[0] != E:
+                raise ValueError(f"weight_path {self.weight_path!r}: {n} has shape {shape}, "
+                                 f"this layer needs {want[n]}")
+            arrays.append(np.empty(shape, self._store))
+        scales = None
+        for p, e in enumerate(p2l):
+            stored, sc = src.stored_expert(int(e))
+            if sc is not None and scales is None:
+                scales = [np.empty((E, *s_.shape), np.float32) for s_ in sc]
+            for i, a in enumerate(stored):
+                arrays[i][p] = a
+                if sc is not None:
+                    scales[i][p] = sc[i]
+        return arrays, scales
 
     def init_lora_weights(self, gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a,
                           down_lora_b) -> None:

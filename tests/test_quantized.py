@@ -115,3 +115,33 @@ def test_int4_storage_and_bad_groups():
         ktsft.SFTMoEWrapper(0, 3, 2, 96, 64, dtype="int4", quant_group=64)
     with pytest.raises(ValueError, match="quant_group"):
         ktsft.SFTMoEWrapper(0, 3, 2, 128, 64, dtype="int4", quant_group=48)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4", "bf16", "fp32"])
+def test_saved_layer_reloads_as_stored(tmp_path, dtype):
+    """save_weights then weight_path: the same stored bytes (no second
+    quantization), the same results; the expert map is honoured."""
+    p = Problem(T=9, H=64, I=32, E=4, k=2, r=3, seed=47)
+    kw = dict(lora_rank=p.r, lora_alpha=p.alpha, dtype=dtype, quant_group=32)
+    a = ktsft.SFTMoEWrapper(0, p.E, p.k, p.H, p.I, **kw)
+    a.load_weights(np.array([2, 0, 3, 1]), gate_proj=p.gate_proj, up_proj=p.up_proj,
+                   down_proj=p.down_proj)
+    a.init_lora_weights(*p.lora)
+    a.save_weights(tmp_path / "layer.safetensors")
+    b = ktsft.SFTMoEWrapper(0, p.E, p.k, p.H, p.I, weight_path=str(tmp_path / "layer.safetensors"), **kw)
+    b.load_weights()
+    b.init_lora_weights(*p.lora)
+    want, got = p.run(a), p.run(b)
+    for n in want:
+        assert np.array_equal(got[n], want[n]), n
+
+
+def test_saved_quantized_layer_needs_its_dtype(tmp_path):
+    p = Problem(T=4, H=64, I=32, E=3, k=2, r=2, seed=48)
+    a = ktsft.SFTMoEWrapper(0, p.E, p.k, p.H, p.I, dtype="int4", quant_group=32)
+    a.load_weights(gate_proj=p.gate_proj, up_proj=p.up_proj, down_proj=p.down_proj)
+    a.save_weights(tmp_path / "q.safetensors")
+    for kw in (dict(dtype="bf16"), dict(dtype="int4", quant_group=64)):
+        b = ktsft.SFTMoEWrapper(0, p.E, p.k, p.H, p.I, weight_path=str(tmp_path / "q.safetensors"), **kw)
+        with pytest.raises(ValueError, match="saved by ktsft"):
+            b.load_weights()
