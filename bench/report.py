@@ -34,6 +34,7 @@ COLUMNS = (
     ("roofline eff", lambda r: _f(100 * r["roofline_eff"], ".0f") + "%"),
     ("x eager", lambda r: _f(r["speedup_eager"], ".1f")),
     ("x grouped_mm", lambda r: _f(r["speedup_grouped_mm"], ".1f")),
+    ("weights MB", lambda r: _f(r.get("weights_mb"), ".0f")),
     ("extra MB (grads)", lambda r: f"{r['extra_mb']:.0f} ({r['lora_grad_mb']:.0f})"),
     ("call µs fwd/bwd", lambda r: f"{r['py_fwd_us']:.0f}/{r['py_bwd_us']:.0f}"),
     ("max rel err", lambda r: "n/a" if r["check"] is None else

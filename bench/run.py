@@ -147,6 +147,7 @@ class Sweep:
             "flops": fl["total"], "flops_base": fl["base"], "flops_lora": fl["lora"],
             "streamed_bytes": metrics.streamed_bytes(shape, dtype, n_active),
             "extra_mb": res["extra_bytes"] / 1e6, "cache_mb": res["cache_bytes"] / 1e6,
+            "weights_mb": res["weight_bytes"] / 1e6,
             "lora_grad_mb": res["lora_grad_bytes"] / 1e6, "cpu_share": res["cpu_share"],
             "other_load": res["other_load"],
             "py_fwd_us": ov["fwd_us"], "py_bwd_us": ov["bwd_us"],

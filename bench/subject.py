@@ -54,7 +54,10 @@ def measure(m, x, ids, w, gout, repeats: int) -> dict:
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     other = gauge.stop()
     cache = m.bytes_per_token() * T
+    arrays, _, scales = m._base
     res = {
+        # what ktsft holds of the frozen weights: one copy, in its storage dtype
+        "weight_bytes": sum(a.nbytes for a in arrays) + sum(s.nbytes for s in scales or ()),
         "fwd_s": statistics.median(fwd_t), "bwd_s": statistics.median(bwd_t),
         "cache_bytes": cache,
         "extra_bytes": memory.peak_rss() - rss0 - cache,
