@@ -146,8 +146,11 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
 
     dtype="bf16": base weights stored in bf16, activations rounded to bf16
     where the base GEMMs read them, fp32 accumulation and fp32 LoRA.
-    dtype="fp32": everything fp32.  ``isa`` forces a kernel build (default:
-    the best this CPU runs, or $KTSFT_ISA).
+    dtype="fp32": everything fp32.  dtype="int8" / "int4": base weights
+    quantized at load (int8: a scale per output row; int4: a scale per
+    ``quant_group`` inputs, 32/64/128), dequantized in registers, fp32
+    activations.  ``isa`` forces a kernel build (default: the best this CPU
+    runs, or $KTSFT_ISA).
     """
 
     def __init__(self, layer_idx, num_experts, num_experts_per_tok, hidden_size,
