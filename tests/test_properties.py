@@ -184,7 +184,7 @@ def cases(draw):
     E = draw(st.integers(1, 8))
     k = draw(st.integers(1, E))
     return Case(T=draw(st.integers(1, 100)), H=draw(st.integers(1, 200)),
-                I=draw(st.integers(1, 200)), E=E, k=k, r=draw(st.integers(1, 32)),
+                I=draw(st.integers(1, 200)), E=E, k=k, r=draw(st.integers(1, 64)),
                 routing=draw(st.sampled_from(ROUTINGS)), weights=draw(st.sampled_from(WEIGHTS)),
                 alpha=draw(st.sampled_from([1.0, 8.0, 32.0])),
                 xscale=draw(st.sampled_from([1.0, 20.0])), seed=draw(st.integers(0, 2**32 - 1)))
@@ -200,6 +200,7 @@ def cases(draw):
 # pair blocks (32), LoRA-gradient blocks (256), the few-token path (<= 8 pairs);
 # rank 64 (the upper end), repeated ids
 @example(case=Case(T=150, H=300, I=270, E=3, k=2, r=64, routing="repeats", seed=1))
+@example(case=Case(T=400, H=96, I=80, E=6, k=3, r=48, seed=3))
 @example(case=Case(T=9, H=257, I=193, E=2, k=2, r=17, routing="one_expert", seed=2))
 # every token on one expert through slot 0; all-negative weights; silu tails
 @example(case=Case(T=40, H=65, I=33, E=8, k=3, r=5, routing="slot0_shared",
