@@ -18,64 +18,106 @@
 
 #define DP(acc, a, b) _mm512_dpbf16_ps(acc, (__m512bh)(a), (__m512bh)(b))
 
-/* ---- NT on bf16 pairs ---- */
-#define BNT_MR 6
-#define BNT_NR 4
+/* ---- NT on bf16 pairs ----
+ * A tile holds mr tokens x NRC weight rows of accumulators (at most 24).
+ * The shape follows the expert's token count (never the thread count):
+ * few tokens -> more rows in flight, which is what memory-bound calls need. */
+#define BNT_MRMAX 8
+#define BNT_NRMAX 8
 
-KT_INLINE void bnt_tile(const int mr, const int64_t K, const ktsft_bf16 *const *a,
+KT_INLINE void bnt_tile(const int mr, const int NRC, const int64_t K, const ktsft_bf16 *const *a,
                         const ktsft_bf16 *const *w, const int64_t K2, const float *a2,
                         const int64_t lda2, const float *const *w2, float *c,
                         const int64_t ldc, const int nr, const ktsft_bf16 *const *pf)
 {
-    __m512 acc[BNT_MR][BNT_NR];
+    __m512 acc[BNT_MRMAX][BNT_NRMAX];
 #pragma GCC unroll 16
     for (int i = 0; i < mr; ++i)
 #pragma GCC unroll 8
-        for (int j = 0; j < BNT_NR; ++j) acc[i][j] = _mm512_setzero_ps();
+        for (int j = 0; j < NRC; ++j) acc[i][j] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
-        __m512i wv[BNT_NR];
+        __m512i wv[BNT_NRMAX];
         if (pf)
 #pragma GCC unroll 8
-            for (int j = 0; j < BNT_NR; ++j) _mm_prefetch((const char *)(pf[j] + k), _MM_HINT_T0);
+            for (int j = 0; j < NRC; ++j) _mm_prefetch((const char *)(pf[j] + k), _MM_HINT_T0);
 #pragma GCC unroll 8
-        for (int j = 0; j < BNT_NR; ++j) wv[j] = _mm512_loadu_si512((const void *)(w[j] + k));
+        for (int j = 0; j < NRC; ++j) wv[j] = _mm512_loadu_si512((const void *)(w[j] + k));
 #pragma GCC unroll 16
         for (int i = 0; i < mr; ++i) {
             __m512i av = _mm512_loadu_si512((const void *)(a[i] + k));
 #pragma GCC unroll 8
-            for (int j = 0; j < BNT_NR; ++j) acc[i][j] = DP(acc[i][j], av, wv[j]);
+            for (int j = 0; j < NRC; ++j) acc[i][j] = DP(acc[i][j], av, wv[j]);
         }
     }
     if (k < K) {
         const __mmask32 m = kt_mask32(K - k);
-        __m512i wv[BNT_NR];
+        __m512i wv[BNT_NRMAX];
 #pragma GCC unroll 8
-        for (int j = 0; j < BNT_NR; ++j) wv[j] = _mm512_maskz_loadu_epi16(m, w[j] + k);
+        for (int j = 0; j < NRC; ++j) wv[j] = _mm512_maskz_loadu_epi16(m, w[j] + k);
 #pragma GCC unroll 16
         for (int i = 0; i < mr; ++i) {
             __m512i av = _mm512_maskz_loadu_epi16(m, a[i] + k);
 #pragma GCC unroll 8
-            for (int j = 0; j < BNT_NR; ++j) acc[i][j] = DP(acc[i][j], av, wv[j]);
+            for (int j = 0; j < NRC; ++j) acc[i][j] = DP(acc[i][j], av, wv[j]);
         }
     }
     for (int64_t q = 0; q < K2; q += 16) {
         const int64_t rem = K2 - q;
-        __m512 wv[BNT_NR];
+        __m512 wv[BNT_NRMAX];
 #pragma GCC unroll 8
-        for (int j = 0; j < BNT_NR; ++j) wv[j] = V_LOADN(w2[j] + q, rem);
+        for (int j = 0; j < NRC; ++j) wv[j] = V_LOADN(w2[j] + q, rem);
 #pragma GCC unroll 16
         for (int i = 0; i < mr; ++i) {
             __m512 av = V_LOADN(a2 + i * lda2 + q, rem);
 #pragma GCC unroll 8
-            for (int j = 0; j < BNT_NR; ++j) acc[i][j] = _mm512_fmadd_ps(av, wv[j], acc[i][j]);
+            for (int j = 0; j < NRC; ++j) acc[i][j] = _mm512_fmadd_ps(av, wv[j], acc[i][j]);
         }
     }
 #pragma GCC unroll 16
     for (int i = 0; i < mr; ++i)
 #pragma GCC unroll 8
-        for (int j = 0; j < BNT_NR; ++j)
+        for (int j = 0; j < NRC; ++j)
             if (j < nr) c[i * ldc + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+KT_INLINE void bnt_shape(const int MRC, const int NRC, int64_t M, int64_t N, int64_t K,
+                         const ktsft_bf16 *A__mk, int64_t lda, const int32_t *arows,
+                         const ktsft_bf16 *W__nk, int64_t ldw, int64_t K2, const float *A2__mq,
+                         int64_t lda2, const float *W2__nq, int64_t ldw2, float *C__mn,
+                         int64_t ldc)
+{
+    for (int64_t n0 = 0; n0 < N; n0 += NRC) {
+        const int nr = (int)(N - n0 < NRC ? N - n0 : NRC);
+        const ktsft_bf16 *w[BNT_NRMAX];
+        const float *w2[BNT_NRMAX];
+        for (int j = 0; j < NRC; ++j) {
+            const int64_t row = n0 + (j < nr ? j : 0);
+            w[j] = W__nk + row * ldw;
+            w2[j] = K2 ? W2__nq + row * ldw2 : NULL;
+        }
+        /* weight rows are pages apart and each starts the hardware prefetcher
+         * cold: the first token block fetches the next row block ahead */
+        const ktsft_bf16 *pf[BNT_NRMAX];
+        for (int j = 0; j < NRC; ++j) pf[j] = w[j] + (n0 + NRC + j < N ? NRC : 0) * ldw;
+        for (int64_t m0 = 0; m0 < M; m0 += MRC) {
+            const int mr = (int)(M - m0 < MRC ? M - m0 : MRC);
+            const ktsft_bf16 *const *pfm = m0 == 0 ? pf : NULL;
+            const ktsft_bf16 *a[BNT_MRMAX];
+            for (int i = 0; i < mr; ++i)
+                a[i] = A__mk + (arows ? (int64_t)arows[m0 + i] : m0 + i) * lda;
+            const float *a2 = K2 ? A2__mq + m0 * lda2 : NULL;
+            float *c = C__mn + m0 * ldc + n0;
+            switch (mr) {
+#define KT_BNT_CASE(R) \
+    case R: if (R <= MRC) bnt_tile(R, NRC, K, a, w, K2, a2, lda2, w2, c, ldc, nr, pfm); break;
+            KT_BNT_CASE(1) KT_BNT_CASE(2) KT_BNT_CASE(3) KT_BNT_CASE(4)
+            KT_BNT_CASE(5) KT_BNT_CASE(6) KT_BNT_CASE(7) KT_BNT_CASE(8)
+#undef KT_BNT_CASE
+            default: break;
+            }
+        }
+    }
 }
 
 static void gemm_nt_bf16_dp(int64_t M, int64_t N, int64_t K, const ktsft_bf16 *A__mk,
@@ -83,37 +125,17 @@ static void gemm_nt_bf16_dp(int64_t M, int64_t N, int64_t K, const ktsft_bf16 *A
                             int64_t ldw, int64_t K2, const float *A2__mq, int64_t lda2,
                             const float *W2__nq, int64_t ldw2, float *C__mn, int64_t ldc)
 {
-    for (int64_t n0 = 0; n0 < N; n0 += BNT_NR) {
-        const int nr = (int)(N - n0 < BNT_NR ? N - n0 : BNT_NR);
-        const ktsft_bf16 *w[BNT_NR];
-        const float *w2[BNT_NR];
-        for (int j = 0; j < BNT_NR; ++j) {
-            const int64_t row = n0 + (j < nr ? j : 0);
-            w[j] = W__nk + row * ldw;
-            w2[j] = K2 ? W2__nq + row * ldw2 : NULL;
-        }
-        /* weight rows are pages apart and each starts the hardware prefetcher
-         * cold: the first token block fetches the next row block ahead */
-        const ktsft_bf16 *pf[BNT_NR];
-        for (int j = 0; j < BNT_NR; ++j) pf[j] = w[j] + (n0 + BNT_NR + j < N ? BNT_NR : 0) * ldw;
-        for (int64_t m0 = 0; m0 < M; m0 += BNT_MR) {
-            const int mr = (int)(M - m0 < BNT_MR ? M - m0 : BNT_MR);
-            const ktsft_bf16 *const *pfm = m0 == 0 ? pf : NULL;
-            const ktsft_bf16 *a[BNT_MR];
-            for (int i = 0; i < mr; ++i)
-                a[i] = A__mk + (arows ? (int64_t)arows[m0 + i] : m0 + i) * lda;
-            const float *a2 = K2 ? A2__mq + m0 * lda2 : NULL;
-            float *c = C__mn + m0 * ldc + n0;
-            switch (mr) {
-            case 1: bnt_tile(1, K, a, w, K2, a2, lda2, w2, c, ldc, nr, pfm); break;
-            case 2: bnt_tile(2, K, a, w, K2, a2, lda2, w2, c, ldc, nr, pfm); break;
-            case 3: bnt_tile(3, K, a, w, K2, a2, lda2, w2, c, ldc, nr, pfm); break;
-            case 4: bnt_tile(4, K, a, w, K2, a2, lda2, w2, c, ldc, nr, pfm); break;
-            case 5: bnt_tile(5, K, a, w, K2, a2, lda2, w2, c, ldc, nr, pfm); break;
-            default: bnt_tile(6, K, a, w, K2, a2, lda2, w2, c, ldc, nr, pfm); break;
-            }
-        }
-    }
+#define KT_BNT(MR_, NR_) \
+    bnt_shape(MR_, NR_, M, N, K, A__mk, lda, arows, W__nk, ldw, K2, A2__mq, lda2, W2__nq, ldw2, C__mn, ldc)
+    if (M <= 2)
+        KT_BNT(2, 8);
+    else if (M <= 4)
+        KT_BNT(4, 6);
+    else if (M <= 6 || M > 8)
+        KT_BNT(6, 4);
+    else
+        KT_BNT(8, 3);
+#undef KT_BNT
 }
 
 /* ---- NN on bf16 pairs: 32 output columns (two zmm) per tile ---- */
