@@ -2,6 +2,7 @@
 entry (what backward needs, nothing more) and the per-wrapper workspace."""
 from __future__ import annotations
 
+import threading
 from typing import ClassVar, Dict
 
 import numpy as np
@@ -52,9 +53,12 @@ class KExpertsSFTBuffer:
     """Staging buffers for one (qlen, layer shape, dtype): inputs, outputs,
     gradients and the six LoRA-gradient arrays.
 
-    Arrays are numpy (``buf.input_cpu`` ...); when torch is imported they
+    Arrays are numpy (``buf.input_cpu`` ...); when torch is installed they
     share memory with torch tensors (``buf.tensors[name]``), pinned when a
-    CUDA device exists.  ``get_buffer`` reuses one buffer per key.
+    CUDA device exists.  ``get_buffer`` reuses one buffer per key.  The
+    token buffers are made at once, the [E, ...] LoRA-gradient buffers on
+    first use (a staging buffer per batch size should not cost a set of
+    LoRA gradients).  ``lock`` serializes users of a shared buffer.
     """
 
     capture_buffers: ClassVar[Dict[tuple, "KExpertsSFTBuffer"]] = {}
@@ -76,15 +80,25 @@ class KExpertsSFTBuffer:
             "grad_output_cpu": ((T, H), self.dtype), "grad_input_cpu": ((T, H), self.dtype),
             "expert_ids_cpu": ((T, k), np.int64), "weights_cpu": ((T, k), np.float32),
         }
-        for name, shape in lora_shapes(self.num_experts, H, self.moe_intermediate_size,
-                                       self.lora_rank).items():
-            specs[name] = (shape, np.float32)
+        self.lock = threading.Lock()
         self.tensors = {}
         for name, (shape, dt) in specs.items():
-            arr, t = _host_array(shape, dt)
-            setattr(self, name, arr)
-            if t is not None:
-                self.tensors[name] = t
+            self._make(name, shape, dt)
+
+    def _make(self, name, shape, dt):
+        arr, t = _host_array(shape, dt)
+        setattr(self, name, arr)
+        if t is not None:
+            self.tensors[name] = t
+        return arr
+
+    def __getattr__(self, name):
+        # only reached for attributes not made yet: the LoRA-gradient buffers
+        if name in LORA_GRAD_NAMES:
+            shapes = lora_shapes(self.num_experts, self.hidden_size, self.moe_intermediate_size,
+                                 self.lora_rank)
+            return self._make(name, shapes[name], np.float32)
+        raise AttributeError(name)
 
     @classmethod
     def get_buffer(cls, qlen, hidden_size, moe_intermediate_size, num_experts,
@@ -107,6 +121,8 @@ class KExpertsSFTBuffer:
         if as_torch:
             if not self.tensors:
                 raise RuntimeError("get_lora_grads(as_torch=True): torch is not installed")
+            for n in LORA_GRAD_NAMES:
+                getattr(self, n)
             return {n: self.tensors[n] for n in LORA_GRAD_NAMES}
         return {n: getattr(self, n) for n in LORA_GRAD_NAMES}
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import weakref
 
-import numpy as np
 import torch
 
 from .buffers import LORA_GRAD_NAMES, lora_shapes
@@ -26,15 +25,48 @@ PARAM_NAMES = ("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_lor
                "down_lora_b")
 
 
-def _host_inputs(hidden, ids, weights):
-    """CPU, contiguous, in a dtype the kernels take (float64 -> float32)."""
-    x = hidden.detach()
-    if x.dtype not in (torch.float32, torch.bfloat16):
-        x = x.float()  # e.g. float64 in gradcheck: the kernels run fp32
+def _kernel_dtype(t):
+    return t if t.dtype in (torch.float32, torch.bfloat16) else t.float()  # e.g. float64
+
+
+def _staging(module, T, dtype):
+    """The pinned host buffers for T tokens of this layer's shape."""
+    from .buffers import KExpertsSFTBuffer
+
+    return KExpertsSFTBuffer.get_buffer(T, module.hidden_size, module.intermediate_size,
+                                        module.num_experts, module.top_k, module.r,
+                                        "bf16" if dtype == torch.bfloat16 else "fp32")
+
+
+def _run_forward(module, hidden, ids, weights, cache):
+    """forward_sft on CPU tensors; device tensors are copied in and out
+    through pinned KExpertsSFTBuffer staging buffers."""
+    x = _kernel_dtype(hidden.detach())
     w = weights.detach()
-    if x.device.type != "cpu":  # device tensors go through host memory
-        x, w, ids = x.cpu(), w.cpu(), ids.cpu()
-    return x.contiguous(), ids.contiguous(), w.contiguous()
+    if x.device.type == "cpu":
+        return module.wrapper.forward_sft(x.contiguous(), ids.contiguous(), w.contiguous(),
+                                          save_for_backward=cache, return_handle=True)
+    buf = _staging(module, x.shape[0], x.dtype)
+    with buf.lock:  # the forward copies what it keeps: the buffers are free again after it
+        t = buf.tensors
+        t["input_cpu"].copy_(x, non_blocking=True)
+        t["expert_ids_cpu"].copy_(ids, non_blocking=True)
+        t["weights_cpu"].copy_(w, non_blocking=True)
+        torch.cuda.current_stream(x.device).synchronize()
+        return module.wrapper.forward_sft(t["input_cpu"], t["expert_ids_cpu"], t["weights_cpu"],
+                                          save_for_backward=cache, return_handle=True)
+
+
+def _run_backward(module, grad_out, handle, grads_out):
+    g = _kernel_dtype(grad_out.detach())
+    if g.device.type == "cpu":
+        return module.wrapper.backward(g.contiguous(), handle=handle, grads_out=grads_out)
+    buf = _staging(module, g.shape[0], g.dtype)
+    with buf.lock:
+        staged = buf.tensors["grad_output_cpu"]
+        staged.copy_(g, non_blocking=True)
+        torch.cuda.current_stream(g.device).synchronize()
+        return module.wrapper.backward(staged, handle=handle, grads_out=grads_out)
 
 
 class _ExpertsFunction(torch.autograd.Function):
@@ -51,8 +83,7 @@ class _ExpertsFunction(torch.autograd.Function):
         module._sync_lora()
         save = any(ctx.needs_input_grad[1:])
         cache = save and not module.recompute
-        out, handle = wrapper.forward_sft(*_host_inputs(hidden, ids, weights),
-                                          save_for_backward=cache, return_handle=True)
+        out, handle = _run_forward(module, hidden, ids, weights, cache)
         ctx.meta = (hidden.dtype, weights.dtype, hidden.device)
         ctx.module = module
         ctx.release = weakref.finalize(ctx, wrapper.release, handle) if cache else _Spent()
@@ -65,23 +96,17 @@ class _ExpertsFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         h_dtype, w_dtype, dev = ctx.meta
         module = ctx.module
-        wrapper = module.wrapper
         handle = ctx.handle
         if not ctx.release.alive:  # recompute mode, or the cache was spent
             hidden, ids, weights = ctx.saved_tensors
             module._sync_lora()
-            _, handle = wrapper.forward_sft(*_host_inputs(hidden, ids, weights),
-                                            save_for_backward=True, return_handle=True)
+            _, handle = _run_forward(module, hidden, ids, weights, True)
         shapes = lora_shapes(module.num_experts, module.hidden_size, module.intermediate_size,
                              module.r)
         # fresh tensors that autograd will own: the kernels write into them
         outs = {n: torch.empty(shapes[n], dtype=torch.float32) for n in LORA_GRAD_NAMES}
-        g = grad_out.detach()
-        g = g.cpu() if g.device.type != "cpu" else g
-        if g.dtype not in (torch.float32, torch.bfloat16):
-            g = g.float()
-        dx, grads = wrapper.backward(g.contiguous(), handle=handle,
-                                     grads_out={n: t.numpy() for n, t in outs.items()})
+        dx, grads = _run_backward(module, grad_out, handle,
+                                  {n: t.numpy() for n, t in outs.items()})
         ctx.release.detach()
         ctx.release = _Spent()
         dx = dx.to(device=dev, dtype=h_dtype)

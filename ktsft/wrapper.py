@@ -9,7 +9,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from . import validation as V
-from ._arrays import BF16, as_numpy, is_torch_tensor, to_like, torch_module, wrap_like
+from ._arrays import BF16, as_numpy, is_torch_tensor, to_like, wrap_like
 from ._dispatch import resolve_isa
 from ._kernels.moe_sft import MoEKernel
 from .buffers import LORA_GRAD_NAMES, CacheEntry, Workspace, lora_shapes

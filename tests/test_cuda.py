@@ -29,6 +29,11 @@ def test_cuda_inputs_round_trip(dtype):
     out.float().square().sum().backward()
     assert xc.grad.device.type == "cuda" and xc.grad.dtype == tdt
     assert wc.grad.device.type == "cuda"
+    # the copies went through pinned KExpertsSFTBuffer staging buffers
+    from ktsft import KExpertsSFTBuffer
+
+    staged = [b for b in KExpertsSFTBuffer.capture_buffers.values() if b.qlen == 10]
+    assert staged and all(b.tensors["input_cpu"].is_pinned() for b in staged)
     # the same step on CPU tensors gives the same numbers
     g_lora = [p.grad.clone() for p in m.lora_parameters()]
     m.zero_grad()
