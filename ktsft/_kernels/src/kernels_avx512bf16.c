@@ -392,25 +392,24 @@ static void gemm_nn_bf16_dp(int64_t M, int64_t N, int64_t O, const ktsft_bf16 *A
                     const float *a2 = o2 ? A2__mq + m0 * lda2 : NULL;
                     const float *w2 = o2 ? W2__qn + n0 : NULL;
                     float *c = C__mn + m0 * ldc + n0;
+/* packed is a compile-time constant in each switch: bnn_tile is specialised */
+#define KT_BNN_SWITCH(PACKED)                                                                   \
+    switch (mr) {                                                                               \
+    case 1: bnn_tile(1, PACKED, oc, a, w, ldw, pp, ncols, o2, a2, lda2, w2, ldw2, c, ldc, acc); break; \
+    case 2: bnn_tile(2, PACKED, oc, a, w, ldw, pp, ncols, o2, a2, lda2, w2, ldw2, c, ldc, acc); break; \
+    case 3: bnn_tile(3, PACKED, oc, a, w, ldw, pp, ncols, o2, a2, lda2, w2, ldw2, c, ldc, acc); break; \
+    case 4: bnn_tile(4, PACKED, oc, a, w, ldw, pp, ncols, o2, a2, lda2, w2, ldw2, c, ldc, acc); break; \
+    case 5: bnn_tile(5, PACKED, oc, a, w, ldw, pp, ncols, o2, a2, lda2, w2, ldw2, c, ldc, acc); break; \
+    case 6: bnn_tile(6, PACKED, oc, a, w, ldw, pp, ncols, o2, a2, lda2, w2, ldw2, c, ldc, acc); break; \
+    case 7: bnn_tile(7, PACKED, oc, a, w, ldw, pp, ncols, o2, a2, lda2, w2, ldw2, c, ldc, acc); break; \
+    default: bnn_tile(BNN_MR, PACKED, oc, a, w, ldw, pp, ncols, o2, a2, lda2, w2, ldw2, c, ldc, acc); break; \
+    }
                     if (pp) {
-                        switch (mr) {
-#define KT_BNN_CASE(R) \
-    case R: bnn_tile(R, 1, oc, a, w, ldw, pp, ncols, o2, a2, lda2, w2, ldw2, c, ldc, acc); break;
-                        KT_BNN_CASE(1) KT_BNN_CASE(2) KT_BNN_CASE(3) KT_BNN_CASE(4)
-                        KT_BNN_CASE(5) KT_BNN_CASE(6) KT_BNN_CASE(7)
-                        default: bnn_tile(BNN_MR, 1, oc, a, w, ldw, pp, ncols, o2, a2, lda2, w2, ldw2, c, ldc, acc); break;
-#undef KT_BNN_CASE
-                        }
+                        KT_BNN_SWITCH(1)
                     } else { /* out of memory for the pack buffer: read W in place */
-                        switch (mr) {
-#define KT_BNN_CASE(R) \
-    case R: bnn_tile(R, 0, oc, a, w, ldw, pp, ncols, o2, a2, lda2, w2, ldw2, c, ldc, acc); break;
-                        KT_BNN_CASE(1) KT_BNN_CASE(2) KT_BNN_CASE(3) KT_BNN_CASE(4)
-                        KT_BNN_CASE(5) KT_BNN_CASE(6) KT_BNN_CASE(7)
-                        default: bnn_tile(BNN_MR, 0, oc, a, w, ldw, pp, ncols, o2, a2, lda2, w2, ldw2, c, ldc, acc); break;
-#undef KT_BNN_CASE
-                        }
+                        KT_BNN_SWITCH(0)
                     }
+#undef KT_BNN_SWITCH
                 }
             }
             if (last) break;
