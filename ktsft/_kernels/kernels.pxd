@@ -67,6 +67,7 @@ cdef extern from "ktsft/kernels.h" nogil:
         ktsft_combine_fn combine
 
     const ktsft_kernels *ktsft_kernels_by_name(const char *name)
+    int ktsft_amx_build()
 
 cdef extern from "ktsft/cpu_features.h" nogil:
     ctypedef struct ktsft_cpu_features:
@@ -77,3 +78,4 @@ cdef extern from "ktsft/cpu_features.h" nogil:
         int amx_tile, amx_bf16, amx_int8
         int os_avx, os_avx512, os_amx
     void ktsft_probe_cpu(ktsft_cpu_features *out)
+    int ktsft_amx_request(int *err)

@@ -15,15 +15,16 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from cython.parallel cimport prange
 
 from ._openmp cimport KTSFT_OPENMP, omp_get_max_threads
-from .kernels cimport (ktsft_kernels, ktsft_bf16, ktsft_kernels_by_name,
-                       ktsft_cpu_features, ktsft_probe_cpu)
+from .kernels cimport (ktsft_kernels, ktsft_bf16, ktsft_kernels_by_name, ktsft_amx_build,
+                       ktsft_cpu_features, ktsft_probe_cpu, ktsft_amx_request)
 
-ISA_ORDER = ("scalar", "avx2", "avx512", "avx512bf16")
+ISA_ORDER = ("scalar", "avx2", "avx512", "avx512bf16", "amx")
 
 # block sizes: fixed, so the work split (and thus every rounding) never
 # depends on the thread count
 cdef enum:
     ROW_BLOCK = 64      # NT output rows per task
+    AMX_ROW_BLOCK = 256  # the same on AMX tiles: the tokens' pack is amortised over more rows
     COL_BLOCK = 256     # NN output columns per task (one packed block)
     PAIR_BLOCK = 32     # (token, slot) pairs per task
     GRAD_BLOCK = 256    # LoRA-gradient rows/columns per task
@@ -52,6 +53,42 @@ def compiled_isas():
     return tuple(n for n in ISA_ORDER if ktsft_kernels_by_name(n.encode()) != NULL)
 
 
+_AMX_STATUS = None
+
+
+def amx_status():
+    """(usable, reason) for the AMX build on this CPU and OS.  The first call
+    asks Linux for the tile-data state (once per process)."""
+    global _AMX_STATUS
+    cdef int err = 0, rc
+    if _AMX_STATUS is not None:
+        return _AMX_STATUS
+    build = ktsft_amx_build()
+    f = cpu_features()
+    if build == 0:
+        st = (False, "not built (the compiler has no AMX intrinsics)")
+    elif build == 2:
+        st = (f["avx512_bf16"], "C model of the tiles (KTSFT_AMX_EMULATE build, for development)"
+              if f["avx512_bf16"] else "the emulated build needs AVX512-BF16")
+    elif not (f["amx_tile"] and f["amx_bf16"]):
+        st = (False, "the CPU has no AMX-BF16" if not f["os_amx"] and not f["amx_tile"] else
+              "AMX-BF16 not reported by CPUID or not enabled by the OS (XCR0)")
+    elif not f["avx512_bf16"]:
+        st = (False, "AMX without AVX512-BF16 (needed for the epilogues)")
+    else:
+        rc = ktsft_amx_request(&err)
+        if rc == 0:
+            st = (True, "tile data granted by the kernel (arch_prctl ARCH_REQ_XCOMP_PERM)")
+        elif rc == -1:
+            st = (False, "AMX permission request is implemented for Linux x86-64 only")
+        else:
+            import os
+            st = (False, f"the kernel refused AMX tile data (arch_prctl: "
+                         f"{os.strerror(err) if err else 'permission not reported'})")
+    _AMX_STATUS = st
+    return st
+
+
 def runnable_isas():
     """Compiled ISA builds this CPU and OS can run, slowest first."""
     f = cpu_features()
@@ -61,8 +98,11 @@ def runnable_isas():
         "avx512": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"),
         "avx512bf16": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
                        "avx512_bf16"),
+        "amx": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+                "avx512_bf16"),
     }
-    return tuple(n for n in compiled_isas() if all(f[x] for x in needs[n]))
+    return tuple(n for n in compiled_isas() if all(f[x] for x in needs[n])
+                 and (n != "amx" or amx_status()[0]))
 
 
 def openmp_enabled():
@@ -86,6 +126,7 @@ cdef struct Layer:
     int64_t group            # quantization group along a row's inputs
     int64_t ng_in_h          # scale groups per row of gate/up (inputs: H)
     int64_t ng_in_i          # scale groups per row of down (inputs: I)
+    int64_t nt_rows          # NT output rows per task (per ISA, never per thread count)
     float scaling
     const void *w_gate       # [E, I, H] physical slots, fp32 or bf16
     const void *w_up         # [E, I, H]
@@ -576,6 +617,7 @@ cdef class MoEKernel:
                              f"and intermediate_size")
         self.L.ng_in_h = hidden_size // group if self.L.q4 else 1
         self.L.ng_in_i = intermediate_size // group if self.L.q4 else 1
+        self.L.nt_rows = AMX_ROW_BLOCK if isa == "amx" else ROW_BLOCK
         self.isa = isa
         self._keep = {}
 
@@ -650,8 +692,8 @@ cdef class MoEKernel:
             tf[3] = _now()
             dims[0] = L.I
             dims[1] = L.I
-            blocks[0] = ROW_BLOCK
-            blocks[1] = ROW_BLOCK
+            blocks[0] = L.nt_rows
+            blocks[1] = L.nt_rows
             if rc == 0:
                 rc = _run(PH_GATE_UP, L, &S, n_exp, order, 2, dims, blocks, False, n_threads)
             tf[4] = _now()
@@ -660,7 +702,7 @@ cdef class MoEKernel:
                 rc = _run(PH_SWIGLU, L, &S, n_exp, order, 1, dims, blocks, True, n_threads)
             tf[5] = _now()
             dims[0] = L.H
-            blocks[0] = ROW_BLOCK
+            blocks[0] = L.nt_rows
             if rc == 0:
                 rc = _run(PH_DOWN, L, &S, n_exp, order, 1, dims, blocks, False, n_threads)
             tf[6] = _now()

@@ -143,10 +143,16 @@ KTSFT_HIDDEN const ktsft_kernels *ktsft_kernels_avx2(void);
 KTSFT_HIDDEN const ktsft_kernels *ktsft_kernels_avx512(void);
 KTSFT_HIDDEN const ktsft_kernels *ktsft_kernels_avx512bf16(void);
 #endif
+#if defined(KTSFT_AMX_KERNELS)
+KTSFT_HIDDEN const ktsft_kernels *ktsft_kernels_amx(void);
+#endif
 
-/* Table for an ISA name ("scalar", "avx2", "avx512", "avx512bf16"), or NULL
- * when that build is absent.  It does not check the CPU: see cpu_features.h. */
+/* Table for an ISA name ("scalar", "avx2", "avx512", "avx512bf16", "amx"),
+ * or NULL when that build is absent.  It does not check the CPU: see
+ * cpu_features.h. */
 const ktsft_kernels *ktsft_kernels_by_name(const char *name);
+/* 0: no AMX build; 1: AMX tiles; 2: the C model of the tiles (development) */
+int ktsft_amx_build(void);
 
 #ifdef __cplusplus
 }
