@@ -123,10 +123,13 @@ def main(argv=None) -> int:
         for isa in isas:
             acc[isa] = accuracy(shape, isa, 128, args.rank)
             print(f"accuracy {isa}: max rel err {max(acc[isa].values()):.2e}", flush=True)
+    bw = {t: machine.read_bandwidth_gbs(t) for t in sorted({min(args.threads), max(args.threads)})}
+    print("read bandwidth: " + ", ".join(f"{t} threads {v:.1f} GB/s" for t, v in bw.items()))
     head = (f"{machine.cpu_model()}, ktsft {ktsft.__version__}, bf16, r={args.rank}, "
             f"uniform routing, median of {args.repeats} after a warm-up, "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    lines = [head, "", "| layer | qlen | ISA | threads | ktsft ms | GFLOP/s | incumbent, same ISA and threads | "
+    lines = [head, "", "Read bandwidth (numpy, same run): " +
+             ", ".join(f"{t} threads {v:.1f} GB/s" for t, v in bw.items()), "", "| layer | qlen | ISA | threads | ktsft ms | GFLOP/s | incumbent, same ISA and threads | "
              "incumbent AMX, its best |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['preset']} | {r['T']} | {r['isa']} | {r['threads']} | {r['ms']:.0f} | "
@@ -141,7 +144,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.tag}.md").write_text(text)
     (args.out / f"{args.tag}.json").write_text(json.dumps(
-        {"header": head, "cpu_info": info, "rows": rows, "accuracy": acc}, indent=1, default=str))
+        {"header": head, "cpu_info": info, "rows": rows, "accuracy": acc, "read_gbs": bw}, indent=1, default=str))
     return 0
 
 

@@ -26,6 +26,7 @@ cdef enum:
     ROW_BLOCK = 64      # NT output rows per task
     AMX_ROW_BLOCK = 256  # the same on AMX tiles: the tokens' pack is amortised over more rows
     COL_BLOCK = 256     # NN output columns per task (one packed block)
+    AMX_COL_BLOCK = 1024  # AMX: 2 KiB runs of each weight row per task, streamed
     PAIR_BLOCK = 32     # (token, slot) pairs per task
     GRAD_BLOCK = 256    # LoRA-gradient rows/columns per task
     FEW_TOKENS = 8      # experts with at most this many pairs: NN tasks span whole rows
@@ -71,8 +72,7 @@ def amx_status():
         st = (f["avx512_bf16"], "C model of the tiles (KTSFT_AMX_EMULATE build, for development)"
               if f["avx512_bf16"] else "the emulated build needs AVX512-BF16")
     elif not (f["amx_tile"] and f["amx_bf16"]):
-        st = (False, "the CPU has no AMX-BF16" if not f["os_amx"] and not f["amx_tile"] else
-              "AMX-BF16 not reported by CPUID or not enabled by the OS (XCR0)")
+        st = (False, "no AMX-BF16: not in CPUID, or its state not enabled by the OS (XCR0)")
     elif not f["avx512_bf16"]:
         st = (False, "AMX without AVX512-BF16 (needed for the epilogues)")
     else:
@@ -127,6 +127,7 @@ cdef struct Layer:
     int64_t ng_in_h          # scale groups per row of gate/up (inputs: H)
     int64_t ng_in_i          # scale groups per row of down (inputs: I)
     int64_t nt_rows          # NT output rows per task (per ISA, never per thread count)
+    int64_t nn_cols          # NN output columns per task (likewise)
     float scaling
     const void *w_gate       # [E, I, H] physical slots, fp32 or bf16
     const void *w_up         # [E, I, H]
@@ -618,6 +619,7 @@ cdef class MoEKernel:
         self.L.ng_in_h = hidden_size // group if self.L.q4 else 1
         self.L.ng_in_i = intermediate_size // group if self.L.q4 else 1
         self.L.nt_rows = AMX_ROW_BLOCK if isa == "amx" else ROW_BLOCK
+        self.L.nn_cols = AMX_COL_BLOCK if isa == "amx" else COL_BLOCK
         self.isa = isa
         self._keep = {}
 
@@ -764,7 +766,7 @@ cdef class MoEKernel:
                 rc = _run(PH_LORA_B_DOWN, L, &S, n_exp, order, 1, dims, blocks, True, n_threads)
             tb[2] = _now()
             dims[0] = L.I
-            blocks[0] = COL_BLOCK
+            blocks[0] = L.nn_cols
             if rc == 0:
                 rc = _run(PH_BDOWN, L, &S, n_exp, order, 1, dims, blocks, False, n_threads)
             tb[3] = _now()
@@ -773,7 +775,7 @@ cdef class MoEKernel:
                 rc = _run(PH_BSWIGLU, L, &S, n_exp, order, 1, dims, blocks, True, n_threads)
             tb[4] = _now()
             dims[0] = L.H
-            blocks[0] = COL_BLOCK
+            blocks[0] = L.nn_cols
             if rc == 0:
                 rc = _run(PH_BINPUT, L, &S, n_exp, order, 1, dims, blocks, False, n_threads)
             tb[5] = _now()
