@@ -396,6 +396,7 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
         if self._lora is None:
             raise RuntimeError("save_adapter() before init_lora_weights()")
         mats = dict(zip(LORA_ARG_NAMES, self._lora))
+        kw.setdefault("lora_dropout", self.lora_dropout)
         save_adapter(path, {self.layer_idx: mats}, self.lora_rank, self.lora_alpha, **kw)
 
     def export_peft_fused(self, path, **kw) -> None:
@@ -404,6 +405,7 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
 
         if self._lora is None:
             raise RuntimeError("export_peft_fused() before init_lora_weights()")
+        kw.setdefault("lora_dropout", self.lora_dropout)
         export_peft_fused(path, {self.layer_idx: dict(zip(LORA_ARG_NAMES, self._lora))},
                           self.lora_rank, self.lora_alpha, **kw)
 
