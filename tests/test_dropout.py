@@ -156,6 +156,15 @@ def test_seeds():
     assert m1.last_dropout_seed is None
 
 
+def test_empty_batch():
+    p = Problem(T=3, H=16, I=8, E=3, k=2, r=2)
+    m = p.wrapper(lora_dropout=0.5)
+    out = m.forward_sft(p.x[:0], p.ids[:0], p.w[:0], dropout_seed=1)
+    dx, grads = m.backward(p.dO[:0])
+    assert out.shape == dx.shape == (0, 16)
+    assert not any(np.any(grads[n]) for n in grads)
+
+
 def test_backward_uses_its_forwards_seed():
     """Two forwards in flight with different seeds, backwards out of order."""
     p = Problem(T=12, H=36, I=20, E=4, k=2, r=3, seed=32)
