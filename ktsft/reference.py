@@ -20,8 +20,8 @@ See docs/derivation.md for the backward formulas.
 
 import numpy as np
 
-__all__ = ["forward", "backward", "forward_backward", "sigmoid", "silu", "dropout_keep",
-           "dropout_masks"]
+__all__ = ["forward", "backward", "forward_backward", "sigmoid", "silu", "dropout_threshold",
+           "dropout_hash", "dropout_keep", "dropout_masks"]
 
 # ---------------------------------------------------------------------------
 # LoRA dropout masks: the numpy twin of kt_dropout_f32 (src/common.inc),
