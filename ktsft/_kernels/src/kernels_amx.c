@@ -101,6 +101,22 @@ static inline void kt_emu_dp(int c, int a, int b)
 #define KT_AMX_NT_PF 4
 #define KT_AMX_NN_PF 16
 
+/* Per-thread scratch for the packs, kept between calls: glibc serves blocks
+ * of a megabyte by mmap, so a fresh one per call would be page-faulted in
+ * (and zeroed by the kernel) every time.  Grows only; a few MB per thread. */
+static _Thread_local char *kt_scr;
+static _Thread_local size_t kt_scr_bytes;
+
+static char *kt_scratch(size_t bytes)
+{
+    if (bytes > kt_scr_bytes) {
+        free(kt_scr);
+        kt_scr = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+        kt_scr_bytes = kt_scr ? bytes : 0;
+    }
+    return kt_scr;
+}
+
 /* r[i] <- column i of the 16x16 matrix whose rows are r[0..15] */
 static inline void kt_tr16x16(__m512 r[16])
 {
@@ -207,7 +223,7 @@ static void gemm_nt_bf16_amx(int64_t M, int64_t N, int64_t K, const ktsft_bf16 *
     const int64_t mtiles = ((M + 15) / 16 + 1) & ~(int64_t)1; /* even: tokens go in pairs */
     const size_t xt_bytes = (size_t)mtiles * nkb * 1024;
     const size_t w2_bytes = (size_t)(K2 > 0 ? K2 : 1) * 2 * 16 * sizeof(float);
-    char *mem = aligned_alloc(64, xt_bytes + w2_bytes + 2 * 1024 + 4 * 1024);
+    char *mem = kt_scratch(xt_bytes + w2_bytes + 2 * 1024 + 4 * 1024);
     if (!mem) { /* out of memory for the packs: the in-place kernels */
         gemm_nt_bf16_dp(M, N, K, A__mk, lda, arows, W__nk, ldw, K2, A2__mq, lda2, W2__nq, ldw2,
                         C__mn, ldc);
@@ -281,7 +297,6 @@ static void gemm_nt_bf16_amx(int64_t M, int64_t N, int64_t K, const ktsft_bf16 *
         }
     }
     TRELEASE();
-    free(mem);
     if (N16 < N) /* the last N % 16 rows */
         gemm_nt_bf16_dp(M, N - N16, K, A__mk, lda, arows, W__nk + N16 * ldw, ldw, K2, A2__mq,
                         lda2, K2 ? W2__nq + N16 * ldw2 : NULL, ldw2, C__mn + N16, ldc);
@@ -364,7 +379,7 @@ static void gemm_nn_bf16_amx(int64_t M, int64_t N, int64_t O, const ktsft_bf16 *
     const size_t pk_bytes = (size_t)och * KT_AMX_NN_COLS * sizeof(ktsft_bf16);
     /* fp32 sums carried between row chunks (only when there are several) */
     const size_t cs_bytes = Op > och ? (size_t)mtiles * 16 * KT_AMX_NN_COLS * sizeof(float) : 0;
-    char *mem = aligned_alloc(64, ap_bytes + pk_bytes + cs_bytes + 4 * 1024);
+    char *mem = kt_scratch(ap_bytes + pk_bytes + cs_bytes + 4 * 1024);
     if (!mem) {
         gemm_nn_bf16_dp(M, N, O, A__mo, lda, arows, W__on, ldw, O2, A2__mq, lda2, W2__qn, ldw2,
                         C__mn, ldc, accumulate);
@@ -453,7 +468,6 @@ static void gemm_nn_bf16_amx(int64_t M, int64_t N, int64_t O, const ktsft_bf16 *
         }
     }
     TRELEASE();
-    free(mem);
 }
 
 const ktsft_kernels *ktsft_kernels_amx(void)
