@@ -26,7 +26,7 @@ cdef enum:
     ROW_BLOCK = 64      # NT output rows per task
     AMX_ROW_BLOCK = 256  # the same on AMX tiles: the tokens' pack is amortised over more rows
     COL_BLOCK = 256     # NN output columns per task (one packed block)
-    AMX_COL_BLOCK = 1024  # AMX: 2 KiB runs of each weight row per task, streamed
+    AMX_COL_BLOCK = 2048  # AMX: up to 4 KiB runs of each weight row per task, streamed
     PAIR_BLOCK = 32     # (token, slot) pairs per task
     GRAD_BLOCK = 256    # LoRA-gradient rows/columns per task
     FEW_TOKENS = 8      # experts with at most this many pairs: NN tasks span whole rows

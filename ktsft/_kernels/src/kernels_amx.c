@@ -261,6 +261,7 @@ static void gemm_nt_bf16_amx(int64_t M, int64_t N, int64_t K, const ktsft_bf16 *
             }
             /* the first token pair brings the weight rows in; later ones hit L2 */
             const int64_t pfd = mt == 0 ? KT_AMX_NT_PF : 0;
+
             for (int64_t kb = 0; kb < nkb; ++kb) {
                 const int tail = kb == kfull;
                 if (pfd && kb + pfd < kfull)
@@ -308,10 +309,10 @@ static void gemm_nt_bf16_amx(int64_t M, int64_t N, int64_t K, const ktsft_bf16 *
 
 /* NN weights are packed in blocks of up to KT_AMX_NN_COLS columns x
  * KT_AMX_NN_OCHUNK rows (1 MiB, in a 2 MiB L2): each row's columns are read
- * as one contiguous run of up to 2 KiB, so the prefetchers stream them (a
+ * as one contiguous run of up to 4 KiB, so the prefetchers stream them (a
  * 32-column panel alone would take 64 bytes from each 4 KiB-apart row). */
-#define KT_AMX_NN_COLS 1024
-#define KT_AMX_NN_OCHUNK 512
+#define KT_AMX_NN_COLS 2048
+#define KT_AMX_NN_OCHUNK 256
 
 /* Rows [o0, o0 + oc) (zero at and past O) x columns [0, ncols) of W as
  * bf16 pairs, one 32-column panel after the other: panel p holds, for each
