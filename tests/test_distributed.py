@@ -121,6 +121,9 @@ def _ep_two_ranks(rank, world, tmp):
     ep.load_weights(*wb)                      # the whole layer: the rank keeps its slice
     batches = [[batch(6 + 3 * r, seed=10 * b + r) for r in range(world)] for b in range(2)]
     res.update({f"even_{k}": v for k, v in compare_step(ep, ref, rank, batches).items()})
+    ep.recompute = True  # the owner keeps only input references and recomputes in backward
+    res.update({f"recompute_{k}": v for k, v in compare_step(ep, ref, rank, batches).items()})
+    ep.recompute = False
     x, ids, w, _ = batches[0][rank]
     out3 = ep(x.reshape(3, -1, H), ids.reshape(3, -1, K), w.reshape(3, -1, K))
     res["lead_dims"] = rel(out3.reshape(-1, H), ep(x, ids, w))
@@ -205,6 +208,7 @@ def _dp_worker(rank, world, with_hf):
             mods[0].up_lora_a.add_(1.0)
     ddp, ref = DDP(mods[0]), mods[1]
     res["broadcast"] = all(torch.equal(p, q) for p, q in zip(mods[0].parameters(), ref.parameters()))
+    start = [p.detach().clone() for p in ref.parameters()]
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     T = 12
@@ -218,9 +222,62 @@ def _dp_worker(rank, world, with_hf):
         (ref(x, ids, w) - tgt).square().mean().backward()
         opt_ref.step()
     res["experts_adamw"] = max(rel(p, q) for p, q in zip(mods[0].parameters(), ref.parameters()))
-    res["experts_checksum"] = float(sum(p.double().sum() for p in mods[0].parameters()))
+    res["experts_moved"] = min(rel(p, q) for p, q in zip(mods[0].parameters(), start)) > 1e-3
+    res["experts_checksum"] = float(sum(p.detach().double().sum() for p in mods[0].parameters()))
+    res.update(_hybrid(rank, world))
     if with_hf:
         res.update(_dp_hf(rank, world))
+    return res
+
+
+class _Block(torch.nn.Module):
+    """A replicated projection (trained by DDP) feeding routed experts."""
+
+    def __init__(self, experts):
+        super().__init__()
+        torch.manual_seed(11)
+        self.proj = torch.nn.Linear(H, H)
+        self.experts = experts
+
+    def forward(self, x, ids, w):
+        return self.experts(self.proj(x), ids, w)
+
+
+def _hybrid(rank, world):
+    """DDP on the projection, expert parallelism (own group) on the experts:
+    the gradients of the mean of the ranks' losses, as one process computes
+    them on the concatenated batch."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from ktsft.distributed import ExpertParallelLoRAExperts, exclude_from_ddp
+
+    _, ref_experts, wb, _ = make_pair()
+    ep_group = dist.new_group(backend="gloo")
+    ep = ExpertParallelLoRAExperts(E, K, H, I, r=R, alpha=8.0, dtype="fp32", threads=1,
+                                   group=ep_group)
+    ep.load_weights(*wb)
+    lo, hi = ep.expert_range
+    with torch.no_grad():
+        for p, q in zip(ep.lora_parameters(), ref_experts.lora_parameters()):
+            p.copy_(q[lo:hi])
+    model, ref = _Block(ep), _Block(ref_experts)
+    if rank == 1:
+        with torch.no_grad():
+            model.proj.weight.add_(1.0)  # DDP must broadcast rank 0's copy
+    shard = [p.detach().clone() for p in ep.lora_parameters()]
+    ignored = exclude_from_ddp(model)
+    ddp = DDP(model)
+    res = {"hybrid_ignored": len(ignored) == 6,
+           "hybrid_broadcast": torch.equal(model.proj.weight, ref.proj.weight),
+           "hybrid_shard_kept": all(torch.equal(p, s) for p, s in zip(ep.lora_parameters(), shard))}
+    xs = [batch(6, seed=300 + r) for r in range(world)]
+    x, ids, w, dO = xs[rank]
+    (ddp(x, ids, w) * dO).sum().backward()
+    total = sum((ref(*b[:3]) * b[3]).sum() for b in xs) / world
+    total.backward()
+    res["hybrid_proj_grad"] = rel(model.proj.weight.grad, ref.proj.weight.grad)
+    res["hybrid_lora_grad"] = max(rel(p.grad, q.grad[lo:hi]) for p, q in
+                                  zip(ep.lora_parameters(), ref_experts.lora_parameters()))
     return res
 
 
@@ -247,6 +304,7 @@ def _dp_hf(rank, world):
                                      else v) for k, v in lora_state_dict(m).items()})
         models.append(m)
     ddp, ref = DDP(models[0]), models[1]
+    start = {k: v.clone() for k, v in lora_state_dict(ref).items()}
     params = [p for p in ddp.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=5e-3)
     opt_ref = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=5e-3)
@@ -259,7 +317,8 @@ def _dp_hf(rank, world):
         ref(ids, labels=ids).loss.backward()
         opt_ref.step()
     a, b = lora_state_dict(models[0]), lora_state_dict(ref)
-    return {"hf_lora_tensors": len(a), "hf_adamw": max(rel(a[k], b[k]) for k in a)}
+    return {"hf_lora_tensors": len(a), "hf_adamw": max(rel(a[k], b[k]) for k in a),
+            "hf_moved": min(rel(a[k], start[k]) for k in a) > 1e-4}
 
 
 def _failures(rank, world):

@@ -23,8 +23,10 @@ import math
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
+from torch.func import functional_call
 
 from ..torch import PARAM_NAMES, LoRAExperts
+from ..wrapper import INT32_MAX
 from .comm import all_to_all, check_all, exchange_counts
 from .partition import ExpertPartition
 from .routing import plan_recv, plan_send
@@ -51,13 +53,18 @@ class _ExpertParallelFunction(torch.autograd.Function):
         recv = plan_recv(meta, recv_rows, recv_pairs)
 
         need = any(ctx.needs_input_grad)
-        xr = wr = out_recv = None
+        xr = wr = out_recv = leaves = None
         try:
             with torch.set_grad_enabled(need):
                 # fp32 on the owner: the pair outputs are summed before rounding to act
                 xr = x_recv.float().detach().requires_grad_(need)
                 wr = recv.weight.detach().requires_grad_(need)
-                y = module.local(xr[recv.row], recv.local_id[:, None], wr[:, None])
+                # The inner graph ends at aliases of the parameters (same memory, which
+                # the kernels read): its autograd.grad must not fire hooks registered
+                # on the parameters themselves; they see the gradient this Function returns.
+                leaves = [p.detach().requires_grad_(need) for p in params]
+                y = functional_call(module.local, dict(zip(PARAM_NAMES, leaves)),
+                                    (xr[recv.row], recv.local_id[:, None], wr[:, None]))
                 out_recv = torch.zeros(xr.shape, dtype=torch.float32).index_add(0, recv.row, y)
         except Exception as e:
             err = e
@@ -66,7 +73,7 @@ class _ExpertParallelFunction(torch.autograd.Function):
         out = torch.zeros(x.shape, dtype=torch.float32).index_add_(0, plan.send_tok, out_rows.float())
         if need:
             ctx.module = module
-            ctx.state = (plan, recv, xr, wr, out_recv, params)
+            ctx.state = (plan, recv, xr, wr, out_recv, leaves)
             ctx.meta = (x.shape, act, w.shape, w.dtype)
         return out.to(act)
 
@@ -78,7 +85,7 @@ class _ExpertParallelFunction(torch.autograd.Function):
             raise RuntimeError("ExpertParallelLoRAExperts: backward ran twice through one forward; "
                                "its activations are freed after the first backward (run the "
                                "forward again, e.g. with torch.utils.checkpoint)")
-        plan, recv, xr, wr, out_recv, params = ctx.state
+        plan, recv, xr, wr, out_recv, leaves = ctx.state
         ctx.state = None
         x_shape, act, w_shape, w_dtype = ctx.meta
         group = module.group
@@ -86,10 +93,10 @@ class _ExpertParallelFunction(torch.autograd.Function):
                             recv.recv_rows, group)
         grads, err = None, None
         try:
-            grads = torch.autograd.grad(out_recv, [xr, wr, *params], g_recv.float(),
+            grads = torch.autograd.grad(out_recv, [xr, wr, *leaves], g_recv.float(),
                                         allow_unused=True)
             grads = [torch.zeros_like(t) if g is None else g
-                     for g, t in zip(grads, [xr, wr, *params])]
+                     for g, t in zip(grads, [xr, wr, *leaves])]
         except Exception as e:
             err = e
         check_all(err, group, "ExpertParallelLoRAExperts backward (local experts)")
@@ -119,8 +126,10 @@ class ExpertParallelLoRAExperts(torch.nn.Module):
     hi - lo experts whose LoRA parameters are ``gate_lora_a`` [hi - lo, r,
     H], ... .  Inputs may live on any device; communication is on CPU
     tensors in the activation dtype.  ``chunked_prefill_size`` bounds the
-    tokens one rank passes per call; the owner then takes up to
-    world_size * chunked_prefill_size * top_k pairs.
+    tokens one rank passes per call; an owner accepts up to world_size *
+    chunked_prefill_size * top_k (token, expert) pairs, and its activation
+    cache grows with the pairs it really receives (chunked_prefill_size *
+    top_k per forward when routing is balanced).
     """
 
     def __init__(self, num_experts, top_k, hidden_size, intermediate_size, r=16, alpha=32.0,
@@ -146,12 +155,19 @@ class ExpertParallelLoRAExperts(torch.nn.Module):
         # The global RNG is left where a LoRAExperts of all experts would
         # leave it: reset_lora_parameters replays that init for our slice.
         rng = torch.get_rng_state()
+        pairs = self.chunked_prefill_size * self.top_k
+        if pairs * self.world_size > INT32_MAX:
+            raise ValueError(f"chunked_prefill_size={chunked_prefill_size} x top_k={top_k} x "
+                             f"world_size={self.world_size} pairs exceed 2^31 - 1, the kernels' "
+                             "index range; pass fewer tokens per call")
+        # Sized (and memory-checked) for balanced routing, chunked_prefill_size * top_k
+        # pairs, as a single-process layer is; one rank may still receive every rank's
+        # pairs in a skewed step, so the accepted maximum is world_size times that.
         self.local = LoRAExperts(hi - lo, 1, hidden_size, intermediate_size, r=r, alpha=alpha,
                                  dtype=dtype, use_rslora=use_rslora, threads=threads,
-                                 max_cache_depth=max_cache_depth,
-                                 chunked_prefill_size=(self.world_size * self.chunked_prefill_size
-                                                       * self.top_k),
+                                 max_cache_depth=max_cache_depth, chunked_prefill_size=pairs,
                                  layer_idx=layer_idx, isa=isa, recompute=recompute)
+        self.local.wrapper.chunked_prefill_size = pairs * self.world_size
         torch.set_rng_state(rng)
         self.reset_lora_parameters()
         self._owner = self.partition.owner_table()
