@@ -70,18 +70,19 @@ def _worker(rank, world, cfg):
         out.backward(dO)
 
     step()  # warm-up: caches, workspaces, lazy gradient buffers
-    times, comm = [], []
+    times, comm, local = [], [], []
     STATS.reset()
     STATS.enabled = True
     dist.barrier()
     busy0, wall0, cpu0 = _busy_ticks(), time.perf_counter(), time.process_time()
     for _ in range(cfg["steps"]):
         dist.barrier()
-        c0 = STATS.seconds
+        c0, l0 = STATS.seconds, STATS.local_seconds
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
         comm.append(STATS.seconds - c0)
+        local.append(STATS.local_seconds - l0)
     STATS.enabled = False
     dist.barrier()
     busy1, wall1, cpu1 = _busy_ticks(), time.perf_counter(), time.process_time()
@@ -91,7 +92,7 @@ def _worker(rank, world, cfg):
     own = owner[ids]
     remote_rows = sum(len(set(own[t].tolist()) - {rank}) for t in range(T))
     remote_pairs = int((own != rank).sum())
-    return {"times": times, "comm": comm, "bytes": STATS.bytes_sent / cfg["steps"], "T": T,
+    return {"times": times, "comm": comm, "local": local, "bytes": STATS.bytes_sent / cfg["steps"], "T": T,
             "remote_rows": remote_rows, "remote_pairs": remote_pairs,
             "cpu": cpu1 - cpu0, "busy": (busy1 - busy0) / os.sysconf("SC_CLK_TCK"),
             "wall": wall1 - wall0, "elem": 2 if dtype == "bf16" else 4}
@@ -112,6 +113,8 @@ def run(cfg, ranks):
         step = statistics.median(max(r["times"][i] for r in res) for i in range(cfg["steps"]))
         comm = statistics.median(statistics.mean(r["comm"][i] for r in res)
                                  for i in range(cfg["steps"]))
+        local = statistics.median(statistics.mean(r["local"][i] for r in res)
+                                  for i in range(cfg["steps"]))
         tokens = sum(r["T"] for r in res)
         H, b = cfg["hidden"], res[0]["elem"]
         # per step: 2 row transfers out (x fwd, grad_out bwd) and 2 back (out, grad_x), 12 + 4 B per pair
@@ -119,6 +122,7 @@ def run(cfg, ranks):
         other = max(0.0, (res[0]["busy"] - sum(r["cpu"] for r in res)) / res[0]["wall"])
         rows.append({"ranks": world, "threads": c["threads"], "tokens_per_rank": tokens // world,
                      "step_ms": 1e3 * step, "tok_s": tokens / step, "comm_ms": 1e3 * comm,
+                     "local_ms": 1e3 * local,
                      "comm_share": comm / step,
                      "bytes_per_token": sum(r["bytes"] for r in res) / tokens,
                      "model_bytes_per_token": model / tokens,
@@ -132,15 +136,19 @@ def render(cfg, rows) -> str:
             f"r={cfg['rank']}, {cfg['dtype']}; global batch {cfg['tokens']} tokens; "
             f"median of {cfg['steps']} steps\n\n")
     out = ["| ranks | threads/rank | tokens/rank | step ms | tokens/s | in collectives ms | "
-           "comm share | bytes sent /token (measured) | model | remote rows /token | other load |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "comm share | owner's experts ms | rest ms | bytes sent /token (measured) | model | "
+           "remote rows /token | other load |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         single = r["ranks"] == 1
         comm = "-" if single else f"{r['comm_ms']:.1f}"
         share = "-" if single else f"{100 * r['comm_share']:.0f}%"
+        local = "-" if single else f"{r['local_ms']:.1f}"
+        rest = "-" if single else f"{r['step_ms'] - r['comm_ms'] - r['local_ms']:.1f}"
         name = f"{r['ranks']} (LoRAExperts)" if single else str(r["ranks"])
         out.append(f"| {name} | {r['threads']} | {r['tokens_per_rank']} | {r['step_ms']:.1f} | "
-                   f"{r['tok_s']:.0f} | {comm} | {share} | {r['bytes_per_token']:.0f} | "
+                   f"{r['tok_s']:.0f} | {comm} | {share} | {local} | {rest} | "
+                   f"{r['bytes_per_token']:.0f} | "
                    f"{r['model_bytes_per_token']:.0f} | {r['rows_per_token']:.2f} | "
                    f"{r['other_load']:.2f} |")
     return head + "\n".join(out) + "\n"

@@ -18,7 +18,8 @@ class RankFailedError(RuntimeError):
 
 class CommStats:
     """Wall time spent inside collectives (waiting for slower peers
-    included) and payload bytes sent to other ranks, when ``enabled``."""
+    included), payload bytes sent to other ranks, and time in the owner's
+    local expert compute, when ``enabled``."""
 
     def __init__(self):
         self.enabled = False
@@ -28,6 +29,7 @@ class CommStats:
         self.seconds = 0.0
         self.calls = 0
         self.bytes_sent = 0  # to other ranks; a rank's block to itself is a local copy
+        self.local_seconds = 0.0
 
     def add(self, seconds, nbytes):
         self.seconds += seconds

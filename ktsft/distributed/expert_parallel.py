@@ -19,6 +19,7 @@ same collectives in the same order whatever the autograd engine schedules.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.distributed as dist
@@ -27,7 +28,7 @@ from torch.func import functional_call
 
 from ..torch import PARAM_NAMES, LoRAExperts
 from ..wrapper import INT32_MAX
-from .comm import all_to_all, check_all, exchange_counts
+from .comm import STATS, all_to_all, check_all, exchange_counts
 from .partition import ExpertPartition
 from .routing import plan_recv, plan_send
 
@@ -54,6 +55,7 @@ class _ExpertParallelFunction(torch.autograd.Function):
 
         need = any(ctx.needs_input_grad)
         xr = wr = out_recv = leaves = None
+        t0 = time.perf_counter()
         try:
             with torch.set_grad_enabled(need):
                 # fp32 on the owner: the pair outputs are summed before rounding to act
@@ -68,6 +70,7 @@ class _ExpertParallelFunction(torch.autograd.Function):
                 out_recv = torch.zeros(xr.shape, dtype=torch.float32).index_add(0, recv.row, y)
         except Exception as e:
             err = e
+        STATS.local_seconds += time.perf_counter() - t0
         check_all(err, group, "ExpertParallelLoRAExperts forward (local experts)")
         out_rows = all_to_all(out_recv.detach().to(act), recv_rows, plan.send_rows, group)
         out = torch.zeros(x.shape, dtype=torch.float32).index_add_(0, plan.send_tok, out_rows.float())
@@ -92,6 +95,7 @@ class _ExpertParallelFunction(torch.autograd.Function):
         g_recv = all_to_all(grad_out.detach()[plan.send_tok].to(act), plan.send_rows,
                             recv.recv_rows, group)
         grads, err = None, None
+        t0 = time.perf_counter()
         try:
             grads = torch.autograd.grad(out_recv, [xr, wr, *leaves], g_recv.float(),
                                         allow_unused=True)
@@ -99,6 +103,7 @@ class _ExpertParallelFunction(torch.autograd.Function):
                      for g, t in zip(grads, [xr, wr, *leaves])]
         except Exception as e:
             err = e
+        STATS.local_seconds += time.perf_counter() - t0
         check_all(err, group, "ExpertParallelLoRAExperts backward (local experts)")
         gx_recv, gw_recv, *pgrads = grads
         gx_rows = all_to_all(gx_recv.to(act), recv.recv_rows, plan.send_rows, group)
