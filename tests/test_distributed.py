@@ -180,10 +180,27 @@ def _ep_four_ranks(rank, world, ckpt):
     batches = [[batch(Ts[r], seed=70 + r) for r in range(world)],
                [batch(Ts[r], seed=80 + r, experts=6) for r in range(world)]]
     res.update(compare_step(ep, ref, rank, batches))
-    # the second micro-batch alone: rank 3's experts see no token, its LoRA grads are zero
+    # the second micro-batch alone: rank 3's experts see no token, its LoRA grads are zero;
+    # the bytes this rank sends are those of docs/distributed.md, to the byte
+    from ktsft.distributed import STATS
+
     ep.zero_grad()
     x, ids, w, dO = batches[1][rank]
+    STATS.reset()
+    STATS.enabled = True
     (ep(x, ids, w) * dO).sum().backward()
+    STATS.enabled = False
+    owner = ep.partition.owner_table()
+    rows = {(s, t, int(d)) for s in range(world) for t, row in enumerate(batches[1][s][1])
+            for d in owner[row]}
+    pairs = [(s, int(d)) for s in range(world) for row in batches[1][s][1] for d in owner[row]]
+    out_rows = sum(1 for s, _, d in rows if s == rank != d)
+    in_rows = sum(1 for s, _, d in rows if d == rank != s)
+    out_pairs = sum(1 for s, d in pairs if s == rank != d)
+    in_pairs = sum(1 for s, d in pairs if d == rank != s)
+    # x and output-gradient rows out, results and input-gradient rows back, fp32
+    want = 2 * H * 4 * (out_rows + in_rows) + 12 * out_pairs + 4 * in_pairs + 24 * (world - 1)
+    res["bytes_as_documented"] = STATS.bytes_sent == want and out_rows + in_rows > 0
     res["idle_rank_grads_zero"] = all(not p.grad.any() for p in ep.lora_parameters()) if rank == 3 else True
     return res
 

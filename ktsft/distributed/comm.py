@@ -5,6 +5,7 @@ others blocked in the next collective.  Optional counters (``STATS``)
 record time and bytes for benchmarks."""
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -60,7 +61,7 @@ def all_to_all(x: torch.Tensor, send_counts, recv_counts, group) -> torch.Tensor
     t0 = time.perf_counter()
     dist.all_to_all_single(out, x, list(recv_counts), list(send_counts), group=group)
     me = dist.get_rank(group)
-    row = x[0].numel() * x.element_size() if x.dim() > 1 else x.element_size()
+    row = math.prod(x.shape[1:]) * x.element_size()
     STATS.add(time.perf_counter() - t0, (sum(send_counts) - send_counts[me]) * row)
     return out
 

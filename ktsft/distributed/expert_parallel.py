@@ -3,7 +3,7 @@ a contiguous slice of one MoE layer's routed experts (base weights and
 LoRA) and computes the (token, expert) pairs routed to them.
 
 Forward, on every rank (all collectives are all_to_all_single on the
-group, any backend that has it, gloo on CPU):
+group on CPU tensors: gloo, or MPI):
   1. counts: rows and pairs for each destination (plus an error flag);
   2. rows: each token's hidden state, once per owner rank it needs;
   3. pairs: (row, local expert, routing weight) for each (token, expert);
