@@ -26,11 +26,30 @@ if X86:
         ("kernels_avx512", AVX512),
         ("kernels_avx512bf16", AVX512 + ["-mavx512bf16"]),
     ]
+# AMX tiles: hardware build when the compiler knows the instructions, or
+# (KTSFT_AMX_EMULATE=1, development only) a C model of the tile unit
+AMX_FLAGS = AVX512 + ["-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
+AMX_EMULATE = bool(os.environ.get("KTSFT_AMX_EMULATE"))
 
 COMMON_CFLAGS = ["-O3", "-std=c11", "-fvisibility=hidden", "-fno-math-errno"]
 if os.environ.get("KTSFT_SANITIZE"):
     # ASan + UBSan build for the hardening job (see docs/dispatch.md)
     COMMON_CFLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined"]
+
+
+def _compiles(compiler, flags):
+    """Does the compiler accept these flags (and their intrinsics)?"""
+    src = ("#include <immintrin.h>\nvoid f(void *p) { _tile_zero(0); _tile_stored(0, p, 64); "
+           "_tile_release(); }\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "probe.c")
+        with open(path, "w") as f:
+            f.write(src)
+        try:
+            compiler.compile([path], output_dir=tmp, extra_postargs=flags)
+            return True
+        except Exception:
+            return False
 
 
 def _has_openmp(compiler):
@@ -54,8 +73,18 @@ class BuildExt(build_ext):
         openmp = os.environ.get("KTSFT_NO_OPENMP") is None and _has_openmp(self.compiler)
         if not openmp:
             print("ktsft: building WITHOUT OpenMP: kernels will run on one thread", file=sys.stderr)
+        units = list(ISA_UNITS)
+        if X86 and AMX_EMULATE:
+            units.append(("kernels_amx", AVX512 + ["-mavx512bf16", "-DKT_AMX_EMULATE"]))
+            macros.append(("KTSFT_AMX_KERNELS", "2"))
+        elif X86 and _compiles(self.compiler, AMX_FLAGS):
+            units.append(("kernels_amx", AMX_FLAGS))
+            macros.append(("KTSFT_AMX_KERNELS", "1"))
+        elif X86:
+            print("ktsft: this compiler has no AMX intrinsics: building without the AMX path",
+                  file=sys.stderr)
         objects = []
-        for unit, flags in ISA_UNITS + [("cpu_features", []), ("dispatch", [])]:
+        for unit, flags in units + [("cpu_features", []), ("dispatch", [])]:
             src = os.path.join(KDIR, "src", unit + ".c")
             objects += self.compiler.compile(
                 [src],

@@ -13,6 +13,8 @@ _OPS = {
     "avx2": ("AVX2 FMA, 8 fp32 lanes", "AVX2 FMA on bf16 widened to fp32"),
     "avx512": ("AVX-512 FMA, 16 fp32 lanes", "AVX-512 FMA on bf16 widened to fp32"),
     "avx512bf16": ("AVX-512 FMA, 16 fp32 lanes", "AVX512-BF16 vdpbf16ps, fp32 accumulation"),
+    "amx": ("AVX-512 FMA, 16 fp32 lanes",
+            "AMX-BF16 tiles (tdpbf16ps), fp32 accumulation; vdpbf16ps under 8 tokens"),
 }
 
 
@@ -25,7 +27,9 @@ def _choose() -> tuple[str, bool]:
         if forced not in runnable:
             raise ImportError(f"{_ENV}={forced!r} cannot run on this CPU/build; runnable: {runnable}")
         return forced, True
-    return runnable[-1], False
+    # the C model of AMX tiles (a development build) only runs when asked for
+    best = [n for n in runnable if n != "amx" or _native.amx_status()[1].startswith("tile data")]
+    return best[-1], False
 
 
 SELECTED_ISA, FORCED = _choose()
@@ -50,6 +54,7 @@ def cpu_info() -> dict:
         "selected_isa": SELECTED_ISA,
         "forced_by_env": FORCED,
         "openmp": _native.openmp_enabled(),
+        "amx": {"usable": _native.amx_status()[0], "reason": _native.amx_status()[1]},
         "kernels": {
             "base GEMMs, dtype=fp32": fp32_desc,
             "base GEMMs, dtype=bf16": bf16_desc,

@@ -231,14 +231,20 @@ def _experts_module(layer, block, model_prefix):
 def save_adapter(path, layers: dict, r: int, lora_alpha: float, use_rslora: bool = False,
                  base_model_name_or_path: str | None = None, block: str = "mlp",
                  proj_names=("gate_proj", "up_proj", "down_proj"), model_prefix: str = "model.",
-                 dtype=np.float32, expert_offset=0, extra_config: dict | None = None) -> None:
+                 dtype=np.float32, lora_dropout: float = 0.0, expert_offset=0,
+                 extra_config: dict | None = None) -> None:
     """Write `layers` = {layer_idx: {"gate_lora_a": [E, r, H], ...}} (the six
     LoRA matrices, numpy or torch) as a per-expert PEFT adapter directory,
-    atomically (a failure mid-save leaves `path` as it was).
+    atomically (a failure mid-save leaves `path` as it was).  lora_dropout
+    is recorded in the config (training-time only: it does not change the
+    adapter's function).
 
     ``expert_offset`` (an int, or {layer_idx: int}) numbers the experts from
     that global id: an expert-parallel rank writes its slice of the layer
     (ktsft.distributed).  ``extra_config`` entries are added to the config."""
+    from .validation import check_dropout
+
+    lora_dropout = check_dropout(lora_dropout, "lora_dropout")
     r = int(r)
     arrs = _dims_of(layers, r)
     tensors = {}
@@ -255,7 +261,7 @@ def save_adapter(path, layers: dict, r: int, lora_alpha: float, use_rslora: bool
                 tensors[f"base_model.model.{mod}.lora_B.weight"] = np.ascontiguousarray(B[e], dtype)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": float(lora_alpha),
-        "use_rslora": bool(use_rslora), "lora_dropout": 0.0, "bias": "none",
+        "use_rslora": bool(use_rslora), "lora_dropout": lora_dropout, "bias": "none",
         "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
         "target_modules": list(proj_names),
         "layers_to_transform": sorted(int(x) for x in layers),
@@ -474,7 +480,8 @@ def unfuse_layer(fused: dict, num_experts: int, r: int, where: str = "") -> dict
 def export_peft_fused(path, layers: dict, r: int, lora_alpha: float, use_rslora: bool = False,
                       base_model_name_or_path: str | None = None, block: str = "mlp",
                       model_prefix: str = "model.", gate_up_name: str = "gate_up_proj",
-                      down_name: str = "down_proj", dtype=np.float32) -> None:
+                      down_name: str = "down_proj", dtype=np.float32,
+                      lora_dropout: float = 0.0) -> None:
     """Write `layers` = {layer_idx: {"gate_lora_a": [E, r, H], ...}} as a PEFT
     adapter on transformers-5 fused experts (``LoraConfig(target_parameters=
     [...experts.gate_up_proj, ...experts.down_proj])``), atomically.
@@ -485,7 +492,10 @@ def export_peft_fused(path, layers: dict, r: int, lora_alpha: float, use_rslora:
     scaling * [B_gate A_gate; B_up A_up] -- ktsft's.  down_proj keeps rank r
     and alpha.  The same tensors serve experts stored transposed
     (``is_transposed``: [E, H, 2I] / [E, I, H]); gate rows must come first in
-    gate_up_proj (not interleaved)."""
+    gate_up_proj (not interleaved).  lora_dropout is recorded in the config."""
+    from .validation import check_dropout
+
+    lora_dropout = check_dropout(lora_dropout, "lora_dropout")
     r = int(r)
     arrs = _dims_of(layers, r)
     tensors, targets = {}, []
@@ -504,7 +514,7 @@ def export_peft_fused(path, layers: dict, r: int, lora_alpha: float, use_rslora:
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": float(lora_alpha),
         "rank_pattern": {pat: 2 * r}, "alpha_pattern": {pat: alpha_gu},
-        "use_rslora": bool(use_rslora), "lora_dropout": 0.0, "bias": "none",
+        "use_rslora": bool(use_rslora), "lora_dropout": lora_dropout, "bias": "none",
         "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
         "target_modules": [], "target_parameters": targets,
         "base_model_name_or_path": base_model_name_or_path,

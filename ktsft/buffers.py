@@ -146,16 +146,20 @@ class CacheEntry:
       G, U      2 k I      gate and up pre-activations (h is rebuilt from them)
       xs_gate, xs_up, hs_down   3 k r   scaled LoRA-A projections
       pair_tok, pair_tj, pair_w, pos   4 k   routing (int32/float32)
-    plus (E + 1) int32 expert offsets per entry.  Storage is allocated for
-    `capacity` tokens so a wrapper can reuse entries across steps.
+    plus (E + 1) int32 expert offsets per entry, and ``dropout`` = (p, seed):
+    the LoRA-dropout probability and 64-bit seed of the forward (p = 0: no
+    dropout).  Masks are never stored: backward regenerates them from the
+    seed.  Storage is allocated for `capacity` tokens so a wrapper can reuse
+    entries across steps.
     """
 
-    __slots__ = ("T", "k", "capacity", "storage", "arrays")
+    __slots__ = ("T", "k", "capacity", "storage", "arrays", "dropout")
 
     def __init__(self, capacity: int, E: int, H: int, I: int, k: int, r: int):
         P = capacity * k
         self.capacity = capacity
         self.k = k
+        self.dropout = (0.0, 0)
         self.storage = {
             "x": np.empty((capacity, H), np.float32),
             "G": np.empty((P, I), np.float32), "U": np.empty((P, I), np.float32),

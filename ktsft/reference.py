@@ -6,19 +6,86 @@ expert (gather that expert's (token, slot) pairs, then use matrix products).
 
 Math, per token t and slot j with e = expert_ids[t, j] and s = lora_scaling::
 
-    g    = W_gate[e] x + s B_gate[e] (A_gate[e] x)
-    u    = W_up[e]   x + s B_up[e]   (A_up[e]   x)
+    g    = W_gate[e] x + s B_gate[e] (A_gate[e] (m_g * x))
+    u    = W_up[e]   x + s B_up[e]   (A_up[e]   (m_u * x))
     h    = silu(g) * u
-    y_tj = W_down[e] h + s B_down[e] (A_down[e] h)
+    y_tj = W_down[e] h + s B_down[e] (A_down[e] (m_d * h))
     out[t] = sum_j weights[t, j] * y_tj
 
+m_g, m_u, m_d are the LoRA-dropout multipliers of pair (t, j) (0 or
+1 / (1 - p); all ones without dropout), see dropout_masks.
 A token may list the same expert in two slots; each slot is its own term.
 See docs/derivation.md for the backward formulas.
 """
 
 import numpy as np
 
-__all__ = ["forward", "backward", "forward_backward", "sigmoid", "silu"]
+__all__ = ["forward", "backward", "forward_backward", "sigmoid", "silu", "dropout_threshold",
+           "dropout_hash", "dropout_keep", "dropout_masks"]
+
+# ---------------------------------------------------------------------------
+# LoRA dropout masks: the numpy twin of kt_dropout_f32 (src/common.inc),
+# bitwise.  Row (seed, proj, tj) gets a 32-bit key from two rounds of the
+# splitmix64 finaliser; element i of the row hashes as
+# lowbias32(key ^ (i * 0x9E3779B9)) and is kept when the hash is
+# >= floor(p * 2^32).  proj: 0 gate, 1 up, 2 down; tj = t * k + j.
+# ---------------------------------------------------------------------------
+_M64 = (1 << 64) - 1
+
+
+def _mix64(z):
+    z = np.asarray(z, np.uint64)
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _lowbias32(x):
+    x = np.asarray(x, np.uint32)
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> np.uint32(16))
+        x = x * np.uint32(0x7FEB352D)
+        x = x ^ (x >> np.uint32(15))
+        x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
+
+
+def dropout_threshold(p: float) -> int:
+    """floor(p * 2^32): elements whose hash is below are dropped."""
+    p = float(p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {p!r}")
+    return int(p * 4294967296.0)
+
+
+def dropout_hash(seed: int, proj: int, tj, n: int) -> np.ndarray:
+    """uint32 [len(tj), n]: the hash of element i of row (seed, proj, tj)."""
+    tj = np.asarray(tj, np.int64).reshape(-1)
+    row = (np.uint64(int(proj) & 0xFFFFFFFF) << np.uint64(32)) | (
+        tj.astype(np.uint32).astype(np.uint64))
+    with np.errstate(over="ignore"):
+        z = _mix64(np.uint64(int(seed) & _M64) ^ _mix64(row + np.uint64(0x9E3779B97F4A7C15)))
+    key = (z ^ (z >> np.uint64(32))).astype(np.uint32)           # low 32 bits
+    with np.errstate(over="ignore"):
+        ij = np.arange(n, dtype=np.uint32) * np.uint32(0x9E3779B9)
+    return _lowbias32(key[:, None] ^ ij[None, :])
+
+
+def dropout_keep(seed: int, proj: int, tj, n: int, p: float) -> np.ndarray:
+    """bool [len(tj), n]: which elements LoRA dropout keeps."""
+    return dropout_hash(seed, proj, tj, n) >= np.uint32(dropout_threshold(p))
+
+
+def dropout_masks(seed: int, p: float, T: int, k: int, H: int, I: int):
+    """The three float64 multiplier arrays of one forward: (m_gate [T, k, H],
+    m_up [T, k, H], m_down [T, k, I]), 0 where dropped and 1 / (1 - p) where
+    kept -- the ``dropout_masks`` argument of forward()."""
+    tj = np.arange(T * k)
+    scale = 1.0 / (1.0 - float(p))
+    return tuple(dropout_keep(seed, proj, tj, n, p).reshape(T, k, n) * scale
+                 for proj, n in ((0, H), (1, H), (2, I)))
+
 
 def _f64(a):
     return np.asarray(a, dtype=np.float64)
@@ -83,8 +150,12 @@ def forward(
     down_lora_a,
     down_lora_b,
     lora_scaling,
+    dropout_masks=None,
 ):
-    """Forward pass. Returns (out [T, H] float64, ctx) where ctx feeds backward."""
+    """Forward pass. Returns (out [T, H] float64, ctx) where ctx feeds backward.
+
+    dropout_masks: None, or (m_gate [T, k, H], m_up [T, k, H], m_down
+    [T, k, I]) multipliers of the LoRA inputs (see dropout_masks())."""
     x = _f64(hidden_states)
     ids = np.asarray(expert_ids)
     if not np.issubdtype(ids.dtype, np.integer):
@@ -99,7 +170,13 @@ def forward(
     _check_shapes(x, ids, w, Wg, Wu, Wd, Ag, Bg, Au, Bu, Ad, Bd)
 
     T, H = x.shape
-    E = Wg.shape[0]
+    E, I = Wg.shape[0], Wg.shape[1]
+    if dropout_masks is not None:
+        Mg, Mu, Md = (_f64(m) for m in dropout_masks)
+        k = ids.shape[1]
+        for name, m, n in (("m_gate", Mg, H), ("m_up", Mu, H), ("m_down", Md, I)):
+            if m.shape != (T, k, n):
+                raise ValueError(f"dropout_masks: {name} must have shape {(T, k, n)}, got {m.shape}")
     out = np.zeros((T, H), dtype=np.float64)
     per_expert = {}
 
@@ -108,18 +185,23 @@ def forward(
         if tok.size == 0:
             continue
         xe = x[tok]  # [n, H]; a row per (token, slot) pair
-        ax_g = xe @ Ag[e].T  # [n, r]
-        ax_u = xe @ Au[e].T
+        if dropout_masks is None:
+            mg = mu = md = 1.0
+        else:
+            mg, mu, md = Mg[tok, slot], Mu[tok, slot], Md[tok, slot]
+        ax_g = (mg * xe) @ Ag[e].T  # [n, r]
+        ax_u = (mu * xe) @ Au[e].T
         g = xe @ Wg[e].T + s * (ax_g @ Bg[e].T)  # [n, I]
         u = xe @ Wu[e].T + s * (ax_u @ Bu[e].T)
         sg = sigmoid(g)
         h = g * sg * u
-        ah = h @ Ad[e].T  # [n, r]
+        ah = (md * h) @ Ad[e].T  # [n, r]
         y = h @ Wd[e].T + s * (ah @ Bd[e].T)  # [n, H]
         # np.add.at so a token with a repeated expert gets both slot terms.
         np.add.at(out, tok, w[tok, slot][:, None] * y)
         per_expert[e] = dict(
-            tok=tok, slot=slot, ax_g=ax_g, ax_u=ax_u, g=g, u=u, sg=sg, h=h, ah=ah
+            tok=tok, slot=slot, ax_g=ax_g, ax_u=ax_u, g=g, u=u, sg=sg, h=h, ah=ah,
+            mg=mg, mu=mu, md=md,
         )
 
     ctx = dict(
@@ -153,17 +235,18 @@ def backward(grad_output, ctx):
     for e, c in ctx["per_expert"].items():
         tok, slot = c["tok"], c["slot"]
         g, u, sg, h = c["g"], c["u"], c["sg"], c["h"]
+        mg, mu, md = c["mg"], c["mu"], c["md"]
         we = w[tok, slot][:, None]  # [n, 1]
         dOe = dO[tok]  # [n, H]
 
-        # z = W_d^T dO + s A_d^T B_d^T dO; then <dO, y> = <z, h>, so y need not be kept.
+        # z = W_d^T dO + m_d * s A_d^T B_d^T dO; then <dO, y> = <z, h>, so y need not be kept.
         bd_dO = dOe @ Bd[e]  # [n, r]
-        z = dOe @ Wd[e] + s * (bd_dO @ Ad[e])  # [n, I]
+        z = dOe @ Wd[e] + md * (s * (bd_dO @ Ad[e]))  # [n, I]
         d_w[tok, slot] = np.sum(z * h, axis=1)
 
         dY = we * dOe
         dBd[e] = s * (dY.T @ c["ah"])  # [H, r]
-        dAd[e] = s * ((we * bd_dO).T @ h)  # [r, I]
+        dAd[e] = s * ((we * bd_dO).T @ (md * h))  # [r, I]
 
         dH = we * z
         silu_g = g * sg
@@ -173,11 +256,11 @@ def backward(grad_output, ctx):
         bg_dG = dG @ Bg[e]  # [n, r]
         bu_dU = dU @ Bu[e]
         dBg[e] = s * (dG.T @ c["ax_g"])
-        dAg[e] = s * (bg_dG.T @ x[tok])
+        dAg[e] = s * (bg_dG.T @ (mg * x[tok]))
         dBu[e] = s * (dU.T @ c["ax_u"])
-        dAu[e] = s * (bu_dU.T @ x[tok])
+        dAu[e] = s * (bu_dU.T @ (mu * x[tok]))
 
-        dxe = dG @ Wg[e] + dU @ Wu[e] + s * (bg_dG @ Ag[e] + bu_dU @ Au[e])
+        dxe = dG @ Wg[e] + dU @ Wu[e] + s * (mg * (bg_dG @ Ag[e]) + mu * (bu_dU @ Au[e]))
         np.add.at(dX, tok, dxe)
 
     grads = {

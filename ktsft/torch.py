@@ -38,14 +38,16 @@ def _staging(module, T, dtype):
                                         "bf16" if dtype == torch.bfloat16 else "fp32")
 
 
-def _run_forward(module, hidden, ids, weights, cache):
+def _run_forward(module, hidden, ids, weights, cache, dropout):
     """forward_sft on CPU tensors; device tensors are copied in and out
-    through pinned KExpertsSFTBuffer staging buffers."""
+    through pinned KExpertsSFTBuffer staging buffers.  dropout: (p, seed)."""
     x = _kernel_dtype(hidden.detach())
     w = weights.detach()
+    p, seed = dropout
+    drop = dict(lora_dropout=p, dropout_seed=seed if p > 0 else None)
     if x.device.type == "cpu":
         return module.wrapper.forward_sft(x.contiguous(), ids.contiguous(), w.contiguous(),
-                                          save_for_backward=cache, return_handle=True)
+                                          save_for_backward=cache, return_handle=True, **drop)
     buf = _staging(module, x.shape[0], x.dtype)
     with buf.lock:  # the forward copies what it keeps: the buffers are free again after it
         t = buf.tensors
@@ -54,7 +56,7 @@ def _run_forward(module, hidden, ids, weights, cache):
         t["weights_cpu"].copy_(w, non_blocking=True)
         torch.cuda.current_stream(x.device).synchronize()
         return module.wrapper.forward_sft(t["input_cpu"], t["expert_ids_cpu"], t["weights_cpu"],
-                                          save_for_backward=cache, return_handle=True)
+                                          save_for_backward=cache, return_handle=True, **drop)
 
 
 def _run_backward(module, grad_out, handle, grads_out):
@@ -75,15 +77,18 @@ class _ExpertsFunction(torch.autograd.Function):
     forward in any order, and a graph freed without backward releases it.
     ctx also keeps references to the inputs (no copies): in recompute mode,
     or for a second backward through a retained graph, the forward is run
-    again from them."""
+    again from them, with the LoRA-dropout seed of the first run (kept on
+    ctx), so the masks are the same.  The last argument is (p, seed)."""
 
     @staticmethod
-    def forward(ctx, module, hidden, ids, weights, *params):
+    def forward(ctx, module, hidden, ids, weights, *params_and_dropout):
         wrapper = module.wrapper
+        dropout = params_and_dropout[-1]
         module._sync_lora()
         save = any(ctx.needs_input_grad[1:])
         cache = save and not module.recompute
-        out, handle = _run_forward(module, hidden, ids, weights, cache)
+        out, handle = _run_forward(module, hidden, ids, weights, cache, dropout)
+        ctx.dropout = dropout
         ctx.meta = (hidden.dtype, weights.dtype, hidden.device)
         ctx.module = module
         ctx.release = weakref.finalize(ctx, wrapper.release, handle) if cache else _Spent()
@@ -100,7 +105,7 @@ class _ExpertsFunction(torch.autograd.Function):
         if not ctx.release.alive:  # recompute mode, or the cache was spent
             hidden, ids, weights = ctx.saved_tensors
             module._sync_lora()
-            _, handle = _run_forward(module, hidden, ids, weights, True)
+            _, handle = _run_forward(module, hidden, ids, weights, True, ctx.dropout)
         shapes = lora_shapes(module.num_experts, module.hidden_size, module.intermediate_size,
                              module.r)
         # fresh tensors that autograd will own: the kernels write into them
@@ -113,7 +118,7 @@ class _ExpertsFunction(torch.autograd.Function):
         dw = torch.as_tensor(grads["grad_routing_weights"]).to(device=dev, dtype=w_dtype)
         need = ctx.needs_input_grad
         pgrads = [outs[n] if need[4 + i] else None for i, n in enumerate(LORA_GRAD_NAMES)]
-        return (None, dx if need[1] else None, None, dw if need[3] else None, *pgrads)
+        return (None, dx if need[1] else None, None, dw if need[3] else None, *pgrads, None)
 
 
 class _Spent:
@@ -137,11 +142,17 @@ class LoRAExperts(torch.nn.Module):
     ``max_cache_depth`` bounds the forwards awaiting their backward.
     ``recompute=True`` caches only references to the inputs and runs the
     forward again in backward: activation memory traded for compute.
+    ``lora_dropout`` in [0, 1): PEFT's LoRA dropout on the input of each
+    LoRA (gate, up: x; down: h), active in training mode only; each
+    forward draws its mask seed from torch's default generator, so
+    ``torch.manual_seed`` reproduces a run (and torch.utils.checkpoint,
+    which restores the RNG state, recomputes with the same masks).
     """
 
     def __init__(self, num_experts, top_k, hidden_size, intermediate_size, r=16, alpha=32.0,
                  dtype="bf16", use_rslora=False, threads=None, max_cache_depth=8,
-                 chunked_prefill_size=8192, layer_idx=0, isa=None, recompute=False):
+                 chunked_prefill_size=8192, layer_idx=0, isa=None, recompute=False,
+                 lora_dropout=0.0):
         super().__init__()
         self.recompute = bool(recompute)
         self.num_experts, self.top_k = int(num_experts), int(top_k)
@@ -153,7 +164,7 @@ class LoRAExperts(torch.nn.Module):
                                      self.intermediate_size, cpuinfer_threads=threads,
                                      chunked_prefill_size=chunked_prefill_size, lora_rank=self.r,
                                      lora_alpha=wrapper_alpha, max_cache_depth=max_cache_depth,
-                                     dtype=dtype, isa=isa)
+                                     dtype=dtype, isa=isa, lora_dropout=lora_dropout)
         shapes = lora_shapes(self.num_experts, self.hidden_size, self.intermediate_size, self.r)
         for name, gname in zip(PARAM_NAMES, LORA_GRAD_NAMES):
             self.register_parameter(name, torch.nn.Parameter(torch.empty(shapes[gname])))
@@ -162,6 +173,23 @@ class LoRAExperts(torch.nn.Module):
     @property
     def scaling(self) -> float:
         return self.wrapper.lora_scaling
+
+    @property
+    def lora_dropout(self) -> float:
+        return self.wrapper.lora_dropout
+
+    @lora_dropout.setter
+    def lora_dropout(self, p) -> None:
+        from .validation import check_dropout
+
+        self.wrapper.lora_dropout = check_dropout(p, "lora_dropout")
+
+    def _dropout(self) -> tuple:
+        """(p, seed) of the next forward: p = 0 in eval mode."""
+        p = self.wrapper.lora_dropout
+        if not self.training or p == 0.0:
+            return (0.0, 0)
+        return (p, int(torch.randint(1 << 62, (1,)).item()))
 
     def lora_parameters(self):
         return [getattr(self, n) for n in PARAM_NAMES]
@@ -204,7 +232,7 @@ class LoRAExperts(torch.nn.Module):
         x = hidden_states.reshape(-1, self.hidden_size)
         ids = topk_ids.reshape(-1, self.top_k)
         w = topk_weights.reshape(-1, self.top_k)
-        out = _ExpertsFunction.apply(self, x, ids, w, *self.lora_parameters())
+        out = _ExpertsFunction.apply(self, x, ids, w, *self.lora_parameters(), self._dropout())
         return out.reshape(*lead, self.hidden_size)
 
     def save_adapter(self, path, **kw) -> None:
@@ -212,6 +240,7 @@ class LoRAExperts(torch.nn.Module):
         from .adapters import save_adapter
 
         mats = {n: p.detach() for n, p in zip(PARAM_NAMES, self.lora_parameters())}
+        kw.setdefault("lora_dropout", self.lora_dropout)
         save_adapter(path, {self.wrapper.layer_idx: mats}, self.r, self.alpha,
                      use_rslora=self.use_rslora, **kw)
 
@@ -220,6 +249,7 @@ class LoRAExperts(torch.nn.Module):
         from .adapters import export_peft_fused
 
         mats = {n: p.detach() for n, p in zip(PARAM_NAMES, self.lora_parameters())}
+        kw.setdefault("lora_dropout", self.lora_dropout)
         export_peft_fused(path, {self.wrapper.layer_idx: mats}, self.r, self.alpha,
                           use_rslora=self.use_rslora, **kw)
 
@@ -240,4 +270,4 @@ class LoRAExperts(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, top_k={self.top_k}, hidden={self.hidden_size}, "
                 f"intermediate={self.intermediate_size}, r={self.r}, alpha={self.alpha}, "
-                f"rslora={self.use_rslora}, dtype={self.wrapper.dtype}")
+                f"rslora={self.use_rslora}, dropout={self.lora_dropout}, dtype={self.wrapper.dtype}")

@@ -35,6 +35,26 @@ def check_positive_float(value, name: str) -> float:
     return value
 
 
+def check_dropout(value, name: str = "lora_dropout") -> float:
+    """A dropout probability in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number in [0, 1), got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (0.0 <= value < 1.0):
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return value
+
+
+def check_seed(value, name: str = "dropout_seed") -> int:
+    """An integer seed in [0, 2^64)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer in [0, 2**64), got {type(value).__name__} {value!r}")
+    value = int(value)
+    if not 0 <= value < 1 << 64:
+        raise ValueError(f"{name} must be in [0, 2**64), got {value}")
+    return value
+
+
 def check_memory(nbytes: int, what: str, limit: int | None = None) -> None:
     """Refuse absurd requests before allocating (default: physical RAM)."""
     if limit is None:

@@ -151,12 +151,21 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
     ``quant_group`` inputs, 32/64/128), dequantized in registers, fp32
     activations.  ``isa`` forces a kernel build (default: the best this CPU
     runs, or $KTSFT_ISA).
+
+    ``lora_dropout`` in [0, 1): PEFT's LoRA dropout, applied per element to
+    the input of each LoRA (gate and up read x, down reads h) in
+    forward_sft, with the same masks in backward; the base path never sees
+    it.  Masks come from a counter-based hash of a 64-bit seed per
+    forward_sft call (``dropout_seed=``; by default drawn from this
+    wrapper's numpy Generator, seeded by the constructor's
+    ``dropout_seed``, None = fresh OS entropy).
     """
 
     def __init__(self, layer_idx, num_experts, num_experts_per_tok, hidden_size,
                  moe_intermediate_size, num_gpu_experts=0, cpuinfer_threads=None,
                  threadpool_count=1, weight_path=None, chunked_prefill_size=8192, lora_rank=16,
-                 lora_alpha=32.0, max_cache_depth=1, dtype="bf16", *, isa=None, quant_group=128):
+                 lora_alpha=32.0, max_cache_depth=1, dtype="bf16", *, isa=None, quant_group=128,
+                 lora_dropout=0.0, dropout_seed=None):
         super().__init__(layer_idx, num_experts, num_experts_per_tok, hidden_size,
                          moe_intermediate_size, num_gpu_experts, cpuinfer_threads,
                          threadpool_count, weight_path, chunked_prefill_size, lora_rank,
@@ -171,6 +180,11 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
                              f"hidden_size={hidden_size} and moe_intermediate_size="
                              f"{moe_intermediate_size}")
         self.dtype = dtype
+        self.lora_dropout = V.check_dropout(lora_dropout, "lora_dropout")
+        if dropout_seed is not None:
+            V.check_seed(dropout_seed, "dropout_seed")
+        self._dropout_rng = np.random.default_rng(dropout_seed)
+        self.last_dropout_seed = None
         self.isa = resolve_isa(isa)
         E, H, I, r = self.num_experts, hidden_size, moe_intermediate_size, lora_rank
         wbytes = int(3 * E * H * I * {"bf16": 2, "fp32": 4, "int8": 1, "int4": 0.5}[dtype])
@@ -382,6 +396,7 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
         if self._lora is None:
             raise RuntimeError("save_adapter() before init_lora_weights()")
         mats = dict(zip(LORA_ARG_NAMES, self._lora))
+        kw.setdefault("lora_dropout", self.lora_dropout)
         save_adapter(path, {self.layer_idx: mats}, self.lora_rank, self.lora_alpha, **kw)
 
     def export_peft_fused(self, path, **kw) -> None:
@@ -390,6 +405,7 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
 
         if self._lora is None:
             raise RuntimeError("export_peft_fused() before init_lora_weights()")
+        kw.setdefault("lora_dropout", self.lora_dropout)
         export_peft_fused(path, {self.layer_idx: dict(zip(LORA_ARG_NAMES, self._lora))},
                           self.lora_rank, self.lora_alpha, **kw)
 
@@ -440,14 +456,21 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
             raise RuntimeError(f"{op}: call init_lora_weights() first")
 
     def forward_sft(self, hidden_states, expert_ids, weights, save_for_backward=True, *,
-                    return_handle=False):
+                    return_handle=False, lora_dropout=None, dropout_seed=None):
         """out[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x_t), LoRA applied.
 
         Returns the same array type and dtype as hidden_states.  With
         save_for_backward, pushes one cache entry for backward();
         return_handle=True returns (out, handle) so that a later
         backward(..., handle=handle) pairs with this forward whatever the
-        order of backwards (None when nothing was cached)."""
+        order of backwards (None when nothing was cached).
+
+        LoRA dropout: ``lora_dropout`` overrides the wrapper's probability
+        for this call (0.0 = evaluation, no dropout); ``dropout_seed`` (an
+        integer in [0, 2**64)) fixes the masks, else a seed is drawn from
+        the wrapper's Generator.  The seed used is kept with the cache entry
+        (backward applies the same masks) and in ``last_dropout_seed``
+        (None when no dropout ran): passing it again reproduces the call."""
         self._ready("forward_sft")
         H, k = self.hidden_size, self.num_experts_per_tok
         x = as_numpy(hidden_states, "hidden_states")
@@ -462,18 +485,27 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
         rw = V.routing_weights(weights, "weights", T, k)
         if not isinstance(save_for_backward, (bool, np.bool_)):
             raise TypeError(f"save_for_backward must be a bool, got {type(save_for_backward).__name__}")
+        p = self.lora_dropout if lora_dropout is None else V.check_dropout(lora_dropout,
+                                                                           "lora_dropout")
+        seed = None if dropout_seed is None else V.check_seed(dropout_seed, "dropout_seed")
         with self._lock:
             if save_for_backward and len(self._cache) >= self.max_cache_depth:
                 raise RuntimeError(
                     f"forward_sft: the activation cache is full (max_cache_depth={self.max_cache_depth}); "
                     "run backward() first, raise max_cache_depth, or pass save_for_backward=False")
+            if p > 0.0 and seed is None:
+                seed = int(self._dropout_rng.integers(0, 1 << 64, dtype=np.uint64))
+            if p == 0.0:
+                seed = None
             entry = self._take_entry(T)
+            entry.dropout = (p, 0 if seed is None else seed)
             np.copyto(entry["x"], x, casting="unsafe")
             ws = self._ws.view(T)
             out = np.empty((T, H), np.float32)
             self._kernel.forward(entry["x"], ws["x_act"] if self.dtype == "bf16" else entry["x"],
                                  ids, rw, entry.arrays, ws, out,
-                                 effective_threads(self.cpuinfer_threads))
+                                 effective_threads(self.cpuinfer_threads), *entry.dropout)
+            self.last_dropout_seed = seed
             handle = None
             if save_for_backward:
                 handle = self._next_handle
@@ -541,7 +573,7 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
                 self._kernel.backward(entry.arrays, do32,
                                       ws["do_act"] if self.dtype == "bf16" else do32,
                                       ws, out_grads, grad_w, dx,
-                                      effective_threads(self.cpuinfer_threads))
+                                      effective_threads(self.cpuinfer_threads), *entry.dropout)
             finally:
                 self._spare.append(entry)
         grads = {n: wrap_like(out_grads[n], grad_output) if grads_out is None else grads_out[n]

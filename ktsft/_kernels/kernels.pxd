@@ -1,5 +1,5 @@
 # C declarations of the kernel table (include/ktsft/kernels.h) and the CPU probe.
-from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 cdef extern from "ktsft/kernels.h" nogil:
     ctypedef uint16_t ktsft_bf16
@@ -49,6 +49,8 @@ cdef extern from "ktsft/kernels.h" nogil:
     ctypedef void (*ktsft_round_bf16_fn)(int64_t, const float*, ktsft_bf16*) noexcept nogil
     ctypedef void (*ktsft_combine_fn)(int64_t, int64_t, const float*, const int32_t*,
                                       const float*, float*) noexcept nogil
+    ctypedef void (*ktsft_dropout_f32_fn)(int64_t, uint64_t, int32_t, int64_t, int64_t, uint32_t,
+                                          float, const float*, float*, int) noexcept nogil
 
     ctypedef struct ktsft_kernels:
         const char *name
@@ -65,8 +67,10 @@ cdef extern from "ktsft/kernels.h" nogil:
         ktsft_swiglu_backward_fn swiglu_backward
         ktsft_round_bf16_fn round_bf16
         ktsft_combine_fn combine
+        ktsft_dropout_f32_fn dropout_f32
 
     const ktsft_kernels *ktsft_kernels_by_name(const char *name)
+    int ktsft_amx_build()
 
 cdef extern from "ktsft/cpu_features.h" nogil:
     ctypedef struct ktsft_cpu_features:
@@ -77,3 +81,4 @@ cdef extern from "ktsft/cpu_features.h" nogil:
         int amx_tile, amx_bf16, amx_int8
         int os_avx, os_avx512, os_amx
     void ktsft_probe_cpu(ktsft_cpu_features *out)
+    int ktsft_amx_request(int *err)

@@ -8,23 +8,25 @@ one owner task that reduces in a fixed order, so results are bitwise equal
 for any thread count.  Inputs are validated in Python (ktsft.validation)
 before anything here runs; these functions trust their arguments.
 """
-from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, free, qsort
 from libc.string cimport memset
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from cython.parallel cimport prange
 
-from ._openmp cimport KTSFT_OPENMP, omp_get_max_threads
-from .kernels cimport (ktsft_kernels, ktsft_bf16, ktsft_kernels_by_name,
-                       ktsft_cpu_features, ktsft_probe_cpu)
+from ._openmp cimport KTSFT_OPENMP, omp_get_max_threads, omp_get_thread_num
+from .kernels cimport (ktsft_kernels, ktsft_bf16, ktsft_kernels_by_name, ktsft_amx_build,
+                       ktsft_cpu_features, ktsft_probe_cpu, ktsft_amx_request)
 
-ISA_ORDER = ("scalar", "avx2", "avx512", "avx512bf16")
+ISA_ORDER = ("scalar", "avx2", "avx512", "avx512bf16", "amx")
 
 # block sizes: fixed, so the work split (and thus every rounding) never
 # depends on the thread count
 cdef enum:
     ROW_BLOCK = 64      # NT output rows per task
+    AMX_ROW_BLOCK = 256  # the same on AMX tiles: the tokens' pack is amortised over more rows
     COL_BLOCK = 256     # NN output columns per task (one packed block)
+    AMX_COL_BLOCK = 1024  # AMX: 2 KiB runs of each weight row per task, streamed
     PAIR_BLOCK = 32     # (token, slot) pairs per task
     GRAD_BLOCK = 256    # LoRA-gradient rows/columns per task
     FEW_TOKENS = 8      # experts with at most this many pairs: NN tasks span whole rows
@@ -52,6 +54,41 @@ def compiled_isas():
     return tuple(n for n in ISA_ORDER if ktsft_kernels_by_name(n.encode()) != NULL)
 
 
+_AMX_STATUS = None
+
+
+def amx_status():
+    """(usable, reason) for the AMX build on this CPU and OS.  The first call
+    asks Linux for the tile-data state (once per process)."""
+    global _AMX_STATUS
+    cdef int err = 0, rc
+    if _AMX_STATUS is not None:
+        return _AMX_STATUS
+    build = ktsft_amx_build()
+    f = cpu_features()
+    if build == 0:
+        st = (False, "not built (the compiler has no AMX intrinsics)")
+    elif build == 2:
+        st = (f["avx512_bf16"], "C model of the tiles (KTSFT_AMX_EMULATE build, for development)"
+              if f["avx512_bf16"] else "the emulated build needs AVX512-BF16")
+    elif not (f["amx_tile"] and f["amx_bf16"]):
+        st = (False, "no AMX-BF16: not in CPUID, or its state not enabled by the OS (XCR0)")
+    elif not f["avx512_bf16"]:
+        st = (False, "AMX without AVX512-BF16 (needed for the epilogues)")
+    else:
+        rc = ktsft_amx_request(&err)
+        if rc == 0:
+            st = (True, "tile data granted by the kernel (arch_prctl ARCH_REQ_XCOMP_PERM)")
+        elif rc == -1:
+            st = (False, "AMX permission request is implemented for Linux x86-64 only")
+        else:
+            import os
+            st = (False, f"the kernel refused AMX tile data (arch_prctl: "
+                         f"{os.strerror(err) if err else 'permission not reported'})")
+    _AMX_STATUS = st
+    return st
+
+
 def runnable_isas():
     """Compiled ISA builds this CPU and OS can run, slowest first."""
     f = cpu_features()
@@ -61,8 +98,11 @@ def runnable_isas():
         "avx512": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"),
         "avx512bf16": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
                        "avx512_bf16"),
+        "amx": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+                "avx512_bf16"),
     }
-    return tuple(n for n in compiled_isas() if all(f[x] for x in needs[n]))
+    return tuple(n for n in compiled_isas() if all(f[x] for x in needs[n])
+                 and (n != "amx" or amx_status()[0]))
 
 
 def openmp_enabled():
@@ -86,6 +126,8 @@ cdef struct Layer:
     int64_t group            # quantization group along a row's inputs
     int64_t ng_in_h          # scale groups per row of gate/up (inputs: H)
     int64_t ng_in_i          # scale groups per row of down (inputs: I)
+    int64_t nt_rows          # NT output rows per task (per ISA, never per thread count)
+    int64_t nn_cols          # NN output columns per task (likewise)
     float scaling
     const void *w_gate       # [E, I, H] physical slots, fp32 or bf16
     const void *w_up         # [E, I, H]
@@ -135,6 +177,11 @@ cdef struct Step:
     float *g_bu
     float *g_ad
     float *g_bd
+    # LoRA dropout (docs/derivation.md): masks regenerated from the seed
+    bint drop                # on for this call (training, p > 0)
+    uint64_t drop_seed
+    uint32_t drop_thr        # element kept when its hash >= floor(p * 2^32)
+    float drop_inv           # 1 / (1 - p)
 
 
 cdef struct Task:
@@ -209,6 +256,19 @@ cdef inline void _nn(const Layer *L, int64_t M, int64_t N, int64_t O, const void
     else:
         L.kern.gemm_nn_f32(M, N, O, <const float *>A, lda, arows, <const float *>W, ldw, O2, A2,
                            lda2, W2, ldw2, C, ldc, accumulate)
+
+
+cdef inline void _drop(const Layer *L, const Step *S, int32_t proj, int64_t p, int64_t i0,
+                       int64_t n, const float *x, float *out, int accumulate) noexcept nogil:
+    """out[:n] (+)= mask(proj, pair p)[i0:i0 + n] * x[:n], mask in {0, 1/(1-p)}."""
+    L.kern.dropout_f32(n, S.drop_seed, proj, S.pair_tj[p], i0, S.drop_thr, S.drop_inv, x, out,
+                       accumulate)
+
+
+cdef enum:
+    PROJ_GATE = 0
+    PROJ_UP = 1
+    PROJ_DOWN = 2
 
 
 cdef inline void _scale(float *x, int64_t n, float s) noexcept nogil:
@@ -313,13 +373,24 @@ cdef Task *_blocks(int64_t n_exp, const int32_t *order, const int32_t *offs, int
 # --------------------------------------------------------------------------
 # Forward phases (one function per task kind)
 # --------------------------------------------------------------------------
-cdef void _f_lora_a_in(const Layer *L, const Step *S, const Task *t) noexcept nogil:
-    """xs_{g,u}[p] = s * A_{g,u}[e] x_p for a block of pairs."""
-    cdef int64_t e = t.e, lo = t.lo, n = t.hi - t.lo, r = L.r, H = L.H
-    L.kern.gemm_nt_f32(n, r, H, S.x32, H, S.pair_tok + lo, L.a_gate + e * r * H, H,
-                       0, NULL, 0, NULL, 0, S.xs_g + lo * r, r)
-    L.kern.gemm_nt_f32(n, r, H, S.x32, H, S.pair_tok + lo, L.a_up + e * r * H, H,
-                       0, NULL, 0, NULL, 0, S.xs_u + lo * r, r)
+cdef void _f_lora_a_in(const Layer *L, const Step *S, const Task *t, float *scr) noexcept nogil:
+    """xs_{g,u}[p] = s * A_{g,u}[e] x_p for a block of pairs; with dropout,
+    A reads the masked rows m_{g,u} * x_p (scr: PAIR_BLOCK x H)."""
+    cdef int64_t e = t.e, lo = t.lo, n = t.hi - t.lo, r = L.r, H = L.H, q
+    if S.drop:
+        for q in range(n):
+            _drop(L, S, PROJ_GATE, lo + q, 0, H, S.x32 + S.pair_tok[lo + q] * H, scr + q * H, 0)
+        L.kern.gemm_nt_f32(n, r, H, scr, H, NULL, L.a_gate + e * r * H, H,
+                           0, NULL, 0, NULL, 0, S.xs_g + lo * r, r)
+        for q in range(n):
+            _drop(L, S, PROJ_UP, lo + q, 0, H, S.x32 + S.pair_tok[lo + q] * H, scr + q * H, 0)
+        L.kern.gemm_nt_f32(n, r, H, scr, H, NULL, L.a_up + e * r * H, H,
+                           0, NULL, 0, NULL, 0, S.xs_u + lo * r, r)
+    else:
+        L.kern.gemm_nt_f32(n, r, H, S.x32, H, S.pair_tok + lo, L.a_gate + e * r * H, H,
+                           0, NULL, 0, NULL, 0, S.xs_g + lo * r, r)
+        L.kern.gemm_nt_f32(n, r, H, S.x32, H, S.pair_tok + lo, L.a_up + e * r * H, H,
+                           0, NULL, 0, NULL, 0, S.xs_u + lo * r, r)
     _scale(S.xs_g + lo * r, n * r, L.scaling)
     _scale(S.xs_u + lo * r, n * r, L.scaling)
 
@@ -338,14 +409,21 @@ cdef void _f_gate_up(const Layer *L, const Step *S, const Task *t) noexcept nogi
         ws + lo * L.ng_in_h if ws != NULL else NULL)
 
 
-cdef void _f_swiglu(const Layer *L, const Step *S, const Task *t) noexcept nogil:
-    """h = silu(g) u for a block of pairs, then hs = s * A_down h (fp32 h)."""
+cdef void _f_swiglu(const Layer *L, const Step *S, const Task *t, float *scr) noexcept nogil:
+    """h = silu(g) u for a block of pairs, then hs = s * A_down h (fp32 h);
+    with dropout A_down reads m_d * h (scr: PAIR_BLOCK x I)."""
     cdef int64_t p, I = L.I, r = L.r, lo = t.lo, n = t.hi - t.lo
     for p in range(lo, t.hi):
         L.kern.swiglu_forward(I, S.G + p * I, S.U + p * I, S.h32 + p * I,
                               (<ktsft_bf16 *>S.h_act) + p * I if L.bf16 else NULL)
-    L.kern.gemm_nt_f32(n, r, I, S.h32 + lo * I, I, NULL, L.a_down + t.e * r * I, I,
-                       0, NULL, 0, NULL, 0, S.hs + lo * r, r)
+    if S.drop:
+        for p in range(lo, t.hi):
+            _drop(L, S, PROJ_DOWN, p, 0, I, S.h32 + p * I, scr + (p - lo) * I, 0)
+        L.kern.gemm_nt_f32(n, r, I, scr, I, NULL, L.a_down + t.e * r * I, I,
+                           0, NULL, 0, NULL, 0, S.hs + lo * r, r)
+    else:
+        L.kern.gemm_nt_f32(n, r, I, S.h32 + lo * I, I, NULL, L.a_down + t.e * r * I, I,
+                           0, NULL, 0, NULL, 0, S.hs + lo * r, r)
     _scale(S.hs + lo * r, n * r, L.scaling)
 
 
@@ -371,10 +449,37 @@ cdef void _b_lora_b_down(const Layer *L, const Step *S, const Task *t) noexcept 
     _scale(S.bds + lo * r, n * r, L.scaling)
 
 
-cdef void _b_down(const Layer *L, const Step *S, const Task *t) noexcept nogil:
-    """dh (unweighted) columns [lo, hi) of I: W_down^T dO + A_down^T bds."""
+cdef void _lora_nn_masked(const Layer *L, const Step *S, int32_t proj, int64_t off, int64_t n,
+                          int64_t lo, int64_t nb, const float *Z, const float *A, int64_t lda,
+                          float *C, int64_t ldc, float *scr) noexcept nogil:
+    """C[p, lo:lo+nb] += m_proj(p)[lo:lo+nb] * (Z[p] A[:, lo:lo+nb]) for the
+    pairs [off, off + n): Z [P, r] (already scaled by s), A the expert's
+    LoRA A at column lo.  Chunks of PAIR_BLOCK pairs through scr
+    (PAIR_BLOCK x nb); each C element gets one add, in a fixed order."""
+    cdef int64_t c0, nc, q, r = L.r
+    c0 = 0
+    while c0 < n:
+        nc = min(<int64_t>PAIR_BLOCK, n - c0)
+        L.kern.gemm_nn_f32(nc, nb, r, Z + (off + c0) * r, r, NULL, A, lda,
+                           0, NULL, 0, NULL, 0, scr, nb, 0)
+        for q in range(nc):
+            _drop(L, S, proj, off + c0 + q, lo, nb, scr + q * nb, C + (off + c0 + q) * ldc, 1)
+        c0 += nc
+
+
+cdef void _b_down(const Layer *L, const Step *S, const Task *t, float *scr) noexcept nogil:
+    """dh (unweighted) columns [lo, hi) of I: W_down^T dO + A_down^T bds
+    (with dropout: + m_d * A_down^T bds, added after the base product)."""
     cdef int64_t e = t.e, off = S.offs[t.e], n = S.offs[t.e + 1] - off
     cdef int64_t H = L.H, I = L.I, r = L.r, lo = t.lo, nb = t.hi - t.lo
+    if S.drop:
+        _nn(L, n, nb, H, S.do_act, H, S.pair_tok + off,
+            _woff(L, _expert_w(L, L.w_down, e, H * I), lo), I,
+            0, NULL, 0, NULL, 0, S.h32 + off * I + lo, I, 0,
+            _nn_scales(L, L.s_down, e, H, L.ng_in_i, lo))
+        _lora_nn_masked(L, S, PROJ_DOWN, off, n, lo, nb, S.bds, L.a_down + e * r * I + lo, I,
+                        S.h32 + lo, I, scr)
+        return
     _nn(L, n, nb, H, S.do_act, H, S.pair_tok + off,
         _woff(L, _expert_w(L, L.w_down, e, H * I), lo), I,
         r, S.bds + off * r, r, L.a_down + e * r * I + lo, I, S.h32 + off * I + lo, I, 0,
@@ -399,10 +504,26 @@ cdef void _b_swiglu(const Layer *L, const Step *S, const Task *t) noexcept nogil
     _scale(S.gbs_u + lo * r, n * r, L.scaling)
 
 
-cdef void _b_input(const Layer *L, const Step *S, const Task *t) noexcept nogil:
-    """dx per pair, columns [lo, hi) of H: W_gate^T dG + W_up^T dU + LoRA terms."""
+cdef void _b_input(const Layer *L, const Step *S, const Task *t, float *scr) noexcept nogil:
+    """dx per pair, columns [lo, hi) of H: W_gate^T dG + W_up^T dU + LoRA terms
+    (with dropout: base products first, then m_g * A_gate^T gbs_g, then
+    m_u * A_up^T gbs_u)."""
     cdef int64_t e = t.e, off = S.offs[t.e], n = S.offs[t.e + 1] - off
     cdef int64_t H = L.H, I = L.I, r = L.r, lo = t.lo, nb = t.hi - t.lo
+    if S.drop:
+        _nn(L, n, nb, I, _off(L, S.dg_act, off * I), I, NULL,
+            _woff(L, _expert_w(L, L.w_gate, e, I * H), lo), H,
+            0, NULL, 0, NULL, 0, S.ybuf + off * H + lo, H, 0,
+            _nn_scales(L, L.s_gate, e, I, L.ng_in_h, lo))
+        _nn(L, n, nb, I, _off(L, S.du_act, off * I), I, NULL,
+            _woff(L, _expert_w(L, L.w_up, e, I * H), lo), H,
+            0, NULL, 0, NULL, 0, S.ybuf + off * H + lo, H, 1,
+            _nn_scales(L, L.s_up, e, I, L.ng_in_h, lo))
+        _lora_nn_masked(L, S, PROJ_GATE, off, n, lo, nb, S.gbs_g, L.a_gate + e * r * H + lo, H,
+                        S.ybuf + lo, H, scr)
+        _lora_nn_masked(L, S, PROJ_UP, off, n, lo, nb, S.gbs_u, L.a_up + e * r * H + lo, H,
+                        S.ybuf + lo, H, scr)
+        return
     _nn(L, n, nb, I, _off(L, S.dg_act, off * I), I, NULL,
         _woff(L, _expert_w(L, L.w_gate, e, I * H), lo), H,
         r, S.gbs_g + off * r, r, L.a_gate + e * r * H + lo, H, S.ybuf + off * H + lo, H, 0,
@@ -413,11 +534,24 @@ cdef void _b_input(const Layer *L, const Step *S, const Task *t) noexcept nogil:
         _nn_scales(L, L.s_up, e, I, L.ng_in_h, lo))
 
 
-cdef void _b_lora_grads(const Layer *L, const Step *S, const Task *t) noexcept nogil:
-    """One block of one expert's LoRA gradient (part selects the matrix)."""
+cdef void _b_lora_grads(const Layer *L, const Step *S, const Task *t, float *scr) noexcept nogil:
+    """One block of one expert's LoRA gradient (part selects the matrix).
+    With dropout the A gradients read the masked inputs, regenerated into
+    scr (the expert's pairs x nb)."""
     cdef int64_t e = t.e, off = S.offs[t.e], n = S.offs[t.e + 1] - off
-    cdef int64_t H = L.H, I = L.I, r = L.r, lo = t.lo, nb = t.hi - t.lo
-    if t.part == 0:      # grad A_gate[:, lo:hi] = sum_p gbs_g[p] (x) x_p
+    cdef int64_t H = L.H, I = L.I, r = L.r, lo = t.lo, nb = t.hi - t.lo, q
+    if S.drop and (t.part == 0 or t.part == 1):   # grad A_{gate,up}[:, lo:hi] = sum_p gbs[p] (x) m x_p
+        for q in range(n):
+            _drop(L, S, PROJ_GATE if t.part == 0 else PROJ_UP, off + q, lo, nb,
+                  S.x32 + S.pair_tok[off + q] * H + lo, scr + q * nb, 0)
+        L.kern.outer_f32(n, r, nb, (S.gbs_g if t.part == 0 else S.gbs_u) + off * r, r, NULL, NULL,
+                         scr, nb, NULL, (S.g_ag if t.part == 0 else S.g_au) + e * r * H + lo, H)
+    elif S.drop and t.part == 4:   # grad A_down[:, lo:hi] = sum_p w_p bds[p] (x) m_d h_p
+        for q in range(n):
+            _drop(L, S, PROJ_DOWN, off + q, lo, nb, S.h32 + (off + q) * I + lo, scr + q * nb, 0)
+        L.kern.outer_f32(n, r, nb, S.bds + off * r, r, NULL, S.pair_w + off, scr, nb, NULL,
+                         S.g_ad + e * r * I + lo, I)
+    elif t.part == 0:      # grad A_gate[:, lo:hi] = sum_p gbs_g[p] (x) x_p
         L.kern.outer_f32(n, r, nb, S.gbs_g + off * r, r, NULL, NULL, S.x32 + lo, H,
                          S.pair_tok + off, S.g_ag + e * r * H + lo, H)
     elif t.part == 1:    # grad A_up
@@ -460,38 +594,58 @@ cdef enum:
     PH_LORA_GRADS = 8
 
 
-cdef inline void _do(int phase, const Layer *L, const Step *S, const Task *t) noexcept nogil:
+cdef inline void _do(int phase, const Layer *L, const Step *S, const Task *t, float *scratch,
+                     int64_t per) noexcept nogil:
+    # scratch: one slot of `per` floats per thread (dropout only, else NULL)
+    cdef float *scr = scratch + <int64_t>omp_get_thread_num() * per if scratch != NULL else NULL
     if phase == PH_LORA_A_IN:
-        _f_lora_a_in(L, S, t)
+        _f_lora_a_in(L, S, t, scr)
     elif phase == PH_GATE_UP:
         _f_gate_up(L, S, t)
     elif phase == PH_SWIGLU:
-        _f_swiglu(L, S, t)
+        _f_swiglu(L, S, t, scr)
     elif phase == PH_DOWN:
         _f_down(L, S, t)
     elif phase == PH_LORA_B_DOWN:
         _b_lora_b_down(L, S, t)
     elif phase == PH_BDOWN:
-        _b_down(L, S, t)
+        _b_down(L, S, t, scr)
     elif phase == PH_BSWIGLU:
         _b_swiglu(L, S, t)
     elif phase == PH_BINPUT:
-        _b_input(L, S, t)
+        _b_input(L, S, t, scr)
     else:
-        _b_lora_grads(L, S, t)
+        _b_lora_grads(L, S, t, scr)
 
 
 cdef int _run(int phase, const Layer *L, const Step *S, int64_t n_exp, const int32_t *order,
               int nparts, const int64_t *dims, const int64_t *blocks, bint over_pairs,
               int n_threads) noexcept nogil:
-    cdef int64_t ntasks = 0, i
+    cdef int64_t ntasks = 0, i, e, per = 0
+    cdef int nslots = n_threads
+    cdef float *scratch = NULL
     cdef bint whole_rows = phase == PH_BDOWN or phase == PH_BINPUT
     cdef Task *tasks = _blocks(n_exp, order, S.offs, nparts, dims, blocks, over_pairs, &ntasks,
                                whole_rows)
     if ntasks < 0:
         return -1
-    for i in prange(ntasks, schedule="dynamic", chunksize=1, num_threads=n_threads):
-        _do(phase, L, S, &tasks[i])
+    if S.drop and (phase == PH_LORA_A_IN or phase == PH_SWIGLU or phase == PH_BDOWN or
+                   phase == PH_BINPUT or phase == PH_LORA_GRADS):
+        # masked LoRA inputs are regenerated into per-thread scratch
+        if phase == PH_LORA_GRADS:   # an expert's pairs x one gradient block
+            for e in range(L.E):
+                per = max(per, <int64_t>(S.offs[e + 1] - S.offs[e]))
+            per *= GRAD_BLOCK
+        else:                        # PAIR_BLOCK pairs x a row or column block
+            per = PAIR_BLOCK * max(L.H, L.I)
+        nslots = <int>max(<int64_t>1, min(<int64_t>n_threads, ntasks))
+        scratch = <float *>malloc(max(nslots * per, <int64_t>1) * sizeof(float))
+        if scratch == NULL:
+            free(tasks)
+            return -1
+    for i in prange(ntasks, schedule="dynamic", chunksize=1, num_threads=nslots):
+        _do(phase, L, S, &tasks[i], scratch, per)
+    free(scratch)
     free(tasks)
     return 0
 
@@ -531,6 +685,52 @@ cdef int _bind_cache(Step *S, dict cache, dict ws) except -1:
     S.h32 = <float *>_ptr(ws["h32"])
     S.ybuf = <float *>_ptr(ws["ybuf"])
     return 0
+
+
+cdef int _set_dropout(Step *S, double p, uint64_t seed) except -1:
+    if not (0.0 <= p < 1.0):
+        raise ValueError(f"lora_dropout must be in [0, 1), got {p!r}")
+    S.drop = p > 0.0
+    S.drop_seed = seed
+    S.drop_thr = dropout_threshold(p)
+    S.drop_inv = <float>(1.0 / (1.0 - p))
+    return 0
+
+
+cpdef uint32_t dropout_threshold(double p) except? 0:
+    """floor(p * 2^32): an element is dropped when its 32-bit hash is below."""
+    if not (0.0 <= p < 1.0):
+        raise ValueError(f"lora_dropout must be in [0, 1), got {p!r}")
+    return <uint32_t>(p * 4294967296.0)
+
+
+def dropout_mask(uint64_t seed, int proj, tj, int64_t n, double p, str isa="scalar"):
+    """The LoRA-dropout multipliers the kernels apply: float32 [len(tj), n],
+    row i = mask of projection `proj` (0 gate, 1 up, 2 down) for the
+    (token, slot) index tj[i] = t * k + j: 0 where dropped, float32(1/(1-p))
+    where kept.  Any ISA build gives the same bits."""
+    import numpy as np
+
+    cdef const ktsft_kernels *kern = ktsft_kernels_by_name(isa.encode())
+    if kern == NULL or isa not in runnable_isas():
+        raise ValueError(f"ISA {isa!r} is not available here; runnable: {runnable_isas()}")
+    if not 0 <= proj <= 2:
+        raise ValueError(f"proj must be 0 (gate), 1 (up) or 2 (down), got {proj}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    tjs = np.ascontiguousarray(tj, dtype=np.int64).reshape(-1)
+    out = np.empty((tjs.shape[0], n), np.float32)
+    ones = np.ones(max(n, 1), np.float32)
+    cdef uint32_t thr = dropout_threshold(p)
+    cdef float inv = <float>(1.0 / (1.0 - p))
+    cdef const float *one_p = <const float *>_ptr(ones)
+    cdef float *out_p = <float *>_ptr(out) if out.size else NULL
+    cdef const int64_t *tj_p = <const int64_t *>_ptr(tjs) if tjs.size else NULL
+    cdef int64_t i, m = tjs.shape[0]
+    with nogil:
+        for i in range(m):
+            kern.dropout_f32(n, seed, proj, tj_p[i], 0, thr, inv, one_p, out_p + i * n, 0)
+    return out
 
 
 cdef class MoEKernel:
@@ -576,6 +776,8 @@ cdef class MoEKernel:
                              f"and intermediate_size")
         self.L.ng_in_h = hidden_size // group if self.L.q4 else 1
         self.L.ng_in_i = intermediate_size // group if self.L.q4 else 1
+        self.L.nt_rows = AMX_ROW_BLOCK if isa == "amx" else ROW_BLOCK
+        self.L.nn_cols = AMX_COL_BLOCK if isa == "amx" else COL_BLOCK
         self.isa = isa
         self._keep = {}
 
@@ -605,9 +807,12 @@ cdef class MoEKernel:
         self.L.a_down = <const float *>_ptr(a_down)
         self.L.b_down = <const float *>_ptr(b_down)
 
-    def forward(self, x32, x_act, ids, rw, cache, ws, out, int n_threads):
+    def forward(self, x32, x_act, ids, rw, cache, ws, out, int n_threads,
+                double lora_dropout=0.0, uint64_t dropout_seed=0):
         """out = MoE(x).  cache: dict of the entry's arrays (written);
-        ws: dict of work arrays (bf16 mode: x_act/h_act are uint16)."""
+        ws: dict of work arrays (bf16 mode: x_act/h_act are uint16).
+        lora_dropout > 0: LoRA inputs masked with the masks of dropout_seed
+        (backward must get the same two values)."""
         cdef Step S
         cdef int64_t T = x32.shape[0], P = T * self.L.k, t, n_exp
         cdef int64_t dims[2]
@@ -618,6 +823,7 @@ cdef class MoEKernel:
         S.T = T
         S.P = P
         _bind_cache(&S, cache, ws)
+        _set_dropout(&S, lora_dropout, dropout_seed)
         S.rw = <const float *>_ptr(rw)
         S.x32 = <const float *>_ptr(x32)
         S.x_act = _ptr(x_act)
@@ -650,8 +856,8 @@ cdef class MoEKernel:
             tf[3] = _now()
             dims[0] = L.I
             dims[1] = L.I
-            blocks[0] = ROW_BLOCK
-            blocks[1] = ROW_BLOCK
+            blocks[0] = L.nt_rows
+            blocks[1] = L.nt_rows
             if rc == 0:
                 rc = _run(PH_GATE_UP, L, &S, n_exp, order, 2, dims, blocks, False, n_threads)
             tf[4] = _now()
@@ -660,7 +866,7 @@ cdef class MoEKernel:
                 rc = _run(PH_SWIGLU, L, &S, n_exp, order, 1, dims, blocks, True, n_threads)
             tf[5] = _now()
             dims[0] = L.H
-            blocks[0] = ROW_BLOCK
+            blocks[0] = L.nt_rows
             if rc == 0:
                 rc = _run(PH_DOWN, L, &S, n_exp, order, 1, dims, blocks, False, n_threads)
             tf[6] = _now()
@@ -670,11 +876,13 @@ cdef class MoEKernel:
             tf[7] = _now()
         free(order)
         if rc != 0:
-            raise MemoryError("ktsft forward: cannot allocate a task list")
+            raise MemoryError("ktsft forward: cannot allocate a task list or dropout scratch")
 
-    def backward(self, cache, do32, do_act, ws, grads, grad_w, dx, int n_threads):
+    def backward(self, cache, do32, do_act, ws, grads, grad_w, dx, int n_threads,
+                 double lora_dropout=0.0, uint64_t dropout_seed=0):
         """dx, grad_w and the six LoRA gradients from dO and a cache entry.
-        Consumes the entry: G/U become dG/dU."""
+        Consumes the entry: G/U become dG/dU.  lora_dropout, dropout_seed:
+        those of the entry's forward."""
         cdef Step S
         cdef int64_t T = do32.shape[0], P = T * self.L.k, t, n_exp, i
         cdef int64_t dims[6]
@@ -685,6 +893,7 @@ cdef class MoEKernel:
         S.T = T
         S.P = P
         _bind_cache(&S, cache, ws)
+        _set_dropout(&S, lora_dropout, dropout_seed)
         S.x32 = <const float *>_ptr(cache["x"])
         S.do32 = <const float *>_ptr(do32)
         S.do_act = _ptr(do_act)
@@ -722,7 +931,7 @@ cdef class MoEKernel:
                 rc = _run(PH_LORA_B_DOWN, L, &S, n_exp, order, 1, dims, blocks, True, n_threads)
             tb[2] = _now()
             dims[0] = L.I
-            blocks[0] = COL_BLOCK
+            blocks[0] = L.nn_cols
             if rc == 0:
                 rc = _run(PH_BDOWN, L, &S, n_exp, order, 1, dims, blocks, False, n_threads)
             tb[3] = _now()
@@ -731,7 +940,7 @@ cdef class MoEKernel:
                 rc = _run(PH_BSWIGLU, L, &S, n_exp, order, 1, dims, blocks, True, n_threads)
             tb[4] = _now()
             dims[0] = L.H
-            blocks[0] = COL_BLOCK
+            blocks[0] = L.nn_cols
             if rc == 0:
                 rc = _run(PH_BINPUT, L, &S, n_exp, order, 1, dims, blocks, False, n_threads)
             tb[5] = _now()
@@ -755,7 +964,7 @@ cdef class MoEKernel:
             tb[7] = _now()
         free(order)
         if rc != 0:
-            raise MemoryError("ktsft backward: cannot allocate a task list")
+            raise MemoryError("ktsft backward: cannot allocate a task list or dropout scratch")
 
     def last_phase_times(self):
         """Seconds spent in each phase of the last forward and backward."""

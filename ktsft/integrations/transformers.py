@@ -85,8 +85,11 @@ class EagerHFLoRAExperts(torch.nn.Module):
     experts would).  The baseline for timings and the oracle for tests."""
 
     def __init__(self, gate_proj, up_proj, down_proj, r=16, alpha=32.0, dtype="bf16",
-                 use_rslora=False):
+                 use_rslora=False, lora_dropout=0.0):
         super().__init__()
+        from ..validation import check_dropout
+
+        self.lora_dropout = check_dropout(lora_dropout, "lora_dropout")
         E, I, H = gate_proj.shape
         self.num_experts, self.hidden_size, self.intermediate_size = E, H, I
         self.r, self.alpha, self.use_rslora = int(r), float(alpha), bool(use_rslora)
@@ -112,7 +115,8 @@ class EagerHFLoRAExperts(torch.nn.Module):
         top_k_index, top_k_weights = _mask_sentinel(top_k_index, top_k_weights, self.num_experts)
         lora = [list(getattr(self, n)) for n in PARAM_NAMES]
         out = eager_moe_forward(hidden_states, top_k_index, top_k_weights, self.w_gate, self.w_up,
-                                self.w_down, lora, self.scaling, self.act_dtype)
+                                self.w_down, lora, self.scaling, self.act_dtype,
+                                self.lora_dropout if self.training else None)
         return out.to(hidden_states.dtype)
 
 
@@ -291,7 +295,8 @@ def _patch_legacy_block(block, qual):
 # the entry point
 # ---------------------------------------------------------------------------
 def apply_lora_experts(model, r=16, alpha=32.0, dtype="bf16", use_rslora=False, threads=None,
-                       freeze_other=True, recompute=False, *, backend="ktsft", **lora_kwargs):
+                       freeze_other=True, recompute=False, *, backend="ktsft", lora_dropout=0.0,
+                       **lora_kwargs):
     """Replace every routed-experts module of `model` by ktsft LoRA experts.
 
     r, alpha, use_rslora: LoRA rank and scaling (alpha / r, or alpha /
@@ -301,6 +306,8 @@ def apply_lora_experts(model, r=16, alpha=32.0, dtype="bf16", use_rslora=False, 
     threads: OpenMP threads of each layer (default: the usable cores).
     freeze_other: requires_grad=False on every parameter but the LoRA ones.
     recompute: cache only the inputs and recompute in backward.
+    lora_dropout: PEFT's LoRA dropout probability on the LoRA inputs, active
+    in training mode (masks seeded from torch's default generator).
     backend="eager" builds the plain PyTorch loop (``EagerHFLoRAExperts``)
     instead: the baseline for timings and tests.  Other keyword arguments go
     to ``LoRAExperts`` (max_cache_depth, chunked_prefill_size, isa).
@@ -334,11 +341,12 @@ def apply_lora_experts(model, r=16, alpha=32.0, dtype="bf16", use_rslora=False, 
         if backend == "ktsft":
             new = HFLoRAExperts(E, int(top_k), H, I, r=r, alpha=alpha, dtype=dtype,
                                 use_rslora=use_rslora, threads=threads, recompute=recompute,
-                                layer_idx=_layer_index(qual, i), **lora_kwargs)
+                                layer_idx=_layer_index(qual, i), lora_dropout=lora_dropout,
+                                **lora_kwargs)
             new.load_weights(gate, up, down)
         else:
             new = EagerHFLoRAExperts(gate, up, down, r=r, alpha=alpha, dtype=dtype,
-                                     use_rslora=use_rslora)
+                                     use_rslora=use_rslora, lora_dropout=lora_dropout)
         del gate, up, down
         _release(ex)
         setattr(block, attr, new)
@@ -408,7 +416,7 @@ def save_lora_experts(model, path, metadata=None) -> str:
         raise ValueError("the model has no ktsft LoRA experts")
     m0 = mods[0][1]
     meta = {"format": "ktsft-lora-experts", "r": str(m0.r), "lora_alpha": str(m0.alpha),
-            "use_rslora": str(m0.use_rslora).lower(),
+            "use_rslora": str(m0.use_rslora).lower(), "lora_dropout": str(m0.lora_dropout),
             "shapes": "A [E, r, in], B [E, out, r]; gate/up: in=H, out=I; down: in=I, out=H"}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     save_file({k: v.contiguous().clone() for k, v in lora_state_dict(model).items()}, str(path),

@@ -33,6 +33,27 @@ static inline __m512 kt_widen_bf16x16(__m256i b)
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
 }
 
+/* Horizontal sums of 16 vectors at once: result[e] = sum of in[e]'s lanes.
+ * A tree of lane shuffles (45 operations) instead of 16 separate
+ * reductions (about 130). */
+static inline __m512 kt_hsum16(const __m512 in[16])
+{
+    __m512 v[16], w[8], x[4], y[2];
+    /* the tree leaves sum(v[4j + L]) at element 4L + j */
+    for (int L = 0; L < 4; ++L)
+        for (int j = 0; j < 4; ++j) v[4 * j + L] = in[4 * L + j];
+    for (int p = 0; p < 8; ++p)
+        w[p] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0xEE));
+    for (int q = 0; q < 4; ++q)
+        x[q] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * q], w[2 * q + 1], 0x88),
+                             _mm512_shuffle_f32x4(w[2 * q], w[2 * q + 1], 0xDD));
+    for (int r = 0; r < 2; ++r)
+        y[r] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * r], x[2 * r + 1], 0x44),
+                             _mm512_shuffle_ps(x[2 * r], x[2 * r + 1], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88), _mm512_shuffle_ps(y[0], y[1], 0xDD));
+}
+
 #define KT_LOAD_F32(p) _mm512_loadu_ps(p)
 #define KT_LOAD_BF16(p) kt_widen_bf16x16(_mm256_loadu_si256((const __m256i *)(p)))
 #define KT_LOADN_BF16(p, n) kt_widen_bf16x16(_mm256_maskz_loadu_epi16(kt_mask16(n), p))

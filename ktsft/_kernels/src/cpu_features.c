@@ -1,7 +1,38 @@
 /* CPUID + XGETBV: a feature counts only if the CPU has it and the OS saves
  * its registers on context switch (XCR0), as numpy's npy_cpu_features does. */
+#define _GNU_SOURCE /* syscall() */
 #include <string.h>
 #include "ktsft/cpu_features.h"
+
+#if defined(__linux__) && defined(__x86_64__)
+#include <errno.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define KT_ARCH_GET_XCOMP_PERM 0x1022
+#define KT_ARCH_REQ_XCOMP_PERM 0x1023
+#define KT_XFEATURE_XTILEDATA 18
+
+int ktsft_amx_request(int *err)
+{
+    unsigned long bits = 0;
+    *err = 0;
+    if (syscall(SYS_arch_prctl, KT_ARCH_REQ_XCOMP_PERM, KT_XFEATURE_XTILEDATA) != 0) {
+        *err = errno;
+        return -2;
+    }
+    if (syscall(SYS_arch_prctl, KT_ARCH_GET_XCOMP_PERM, &bits) != 0) {
+        *err = errno;
+        return -3;
+    }
+    return (bits & (1ul << KT_XFEATURE_XTILEDATA)) ? 0 : -3;
+}
+#else
+int ktsft_amx_request(int *err)
+{
+    *err = 0;
+    return -1;
+}
+#endif
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>

@@ -11,5 +11,17 @@ const ktsft_kernels *ktsft_kernels_by_name(const char *name)
     if (strcmp(name, "avx512") == 0) return ktsft_kernels_avx512();
     if (strcmp(name, "avx512bf16") == 0) return ktsft_kernels_avx512bf16();
 #endif
+#if defined(KTSFT_AMX_KERNELS)
+    if (strcmp(name, "amx") == 0) return ktsft_kernels_amx();
+#endif
     return NULL;
+}
+
+int ktsft_amx_build(void)
+{
+#if defined(KTSFT_AMX_KERNELS)
+    return KTSFT_AMX_KERNELS;
+#else
+    return 0;
+#endif
 }

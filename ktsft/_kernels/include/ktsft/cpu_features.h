@@ -14,4 +14,10 @@ typedef struct ktsft_cpu_features {
 
 void ktsft_probe_cpu(ktsft_cpu_features *out);
 
+/* Linux keeps AMX tile data off until a process asks for it
+ * (arch_prctl ARCH_REQ_XCOMP_PERM).  Asks once; 0 when granted, else a
+ * negative code: -1 not Linux/x86-64, -2 request refused (errno in *err),
+ * -3 granted but not reported back. */
+int ktsft_amx_request(int *err);
+
 #endif

@@ -120,6 +120,15 @@ typedef void (*ktsft_combine_fn)(
     int64_t k, int64_t n, const float *Y__pn, const int32_t *pos__j, const float *w__j,
     float *out__n);
 
+/* LoRA dropout, regenerated instead of stored.  Element j of row (proj, tj)
+ * is kept when kt_dropout_hash(seed, proj, tj, j) >= threshold
+ * (threshold = floor(p * 2^32)); ktsft/reference.py has the same hash in
+ * numpy.  Writes (accumulate = 0) or adds (accumulate != 0)
+ *   out[i] = keep(i0 + i) ? x[i] * inv_keep : 0,   i in [0, n). */
+typedef void (*ktsft_dropout_f32_fn)(
+    int64_t n, uint64_t seed, int32_t proj, int64_t tj, int64_t i0, uint32_t threshold,
+    float inv_keep, const float *x__i, float *out__i, int accumulate);
+
 typedef struct ktsft_kernels {
     const char *name;
     ktsft_gemm_nt_f32_fn gemm_nt_f32;
@@ -135,6 +144,7 @@ typedef struct ktsft_kernels {
     ktsft_swiglu_backward_fn swiglu_backward;
     ktsft_round_bf16_fn round_bf16;
     ktsft_combine_fn combine;
+    ktsft_dropout_f32_fn dropout_f32;
 } ktsft_kernels;
 
 KTSFT_HIDDEN const ktsft_kernels *ktsft_kernels_scalar(void);
@@ -143,10 +153,16 @@ KTSFT_HIDDEN const ktsft_kernels *ktsft_kernels_avx2(void);
 KTSFT_HIDDEN const ktsft_kernels *ktsft_kernels_avx512(void);
 KTSFT_HIDDEN const ktsft_kernels *ktsft_kernels_avx512bf16(void);
 #endif
+#if defined(KTSFT_AMX_KERNELS)
+KTSFT_HIDDEN const ktsft_kernels *ktsft_kernels_amx(void);
+#endif
 
-/* Table for an ISA name ("scalar", "avx2", "avx512", "avx512bf16"), or NULL
- * when that build is absent.  It does not check the CPU: see cpu_features.h. */
+/* Table for an ISA name ("scalar", "avx2", "avx512", "avx512bf16", "amx"),
+ * or NULL when that build is absent.  It does not check the CPU: see
+ * cpu_features.h. */
 const ktsft_kernels *ktsft_kernels_by_name(const char *name);
+/* 0: no AMX build; 1: AMX tiles; 2: the C model of the tiles (development) */
+int ktsft_amx_build(void);
 
 #ifdef __cplusplus
 }
