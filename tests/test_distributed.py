@@ -125,6 +125,18 @@ def _ep_two_ranks(rank, world, tmp):
     res.update({f"recompute_{k}": v for k, v in compare_step(ep, ref, rank, batches).items()})
     ep.recompute = False
     x, ids, w, _ = batches[0][rank]
+    # LoRA dropout runs on the owner: same seed, same masks; eval mode turns it off
+    plain = ep(x, ids, w).detach()
+    ep.lora_dropout = 0.3
+    drops = []
+    for _ in range(2):
+        torch.manual_seed(17)
+        drops.append(ep(x, ids, w).detach())
+    res["dropout_repeatable"] = torch.equal(drops[0], drops[1]) and rel(drops[0], plain) > 1e-3
+    ep.eval()
+    res["dropout_eval_off"] = rel(ep(x, ids, w), plain)
+    ep.train()
+    ep.lora_dropout = 0.0
     out3 = ep(x.reshape(3, -1, H), ids.reshape(3, -1, K), w.reshape(3, -1, K))
     res["lead_dims"] = rel(out3.reshape(-1, H), ep(x, ids, w))
     ref_start = [q.detach().clone() for q in ref.lora_parameters()]

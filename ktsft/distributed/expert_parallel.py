@@ -134,13 +134,15 @@ class ExpertParallelLoRAExperts(torch.nn.Module):
     tokens one rank passes per call; an owner accepts up to world_size *
     chunked_prefill_size * top_k (token, expert) pairs, and its activation
     cache grows with the pairs it really receives (chunked_prefill_size *
-    top_k per forward when routing is balanced).
+    top_k per forward when routing is balanced).  ``lora_dropout`` is
+    applied by the owner to the pairs it computes: reproducible for a given
+    world size and seed, but its masks differ from a single-process run's.
     """
 
     def __init__(self, num_experts, top_k, hidden_size, intermediate_size, r=16, alpha=32.0,
                  dtype="bf16", use_rslora=False, threads=None, max_cache_depth=8,
                  chunked_prefill_size=8192, layer_idx=0, isa=None, recompute=False,
-                 expert_counts=None, group=None):
+                 lora_dropout=0.0, expert_counts=None, group=None):
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ExpertParallelLoRAExperts needs torch.distributed initialised "
@@ -171,7 +173,8 @@ class ExpertParallelLoRAExperts(torch.nn.Module):
         self.local = LoRAExperts(hi - lo, 1, hidden_size, intermediate_size, r=r, alpha=alpha,
                                  dtype=dtype, use_rslora=use_rslora, threads=threads,
                                  max_cache_depth=max_cache_depth, chunked_prefill_size=pairs,
-                                 layer_idx=layer_idx, isa=isa, recompute=recompute)
+                                 layer_idx=layer_idx, isa=isa, recompute=recompute,
+                                 lora_dropout=lora_dropout)
         self.local.wrapper.chunked_prefill_size = pairs * self.world_size
         torch.set_rng_state(rng)
         self.reset_lora_parameters()
@@ -194,6 +197,14 @@ class ExpertParallelLoRAExperts(torch.nn.Module):
     up_lora_b = property(lambda self: self.local.up_lora_b)
     down_lora_a = property(lambda self: self.local.down_lora_a)
     down_lora_b = property(lambda self: self.local.down_lora_b)
+
+    @property
+    def lora_dropout(self) -> float:
+        return self.local.lora_dropout
+
+    @lora_dropout.setter
+    def lora_dropout(self, p) -> None:
+        self.local.lora_dropout = p
 
     @property
     def recompute(self) -> bool:

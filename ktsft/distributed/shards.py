@@ -35,10 +35,10 @@ def save_adapter_shard(path, modules, **kw) -> None:
     mods = _ep_modules(modules)
     if not mods:
         raise ValueError("save_adapter_shard: no ExpertParallelLoRAExperts module given")
-    hyper = {(m.r, m.alpha, m.use_rslora) for m in mods}
+    hyper = {(m.r, m.alpha, m.use_rslora, m.lora_dropout) for m in mods}
     if len(hyper) > 1:
-        raise ValueError(f"modules differ in (r, alpha, use_rslora): {sorted(hyper)}; one adapter "
-                         "config holds one")
+        raise ValueError(f"modules differ in (r, alpha, use_rslora, lora_dropout): "
+                         f"{sorted(hyper)}; one adapter config holds one")
     layers, offsets, ranges = {}, {}, {}
     for m in mods:
         L = m.layer_idx
@@ -48,8 +48,9 @@ def save_adapter_shard(path, modules, **kw) -> None:
         lo, hi = m.expert_range
         offsets[L] = lo
         ranges[str(L)] = {"num_experts": m.num_experts, "experts": [lo, hi]}
-    r, alpha, rslora = hyper.pop()
+    r, alpha, rslora, dropout = hyper.pop()
     shard = {"rank": mods[0].rank, "world_size": mods[0].world_size, "layers": ranges}
+    kw.setdefault("lora_dropout", dropout)
     save_adapter(path, layers, r, alpha, use_rslora=rslora, expert_offset=offsets,
                  extra_config={SHARD_KEY: shard}, **kw)
 
