@@ -171,11 +171,14 @@ def _ep_two_ranks(rank, world, tmp):
             p.zero_()
     ep.load_adapter(os.path.join(tmp, "merged"))
     res["merged_roundtrip"] = max(rel(p, b) for p, b in zip(ep.lora_parameters(), before))
+    with torch.no_grad():
+        for p in ep.lora_parameters():
+            p.zero_()
     ep.load_adapter(os.path.join(tmp, f"shard{rank}"))
     res["shard_roundtrip"] = max(rel(p, b) for p, b in zip(ep.lora_parameters(), before))
     # 3) uneven split, rank 1 passes no token, bf16 storage
     for counts, dtype in (([3, 5], "fp32"), ([5, 3], "bf16")):
-        ep2, ref2, wb, _ = make_pair(counts, dtype=dtype)
+        ep2, ref2, wb, res[f"{dtype}{counts}_same_init"] = make_pair(counts, dtype=dtype)
         ep2.load_weights(*[t[slice(*ep2.expert_range)] for t in wb])  # only this rank's experts
         bs = [[batch(9 if r == 0 else 0, seed=50 + r) for r in range(world)]]
         res.update({f"{dtype}{counts}_{k}": v for k, v in compare_step(ep2, ref2, rank, bs).items()})
