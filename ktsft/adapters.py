@@ -231,12 +231,17 @@ def _experts_module(layer, block, model_prefix):
 def save_adapter(path, layers: dict, r: int, lora_alpha: float, use_rslora: bool = False,
                  base_model_name_or_path: str | None = None, block: str = "mlp",
                  proj_names=("gate_proj", "up_proj", "down_proj"), model_prefix: str = "model.",
-                 dtype=np.float32, lora_dropout: float = 0.0) -> None:
+                 dtype=np.float32, lora_dropout: float = 0.0, expert_offset=0,
+                 extra_config: dict | None = None) -> None:
     """Write `layers` = {layer_idx: {"gate_lora_a": [E, r, H], ...}} (the six
     LoRA matrices, numpy or torch) as a per-expert PEFT adapter directory,
     atomically (a failure mid-save leaves `path` as it was).  lora_dropout
     is recorded in the config (training-time only: it does not change the
-    adapter's function)."""
+    adapter's function).
+
+    ``expert_offset`` (an int, or {layer_idx: int}) numbers the experts from
+    that global id: an expert-parallel rank writes its slice of the layer
+    (ktsft.distributed).  ``extra_config`` entries are added to the config."""
     from .validation import check_dropout
 
     lora_dropout = check_dropout(lora_dropout, "lora_dropout")
@@ -244,10 +249,14 @@ def save_adapter(path, layers: dict, r: int, lora_alpha: float, use_rslora: bool
     arrs = _dims_of(layers, r)
     tensors = {}
     for layer, mats in arrs.items():
+        off = expert_offset.get(layer, 0) if isinstance(expert_offset, dict) else expert_offset
+        off = int(off)
+        if off < 0:
+            raise ValueError(f"expert_offset: {off} for layer {layer} is negative")
         for proj in PROJS:
             A, B = mats[f"{proj}_lora_a"], mats[f"{proj}_lora_b"]
             for e in range(A.shape[0]):
-                mod = _module(layer, e, proj, block, proj_names, model_prefix)
+                mod = _module(layer, off + e, proj, block, proj_names, model_prefix)
                 tensors[f"base_model.model.{mod}.lora_A.weight"] = np.ascontiguousarray(A[e], dtype)
                 tensors[f"base_model.model.{mod}.lora_B.weight"] = np.ascontiguousarray(B[e], dtype)
     config = {
@@ -259,6 +268,7 @@ def save_adapter(path, layers: dict, r: int, lora_alpha: float, use_rslora: bool
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None, "modules_to_save": None,
     }
+    config.update(extra_config or {})
     _write_adapter(path, tensors, config)
 
 
@@ -306,21 +316,29 @@ def _read(path):
 def load_adapter(path, layer: int, num_experts: int, block: str = "mlp", proj_names=None,
                  model_prefix: str = "model.", *, hidden_size: int | None = None,
                  intermediate_size: int | None = None, r: int | None = None,
-                 scaling: float | None = None) -> tuple[dict, dict]:
+                 scaling: float | None = None, experts=None) -> tuple[dict, dict]:
     """(config, {"gate_lora_a": [E, r, H] float32, ...}) for one layer of a
     PEFT adapter directory, per-expert or fused (export_peft_fused) layout.
+
+    ``experts`` (global expert ids in [0, num_experts)) reads only those
+    experts, stacked in that order; the adapter may then hold just them (an
+    expert-parallel shard, ktsft.distributed) or the whole layer.
 
     Checks the tensors' dtypes (float), shapes (lora_A [r, in], lora_B
     [out, r], consistent over experts and projections), the expert count and,
     where given, hidden_size, intermediate_size, r and the LoRA scaling
     against the layer; every mismatch is listed in one ValueError.  Missing
     tensors raise KeyError naming them."""
+    sel = _expert_selection(experts, num_experts)
     config, tensors = _read(path)
     expect = dict(hidden_size=hidden_size, intermediate_size=intermediate_size, r=r, scaling=scaling)
     mod = _experts_module(layer, block, model_prefix)
     fused_key = f"base_model.model.{mod}.base_layer.lora_A.weight"
     if config.get("target_parameters") and fused_key in tensors:
-        return config, _load_fused(path, config, tensors, layer, num_experts, mod, **expect)
+        mats = _load_fused(path, config, tensors, layer, num_experts, mod, **expect)
+        if experts is not None:
+            mats = {n: np.ascontiguousarray(a[sel]) for n, a in mats.items()}
+        return config, mats
 
     proj_names = tuple(proj_names or config.get("target_modules") or ("gate_proj", "up_proj", "down_proj"))
     if len(proj_names) != 3:
@@ -332,8 +350,7 @@ def load_adapter(path, layer: int, num_experts: int, block: str = "mlp", proj_na
     problems = []
     if r_file <= 0:
         problems.append(f"config r={config.get('r')!r} is not a positive rank")
-    names = [_module(layer, e, p, block, proj_names, model_prefix) for e in range(num_experts)
-             for p in PROJS]
+    names = [_module(layer, e, p, block, proj_names, model_prefix) for e in sel for p in PROJS]
     for what in ("rank_pattern", "alpha_pattern"):
         hits = _pattern_hits(config.get(what), names)
         if hits:
@@ -348,7 +365,7 @@ def load_adapter(path, layer: int, num_experts: int, block: str = "mlp", proj_na
     extra = sorted({int(pat.match(k).group(1)) for k in present} - set(range(num_experts)))
     keys = {(proj, ab, e): (f"base_model.model.{_module(layer, e, proj, block, proj_names, model_prefix)}"
                             f".lora_{ab}.weight")
-            for proj in PROJS for ab in ("A", "B") for e in range(num_experts)}
+            for proj in PROJS for ab in ("A", "B") for e in sel}
     missing = [k for k in keys.values() if k not in tensors]
     if missing:
         near = sorted(k for k in tensors if f"layers.{layer}." in k)[:6]
@@ -363,7 +380,7 @@ def load_adapter(path, layer: int, num_experts: int, block: str = "mlp", proj_na
     for proj in PROJS:
         for ab in ("A", "B"):
             mats = []
-            for e in range(num_experts):
+            for e in sel:
                 key = keys[(proj, ab, e)]
                 t = tensors[key]
                 if not _check_dtype(problems, key, t):
@@ -382,7 +399,7 @@ def load_adapter(path, layer: int, num_experts: int, block: str = "mlp", proj_na
                     problems.append(f"{key}: shape {list(t.shape)}, expert 0 has {side}_features={ref}")
                     continue
                 mats.append(np.asarray(t, np.float32))
-            if len(mats) == num_experts:
+            if len(mats) == len(sel):
                 out[f"{proj}_lora_{ab.lower()}"] = np.stack(mats)
     if extra:
         problems.append(f"the adapter has experts {extra[:4]}{'...' if len(extra) > 4 else ''} in "
@@ -400,6 +417,22 @@ def load_adapter(path, layer: int, num_experts: int, block: str = "mlp", proj_na
                   H=H, I=I, **expect)
     _raise(problems, path, layer)
     return config, out
+
+
+def _expert_selection(experts, num_experts) -> list:
+    """The expert ids load_adapter reads: all, or the given distinct ids."""
+    n = int(num_experts)
+    if experts is None:
+        return list(range(n))
+    try:
+        sel = [int(e) for e in experts]
+    except (TypeError, ValueError):
+        raise TypeError(f"experts must be a sequence of expert ids, got {experts!r}") from None
+    bad = [e for e in sel if not 0 <= e < n]
+    if bad or not sel or len(set(sel)) != len(sel):
+        raise ValueError(f"experts: need distinct ids in [0, {n}) (num_experts={n}), got "
+                         f"{sel[:8]}{'...' if len(sel) > 8 else ''}")
+    return sel
 
 
 # ---------------------------------------------------------------------------
