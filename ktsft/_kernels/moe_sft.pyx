@@ -776,8 +776,10 @@ cdef class MoEKernel:
                              f"and intermediate_size")
         self.L.ng_in_h = hidden_size // group if self.L.q4 else 1
         self.L.ng_in_i = intermediate_size // group if self.L.q4 else 1
-        self.L.nt_rows = AMX_ROW_BLOCK if isa == "amx" else ROW_BLOCK
-        self.L.nn_cols = AMX_COL_BLOCK if isa == "amx" else COL_BLOCK
+        # tile-sized tasks only where the tiles run: bf16 base products
+        amx = isa == "amx" and bf16
+        self.L.nt_rows = AMX_ROW_BLOCK if amx else ROW_BLOCK
+        self.L.nn_cols = AMX_COL_BLOCK if amx else COL_BLOCK
         self.isa = isa
         self._keep = {}
 
