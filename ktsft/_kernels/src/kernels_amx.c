@@ -184,22 +184,44 @@ static void amx_pad_rows(int64_t nrows, const ktsft_bf16 *W__nk, int64_t ldw, in
                                      : _mm512_setzero_si512());
 }
 
-/* Tile (rows n0.., tokens m0..) of C^T in tmp[16][16] -> C with the LoRA term.
- * w2t[q][16]: the tile's LoRA-B rows, transposed. */
-static void amx_nt_epilogue(const float *tmp, int64_t m0, int64_t M, int64_t nr,
+/* rows[i][0..16) += sum_q a2[i][q] w2[q][0..16) for i < mr: the fp32 LoRA
+ * term of one 16x16 output tile.  Sixteen rows of w2 stay in registers per
+ * pass, so each output row costs one broadcast-FMA per q. */
+static inline void amx_lora_tile(float *rows, int64_t mr, const float *a2, int64_t lda2,
+                                 int64_t K2, const float *w2, int64_t ldw2, int64_t nc)
+{
+    for (int64_t q0 = 0; q0 < K2; q0 += 16) {
+        const int64_t nq = K2 - q0 < 16 ? K2 - q0 : 16;
+        __m512 wv[16];
+        for (int q = 0; q < 16; ++q)
+            wv[q] = q < nq ? V_LOADN(w2 + (q0 + q) * ldw2, nc) : _mm512_setzero_ps();
+        for (int64_t i = 0; i < mr; ++i) {
+            const float *a = a2 + i * lda2 + q0;
+            __m512 v = _mm512_load_ps(rows + 16 * i);
+            if (nq == 16) {
+#pragma GCC unroll 16
+                for (int q = 0; q < 16; ++q) v = _mm512_fmadd_ps(_mm512_set1_ps(a[q]), wv[q], v);
+            } else {
+                for (int q = 0; q < nq; ++q) v = _mm512_fmadd_ps(_mm512_set1_ps(a[q]), wv[q], v);
+            }
+            _mm512_store_ps(rows + 16 * i, v);
+        }
+    }
+}
+
+/* Tile (rows n0.., tokens m0..) of C^T in tmp[16][16] -> C with the LoRA term
+ * (tmp is overwritten).  w2t[q][16]: the tile's LoRA-B rows, transposed. */
+static void amx_nt_epilogue(float *tmp, int64_t m0, int64_t M, int64_t nr,
                             int64_t K2, const float *A2__mq, int64_t lda2, const float *w2t,
                             float *C__mn, int64_t ldc)
 {
     __m512 r[16];
     for (int i = 0; i < 16; ++i) r[i] = _mm512_load_ps(tmp + 16 * i);
     kt_tr16x16(r);
+    for (int i = 0; i < 16; ++i) _mm512_store_ps(tmp + 16 * i, r[i]);
     const int64_t mr = M - m0 < 16 ? M - m0 : 16;
-    for (int64_t i = 0; i < mr; ++i) {
-        __m512 v = r[i];
-        const float *a2 = A2__mq + (m0 + i) * lda2;
-        for (int64_t q = 0; q < K2; ++q) v = _mm512_fmadd_ps(_mm512_set1_ps(a2[q]), _mm512_load_ps(w2t + 16 * q), v);
-        V_STOREN(C__mn + (m0 + i) * ldc, v, nr);
-    }
+    if (K2) amx_lora_tile(tmp, mr, A2__mq + m0 * lda2, lda2, K2, w2t, 16, 16);
+    for (int64_t i = 0; i < mr; ++i) V_STOREN(C__mn + (m0 + i) * ldc, _mm512_load_ps(tmp + 16 * i), nr);
 }
 
 static void amx_w2_transpose(int64_t nr, int64_t K2, const float *W2__nq, int64_t ldw2, float *w2t)
@@ -342,19 +364,18 @@ static void amx_pack_panels(int64_t O, int64_t o0, int64_t oc, const ktsft_bf16 
     }
 }
 
-/* tmp[16][16] (tokens x columns) -> C rows m0.., columns n0.. (nc of them) */
-static void amx_nn_epilogue(const float *tmp, int64_t m0, int64_t M, int64_t n0, int64_t nc,
+/* tmp[16][16] (tokens x columns) -> C rows m0.., columns n0.. (nc of them),
+ * plus the LoRA term (tmp is overwritten) */
+static void amx_nn_epilogue(float *tmp, int64_t m0, int64_t M, int64_t n0, int64_t nc,
                             int64_t O2, const float *A2__mq, int64_t lda2, const float *W2__qn,
                             int64_t ldw2, float *C__mn, int64_t ldc, int accumulate)
 {
     const int64_t mr = M - m0 < 16 ? M - m0 : 16;
+    if (O2) amx_lora_tile(tmp, mr, A2__mq + m0 * lda2, lda2, O2, W2__qn + n0, ldw2, nc);
     for (int64_t i = 0; i < mr; ++i) {
         float *c = C__mn + (m0 + i) * ldc + n0;
         __m512 v = _mm512_load_ps(tmp + 16 * i);
         if (accumulate) v = _mm512_add_ps(V_LOADN(c, nc), v);
-        const float *a2 = A2__mq + (m0 + i) * lda2;
-        for (int64_t q = 0; q < O2; ++q)
-            v = _mm512_fmadd_ps(_mm512_set1_ps(a2[q]), V_LOADN(W2__qn + q * ldw2 + n0, nc), v);
         V_STOREN(c, v, nc);
     }
 }
