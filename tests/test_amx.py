@@ -55,3 +55,9 @@ def test_cpu_info_reports_amx():
     assert INFO["amx"]["usable"] is True
     assert INFO["kernels"] if INFO["selected_isa"] != "amx" else "AMX" in \
         INFO["kernels"]["base GEMMs, dtype=bf16"]
+
+
+def test_amx_token_slices():
+    """An expert with more tokens than one slice (512) of the tile kernels."""
+    p = Problem(T=600, H=64, I=48, E=2, k=2, r=2, seed=4, routing="two_experts")
+    check_against_reference(p, p.run(p.wrapper(dtype="bf16", isa="amx")), "bf16")

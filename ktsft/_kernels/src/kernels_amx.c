@@ -94,6 +94,9 @@ static inline void kt_emu_dp(int c, int a, int b)
 
 /* fewer tokens than this: the vdpbf16ps kernels (streaming, no packing) */
 #define KT_AMX_MIN_M 8
+/* more tokens than this are done in slices of it, which bounds the per-thread
+ * scratch (the packed tokens: MBLOCK x K bf16) whatever the routing skew */
+#define KT_AMX_MBLOCK 512
 
 /* Software prefetch distances, tuned on a 16-core Sapphire Rapids slice:
  * NT: k blocks (64 bytes of each of the tile's 16 weight rows) ahead;
@@ -235,6 +238,16 @@ static void gemm_nt_bf16_amx(int64_t M, int64_t N, int64_t K, const ktsft_bf16 *
                              int64_t ldw, int64_t K2, const float *A2__mq, int64_t lda2,
                              const float *W2__nq, int64_t ldw2, float *C__mn, int64_t ldc)
 {
+    if (M > KT_AMX_MBLOCK) { /* token slices: each output row still has one owner */
+        for (int64_t m0 = 0; m0 < M; m0 += KT_AMX_MBLOCK) {
+            const int64_t mb = M - m0 < KT_AMX_MBLOCK ? M - m0 : KT_AMX_MBLOCK;
+            gemm_nt_bf16_amx(mb, N, K, arows ? A__mk : A__mk + m0 * lda, lda,
+                             arows ? arows + m0 : NULL, W__nk, ldw, K2,
+                             K2 ? A2__mq + m0 * lda2 : A2__mq, lda2, W2__nq, ldw2,
+                             C__mn + m0 * ldc, ldc);
+        }
+        return;
+    }
     const int64_t N16 = N & ~(int64_t)15;
     if (M < KT_AMX_MIN_M || N16 == 0 || K == 0) {
         gemm_nt_bf16_dp(M, N, K, A__mk, lda, arows, W__nk, ldw, K2, A2__mq, lda2, W2__nq, ldw2,
@@ -386,6 +399,16 @@ static void gemm_nn_bf16_amx(int64_t M, int64_t N, int64_t O, const ktsft_bf16 *
                              const float *W2__qn, int64_t ldw2, float *C__mn, int64_t ldc,
                              int accumulate)
 {
+    if (M > KT_AMX_MBLOCK) {
+        for (int64_t m0 = 0; m0 < M; m0 += KT_AMX_MBLOCK) {
+            const int64_t mb = M - m0 < KT_AMX_MBLOCK ? M - m0 : KT_AMX_MBLOCK;
+            gemm_nn_bf16_amx(mb, N, O, arows ? A__mo : A__mo + m0 * lda, lda,
+                             arows ? arows + m0 : NULL, W__on, ldw, O2,
+                             O2 ? A2__mq + m0 * lda2 : A2__mq, lda2, W2__qn, ldw2,
+                             C__mn + m0 * ldc, ldc, accumulate);
+        }
+        return;
+    }
     if (M < KT_AMX_MIN_M || O == 0) {
         gemm_nn_bf16_dp(M, N, O, A__mo, lda, arows, W__on, ldw, O2, A2__mq, lda2, W2__qn, ldw2,
                         C__mn, ldc, accumulate);
