@@ -83,16 +83,25 @@ class BuildExt(build_ext):
         elif X86:
             print("ktsft: this compiler has no AMX intrinsics: building without the AMX path",
                   file=sys.stderr)
-        objects = []
-        for unit, flags in units + [("cpu_features", []), ("dispatch", [])]:
-            src = os.path.join(KDIR, "src", unit + ".c")
-            objects += self.compiler.compile(
-                [src],
+        def compile_unit(unit_flags):
+            unit, flags = unit_flags
+            return self.compiler.compile(
+                [os.path.join(KDIR, "src", unit + ".c")],
                 output_dir=self.build_temp,
                 macros=macros,
                 include_dirs=[INCLUDE],
                 extra_postargs=COMMON_CFLAGS + ["-fPIC"] + flags,
             )
+
+        # the units are independent compiler runs: one per core at a time
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(1, len(os.sched_getaffinity(0))
+                                                if hasattr(os, "sched_getaffinity")
+                                                else os.cpu_count() or 1)) as pool:
+            objects = [o for objs in pool.map(compile_unit, units + [("cpu_features", []),
+                                                                     ("dispatch", [])])
+                       for o in objs]
         ext.extra_objects = objects
         ext.define_macros = list(ext.define_macros or []) + macros
         omp = ["-fopenmp"] if openmp else []
