@@ -296,7 +296,6 @@ static void gemm_nt_bf16_amx(int64_t M, int64_t N, int64_t K, const ktsft_bf16 *
             }
             /* the first token pair brings the weight rows in; later ones hit L2 */
             const int64_t pfd = mt == 0 ? KT_AMX_NT_PF : 0;
-
             for (int64_t kb = 0; kb < nkb; ++kb) {
                 const int tail = kb == kfull;
                 if (pfd && kb + pfd < kfull)
