@@ -28,7 +28,7 @@ def _choose() -> tuple[str, bool]:
             raise ImportError(f"{_ENV}={forced!r} cannot run on this CPU/build; runnable: {runnable}")
         return forced, True
     # the C model of AMX tiles (a development build) only runs when asked for
-    best = [n for n in runnable if n != "amx" or _native.amx_status()[1].startswith("tile data")]
+    best = [n for n in runnable if n != "amx" or _native.amx_build() == 1]
     return best[-1], False
 
 
@@ -54,7 +54,7 @@ def cpu_info() -> dict:
         "selected_isa": SELECTED_ISA,
         "forced_by_env": FORCED,
         "openmp": _native.openmp_enabled(),
-        "amx": {"usable": _native.amx_status()[0], "reason": _native.amx_status()[1]},
+        "amx": dict(zip(("usable", "reason"), _native.amx_status())),
         "kernels": {
             "base GEMMs, dtype=fp32": fp32_desc,
             "base GEMMs, dtype=bf16": bf16_desc,

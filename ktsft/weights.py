@@ -188,6 +188,17 @@ def expert_source(weight_path, layer_idx: int = 0, key_prefix: str | None = None
     return _Checkpoint(files, layer_idx, "model." if key_prefix is None else key_prefix)
 
 
+def check_source_shapes(src, want: dict, weight_path, where: str = "",
+                        sizes: str = "num_experts, hidden_size, moe_intermediate_size") -> None:
+    """Raise unless an expert source's gate/up/down arrays have the shapes
+    `want` ({name: (E, out, in)}) that the layer being loaded needs."""
+    got = src.shapes()
+    for n in NAMES:
+        if tuple(got[n]) != want[n]:
+            raise ValueError(f"weight_path {weight_path!r}: {where}{n} has shape {tuple(got[n])}, "
+                             f"this layer needs {want[n]} ({sizes})")
+
+
 KTSFT_FORMAT = "ktsft-layer-v1"
 
 

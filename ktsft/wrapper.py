@@ -307,7 +307,7 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
 
     def _read_weights(self, p2l, want, key_prefix):
         """Storage filled from weight_path, slot p <- file expert p2l[p]."""
-        from .weights import NAMES, expert_source, ktsft_layer
+        from .weights import NAMES, check_source_shapes, expert_source, ktsft_layer
 
         own = ktsft_layer(self.weight_path)
         if own is not None and own.dtype == self.dtype and (
@@ -320,12 +320,7 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
                              + f", not dtype={self.dtype!r}, quant_group={self.quant_group}")
 
         src = expert_source(self.weight_path, self.layer_idx, key_prefix)
-        shapes = src.shapes()
-        for n in NAMES:
-            if tuple(shapes[n]) != want[n]:
-                raise ValueError(f"weight_path {self.weight_path!r}: {n} has shape {tuple(shapes[n])}, "
-                                 f"this layer needs {want[n]} (num_experts, hidden_size, "
-                                 "moe_intermediate_size)")
+        check_source_shapes(src, want, self.weight_path)
 
         def expert(p):
             e = int(p2l[p])

@@ -57,6 +57,11 @@ def compiled_isas():
 _AMX_STATUS = None
 
 
+def amx_build():
+    """0: no AMX build; 1: AMX tiles; 2: the C model of the tiles (development)."""
+    return ktsft_amx_build()
+
+
 def amx_status():
     """(usable, reason) for the AMX build on this CPU and OS.  The first call
     asks Linux for the tile-data state (once per process)."""

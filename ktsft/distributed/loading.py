@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from .._arrays import BF16
-from ..weights import NAMES, expert_source, ktsft_layer
+from .. import validation as V
+from ..weights import NAMES, check_source_shapes, expert_source, ktsft_layer
 
 
 def read_expert_shard(weight_path, layer_idx: int, lo: int, hi: int, num_experts: int,
@@ -26,20 +27,14 @@ def read_expert_shard(weight_path, layer_idx: int, lo: int, hi: int, num_experts
         src = expert_source(weight_path, layer_idx, key_prefix)
     E, H, I = num_experts, hidden_size, intermediate_size
     want = {"gate_proj": (E, I, H), "up_proj": (E, I, H), "down_proj": (E, H, I)}
-    got = src.shapes()
-    for n in NAMES:
-        if tuple(got[n]) != want[n]:
-            raise ValueError(f"weight_path {weight_path!r}: layer {layer_idx} {n} has shape "
-                             f"{tuple(got[n])}, this layer needs {want[n]} (num_experts, "
-                             "hidden_size, intermediate_size)")
+    check_source_shapes(src, want, weight_path, where=f"layer {layer_idx} ",
+                        sizes="num_experts, hidden_size, intermediate_size")
     store = BF16 if dtype == "bf16" else np.dtype(np.float32)
     out = [np.empty((hi - lo, *want[n][1:]), store) for n in NAMES]
     for i, e in enumerate(range(lo, hi)):
         for n, dst, w in zip(NAMES, out, src.expert(e)):
             w = np.asarray(w)
-            if not np.isfinite(w).all():
-                raise ValueError(f"weight_path {weight_path!r}: {n} of expert {e} (layer "
-                                 f"{layer_idx}) holds a non-finite value")
+            V.check_finite(w, f"weight_path {weight_path!r}: {n} of expert {e} (layer {layer_idx})")
             dst[i] = w
     return out
 
