@@ -89,3 +89,14 @@ def test_empty_batch(isa):
     dx, grads = m.backward(np.zeros((0, 16), np.float32))
     assert dx.shape == (0, 16) and grads["grad_routing_weights"].shape == (0, 2)
     assert not np.any(grads["grad_gate_lora_a"])
+
+
+def test_every_tokens_per_expert_count(isa, dtype):
+    """Expert e gets exactly e + 1 tokens (1..14): every few-token kernel
+    shape (the row-at-a-time NT kernel up to 8 tokens, the tiled one past
+    it with its token blocks split evenly, the streaming NN kernel), with
+    K tails past the 4-way split of the row kernel (H = 2*128 + 35)."""
+    p = Problem(T=105, H=291, I=45, E=14, k=1, r=3, seed=11)
+    p.ids = np.repeat(np.arange(14), np.arange(1, 15))[np.random.default_rng(1).permutation(105)]
+    p.ids = p.ids.reshape(105, 1).astype(np.int64)
+    check_against_reference(p, p.run(p.wrapper(dtype=dtype, isa=isa)), dtype)
