@@ -37,14 +37,6 @@ if os.environ.get("KTSFT_SANITIZE"):
     COMMON_CFLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined"]
 
 
-# The ISA units take back Python's -fwrapv (it comes with sysconfig's CFLAGS,
-# for CPython's own code): with it GCC must keep signed index arithmetic
-# wrapping, and the bf16 pack loops of the backward ran 16-22% slower
-# (bench/probe.c, 2-core Zen 5).  The kernels never rely on signed wrap;
-# without -fwrapv UBSan (.ci/sanitize) also checks signed overflow there.
-UNIT_CFLAGS = ["-fPIC", "-fno-wrapv"]
-
-
 def _compiles(compiler, flags):
     """Does the compiler accept these flags (and their intrinsics)?"""
     src = ("#include <immintrin.h>\nvoid f(void *p) { _tile_zero(0); _tile_stored(0, p, 64); "
@@ -98,7 +90,7 @@ class BuildExt(build_ext):
                 output_dir=self.build_temp,
                 macros=macros,
                 include_dirs=[INCLUDE],
-                extra_postargs=COMMON_CFLAGS + UNIT_CFLAGS + flags,
+                extra_postargs=COMMON_CFLAGS + ["-fPIC"] + flags,
             )
 
         # the units are independent compiler runs: one per core at a time

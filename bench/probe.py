@@ -25,7 +25,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SRC = os.path.join(ROOT, "ktsft", "_kernels", "src")
 INCLUDE = os.path.join(ROOT, "ktsft", "_kernels", "include")
-FLAGS = ["-O3", "-std=gnu11", "-fopenmp", "-fno-math-errno", "-mavx2", "-mfma", "-mf16c",
+# as the extension builds its ISA units (Python's CFLAGS bring -fwrapv)
+FLAGS = ["-O3", "-std=gnu11", "-fwrapv", "-fopenmp", "-fno-math-errno", "-mavx2", "-mfma", "-mf16c",
          "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16"]
 
 
