@@ -355,21 +355,37 @@ static void gemm_nt_bf16_amx(int64_t M, int64_t N, int64_t K, const ktsft_bf16 *
 static void amx_pack_panels(int64_t O, int64_t o0, int64_t oc, const ktsft_bf16 *W__on,
                             int64_t ldw, int64_t ncols, ktsft_bf16 *pk)
 {
-    const int64_t npan = (ncols + 31) / 32;
+    /* pointer bumps and unmasked full panels: the build's -fwrapv (from
+     * Python's CFLAGS) otherwise keeps a mask and an index product per
+     * panel in the loop (see bnn_pack) */
+    const int64_t nfull = ncols / 32, tail = ncols - 32 * nfull, step = oc * 32;
+    const __mmask32 mtail = kt_mask32(tail);
     const int64_t pf = KT_AMX_NN_PF;
-    for (int64_t o = o0; o < o0 + oc; o += 2) {
+    ktsft_bf16 *dst0 = pk;
+    for (int64_t o = o0; o < o0 + oc; o += 2, dst0 += 64) {
+        const ktsft_bf16 *w0 = W__on + o * ldw, *w1 = w0 + ldw;
         for (int64_t c = 0; c < ncols; c += 32) { /* rows ahead of the loads below */
-            _mm_prefetch((const char *)(W__on + (o + pf) * ldw + c), _MM_HINT_T0);
-            _mm_prefetch((const char *)(W__on + (o + pf + 1) * ldw + c), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w0 + pf * ldw + c), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w1 + pf * ldw + c), _MM_HINT_T0);
         }
-        for (int64_t p = 0; p < npan; ++p) {
-            const __mmask32 m = kt_mask32(ncols - 32 * p);
-            const ktsft_bf16 *w = W__on + o * ldw + 32 * p;
-            __m512i r0 = o < O ? _mm512_maskz_loadu_epi16(m, w) : _mm512_setzero_si512();
-            __m512i r1 = o + 1 < O ? _mm512_maskz_loadu_epi16(m, w + ldw) : _mm512_setzero_si512();
-            __m512i lo, hi;
+        const int has0 = o < O, has1 = o + 1 < O;
+        ktsft_bf16 *dst = dst0;
+        __m512i lo, hi;
+        for (int64_t p = 0; p < nfull; ++p, dst += step) {
+            const __m512i r0 = has0 ? _mm512_loadu_si512((const void *)(w0 + 32 * p))
+                                    : _mm512_setzero_si512();
+            const __m512i r1 = has1 ? _mm512_loadu_si512((const void *)(w1 + 32 * p))
+                                    : _mm512_setzero_si512();
             kt_pair_rows(r0, r1, &lo, &hi);
-            ktsft_bf16 *dst = pk + p * oc * 32 + (o - o0) * 32;
+            _mm512_store_si512((void *)dst, lo);
+            _mm512_store_si512((void *)(dst + 32), hi);
+        }
+        if (tail) {
+            const __m512i r0 = has0 ? _mm512_maskz_loadu_epi16(mtail, w0 + 32 * nfull)
+                                    : _mm512_setzero_si512();
+            const __m512i r1 = has1 ? _mm512_maskz_loadu_epi16(mtail, w1 + 32 * nfull)
+                                    : _mm512_setzero_si512();
+            kt_pair_rows(r0, r1, &lo, &hi);
             _mm512_store_si512((void *)dst, lo);
             _mm512_store_si512((void *)(dst + 32), hi);
         }
