@@ -8,6 +8,7 @@ one owner task that reduces in a fixed order, so results are bitwise equal
 for any thread count.  Inputs are validated in Python (ktsft.validation)
 before anything here runs; these functions trust their arguments.
 """
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, free, qsort
 from libc.string cimport memset
@@ -659,8 +660,14 @@ cdef int _run(int phase, const Layer *L, const Step *S, int64_t n_exp, const int
 # The layer object
 # --------------------------------------------------------------------------
 cdef inline const void *_ptr(object view) except? NULL:
-    """Address of a C-contiguous numpy array (validated by the caller)."""
-    return <const void *><size_t>view.__array_interface__["data"][0]
+    """Address of a C-contiguous numpy array (validated by the caller).
+    Through the buffer protocol: ~0.1 us, where __array_interface__ builds a
+    dict per call (~0.85 us, times ~50 arrays per forward + backward)."""
+    cdef Py_buffer buf
+    PyObject_GetBuffer(view, &buf, PyBUF_SIMPLE)
+    cdef const void *p = buf.buf
+    PyBuffer_Release(&buf)
+    return p
 
 
 cdef inline double _now() noexcept nogil:
