@@ -31,6 +31,7 @@ cdef enum:
     PAIR_BLOCK = 32     # (token, slot) pairs per task
     GRAD_BLOCK = 256    # LoRA-gradient rows/columns per task
     FEW_TOKENS = 8      # experts with at most this many pairs: NN tasks span whole rows
+    FEW_TOKENS_DP = 11  # the same for the vdpbf16ps kernels (KT_NN_STREAM_MAX in bf16_dp.inc)
 
 
 # --------------------------------------------------------------------------
@@ -134,6 +135,7 @@ cdef struct Layer:
     int64_t ng_in_i          # scale groups per row of down (inputs: I)
     int64_t nt_rows          # NT output rows per task (per ISA, never per thread count)
     int64_t nn_cols          # NN output columns per task (likewise)
+    int64_t nn_whole_upto    # experts with at most this many pairs: one NN task per row span
     float scaling
     const void *w_gate       # [E, I, H] physical slots, fp32 or bf16
     const void *w_up         # [E, I, H]
@@ -333,17 +335,17 @@ cdef int64_t _expert_order(int64_t E, const int32_t *offs, int32_t *order) noexc
     return n
 
 
-cdef inline int64_t _block(int64_t blk, int64_t d, int64_t count, bint rows) noexcept nogil:
+cdef inline int64_t _block(int64_t blk, int64_t d, int64_t count, int64_t whole_upto) noexcept nogil:
     # few tokens: memory-bound, so a task streams whole weight rows
-    return d if (rows and count <= FEW_TOKENS) else blk
+    return d if count <= whole_upto else blk
 
 
 cdef Task *_blocks(int64_t n_exp, const int32_t *order, const int32_t *offs, int nparts,
                    const int64_t *dims, const int64_t *blocks, bint over_pairs,
-                   int64_t *ntasks, bint whole_rows=False) noexcept nogil:
+                   int64_t *ntasks, int64_t whole_upto=0) noexcept nogil:
     """Tasks (expert, part, [lo, hi)) over each part's dimension in fixed blocks;
-    over_pairs: the dimension is the expert's own pair range; whole_rows:
-    experts with few pairs get one task spanning the dimension.  Block sizes
+    over_pairs: the dimension is the expert's own pair range; experts with
+    at most whole_upto pairs get one task spanning the dimension.  Block sizes
     depend only on the routing, never on the thread count."""
     cdef int64_t cap = 0, i, e, d, lo, hi, n = 0, base, blk
     cdef int part
@@ -351,7 +353,7 @@ cdef Task *_blocks(int64_t n_exp, const int32_t *order, const int32_t *offs, int
         e = order[i]
         for part in range(nparts):
             d = (offs[e + 1] - offs[e]) if over_pairs else dims[part]
-            blk = _block(blocks[part], d, offs[e + 1] - offs[e], whole_rows)
+            blk = _block(blocks[part], d, offs[e + 1] - offs[e], whole_upto)
             cap += (d + blk - 1) // blk
     cdef Task *tasks = <Task *>malloc(max(cap, 1) * sizeof(Task))
     if tasks == NULL:
@@ -362,7 +364,7 @@ cdef Task *_blocks(int64_t n_exp, const int32_t *order, const int32_t *offs, int
         for part in range(nparts):
             base = offs[e] if over_pairs else 0
             d = (offs[e + 1] - offs[e]) if over_pairs else dims[part]
-            blk = _block(blocks[part], d, offs[e + 1] - offs[e], whole_rows)
+            blk = _block(blocks[part], d, offs[e + 1] - offs[e], whole_upto)
             lo = 0
             while lo < d:
                 hi = min(lo + blk, d)
@@ -630,9 +632,9 @@ cdef int _run(int phase, const Layer *L, const Step *S, int64_t n_exp, const int
     cdef int64_t ntasks = 0, i, e, per = 0
     cdef int nslots = n_threads
     cdef float *scratch = NULL
-    cdef bint whole_rows = phase == PH_BDOWN or phase == PH_BINPUT
+    cdef int64_t whole_upto = L.nn_whole_upto if (phase == PH_BDOWN or phase == PH_BINPUT) else 0
     cdef Task *tasks = _blocks(n_exp, order, S.offs, nparts, dims, blocks, over_pairs, &ntasks,
-                               whole_rows)
+                               whole_upto)
     if ntasks < 0:
         return -1
     if S.drop and (phase == PH_LORA_A_IN or phase == PH_SWIGLU or phase == PH_BDOWN or
@@ -792,6 +794,8 @@ cdef class MoEKernel:
         amx = isa == "amx" and bf16
         self.L.nt_rows = AMX_ROW_BLOCK if amx else ROW_BLOCK
         self.L.nn_cols = AMX_COL_BLOCK if amx else COL_BLOCK
+        # the vdpbf16ps NN kernel streams without a pack up to 11 tokens
+        self.L.nn_whole_upto = FEW_TOKENS_DP if (isa == "avx512bf16" and bf16) else FEW_TOKENS
         self.isa = isa
         self._keep = {}
 
