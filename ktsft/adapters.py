@@ -275,7 +275,9 @@ def save_adapter(path, layers: dict, r: int, lora_alpha: float, use_rslora: bool
 def model_layers(model) -> tuple[dict, int, float, bool]:
     """(layers, r, lora_alpha, use_rslora) of every ktsft.torch.LoRAExperts in
     `model` (e.g. after ktsft.integrations.transformers.apply_lora_experts),
-    keyed by layer index: the arguments of save_adapter / export_peft_fused."""
+    keyed by layer index: the arguments of save_adapter / export_peft_fused.
+    lora_dropout is not part of the tuple: pass it to those functions
+    (``lora_dropout=module.lora_dropout``) to record it in the config."""
     from .torch import PARAM_NAMES, LoRAExperts
 
     mods = [m for m in model.modules() if isinstance(m, LoRAExperts)]

@@ -256,7 +256,8 @@ class LoRAExperts(torch.nn.Module):
     @torch.no_grad()
     def load_adapter(self, path, **kw) -> dict:
         """Copy a PEFT adapter's matrices for this layer into the parameters
-        (in place); returns its config."""
+        (in place); returns its config.  The module's own lora_dropout is
+        kept; the adapter's is config["lora_dropout"]."""
         from .adapters import load_adapter
 
         config, mats = load_adapter(path, self.wrapper.layer_idx, self.num_experts,

@@ -408,7 +408,9 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
         """Read this layer's LoRA from a PEFT adapter directory into the
         registered LoRA arrays, in place (the zero-copy registration and
         any optimizer holding them stay valid); registers fresh float32
-        arrays if none are.  Returns the adapter's config."""
+        arrays if none are.  Returns the adapter's config.  This layer's own
+        lora_dropout is kept (it is a training choice, not part of the
+        weights); the adapter's is config["lora_dropout"]."""
         from .adapters import load_adapter
 
         config, mats = load_adapter(path, self.layer_idx, self.num_experts,
