@@ -348,50 +348,6 @@ static void gemm_nt_bf16_amx(int64_t M, int64_t N, int64_t K, const ktsft_bf16 *
 #define KT_AMX_NN_COLS 2048
 #define KT_AMX_NN_OCHUNK 256
 
-/* Rows [o0, o0 + oc) (zero at and past O) x columns [0, ncols) of W as
- * bf16 pairs, one 32-column panel after the other: panel p holds, for each
- * even row o, 64 values at p * oc * 32 + (o - o0) * 32: the pairs
- * (W[o, c], W[o + 1, c]) of columns 0..15, then of columns 16..31. */
-static void amx_pack_panels(int64_t O, int64_t o0, int64_t oc, const ktsft_bf16 *W__on,
-                            int64_t ldw, int64_t ncols, ktsft_bf16 *pk)
-{
-    /* pointer bumps and unmasked full panels: the build's -fwrapv (from
-     * Python's CFLAGS) otherwise keeps a mask and an index product per
-     * panel in the loop (see bnn_pack) */
-    const int64_t nfull = ncols / 32, tail = ncols - 32 * nfull, step = oc * 32;
-    const __mmask32 mtail = kt_mask32(tail);
-    const int64_t pf = KT_AMX_NN_PF;
-    ktsft_bf16 *dst0 = pk;
-    for (int64_t o = o0; o < o0 + oc; o += 2, dst0 += 64) {
-        const ktsft_bf16 *w0 = W__on + o * ldw, *w1 = w0 + ldw;
-        for (int64_t c = 0; c < ncols; c += 32) { /* rows ahead of the loads below */
-            _mm_prefetch((const char *)(w0 + pf * ldw + c), _MM_HINT_T0);
-            _mm_prefetch((const char *)(w1 + pf * ldw + c), _MM_HINT_T0);
-        }
-        const int has0 = o < O, has1 = o + 1 < O;
-        ktsft_bf16 *dst = dst0;
-        __m512i lo, hi;
-        for (int64_t p = 0; p < nfull; ++p, dst += step) {
-            const __m512i r0 = has0 ? _mm512_loadu_si512((const void *)(w0 + 32 * p))
-                                    : _mm512_setzero_si512();
-            const __m512i r1 = has1 ? _mm512_loadu_si512((const void *)(w1 + 32 * p))
-                                    : _mm512_setzero_si512();
-            kt_pair_rows(r0, r1, &lo, &hi);
-            _mm512_store_si512((void *)dst, lo);
-            _mm512_store_si512((void *)(dst + 32), hi);
-        }
-        if (tail) {
-            const __m512i r0 = has0 ? _mm512_maskz_loadu_epi16(mtail, w0 + 32 * nfull)
-                                    : _mm512_setzero_si512();
-            const __m512i r1 = has1 ? _mm512_maskz_loadu_epi16(mtail, w1 + 32 * nfull)
-                                    : _mm512_setzero_si512();
-            kt_pair_rows(r0, r1, &lo, &hi);
-            _mm512_store_si512((void *)dst, lo);
-            _mm512_store_si512((void *)(dst + 32), hi);
-        }
-    }
-}
-
 /* tmp[16][16] (tokens x columns) -> C rows m0.., columns n0.. (nc of them),
  * plus the LoRA term (tmp is overwritten) */
 static void amx_nn_epilogue(float *tmp, int64_t m0, int64_t M, int64_t n0, int64_t nc,
@@ -476,7 +432,9 @@ static void gemm_nn_bf16_amx(int64_t M, int64_t N, int64_t O, const ktsft_bf16 *
         for (int64_t o0 = 0; o0 < Op; o0 += och) {
             const int64_t oc = Op - o0 < och ? Op - o0 : och;
             const int first = o0 == 0, last = o0 + oc >= Op;
-            amx_pack_panels(O, o0, oc, W__on + nb0, ldw, ncb, pk);
+            /* rows [o0, o0 + oc) as bf16 pairs, zero at and past O */
+            bnn_pack(O - o0 < oc ? O - o0 : oc, oc, W__on + o0 * ldw + nb0, ldw, ncb, pk,
+                     KT_AMX_NN_PF);
             for (int64_t c0 = 0; c0 < ncb; c0 += 32) {
                 const ktsft_bf16 *pp = pk + (c0 / 32) * oc * 32;
                 const int64_t ncols = ncb - c0 < 32 ? ncb - c0 : 32;
