@@ -3,6 +3,7 @@ from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, 
 
 cdef extern from "ktsft/kernels.h" nogil:
     ctypedef uint16_t ktsft_bf16
+    enum: KT_NN_STREAM_MAX
     ctypedef void (*ktsft_gemm_nt_f32_fn)(int64_t, int64_t, int64_t, const float*, int64_t,
                                           const int32_t*, const float*, int64_t, int64_t,
                                           const float*, int64_t, const float*, int64_t,

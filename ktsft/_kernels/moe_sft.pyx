@@ -17,7 +17,8 @@ from cython.parallel cimport prange
 
 from ._openmp cimport KTSFT_OPENMP, omp_get_max_threads, omp_get_thread_num
 from .kernels cimport (ktsft_kernels, ktsft_bf16, ktsft_kernels_by_name, ktsft_amx_build,
-                       ktsft_cpu_features, ktsft_probe_cpu, ktsft_amx_request)
+                       ktsft_cpu_features, ktsft_probe_cpu, ktsft_amx_request,
+                       KT_NN_STREAM_MAX)
 
 ISA_ORDER = ("scalar", "avx2", "avx512", "avx512bf16", "amx")
 
@@ -31,7 +32,6 @@ cdef enum:
     PAIR_BLOCK = 32     # (token, slot) pairs per task
     GRAD_BLOCK = 256    # LoRA-gradient rows/columns per task
     FEW_TOKENS = 8      # experts with at most this many pairs: NN tasks span whole rows
-    FEW_TOKENS_DP = 11  # the same for the vdpbf16ps kernels (KT_NN_STREAM_MAX in bf16_dp.inc)
 
 
 # --------------------------------------------------------------------------
@@ -794,8 +794,8 @@ cdef class MoEKernel:
         amx = isa == "amx" and bf16
         self.L.nt_rows = AMX_ROW_BLOCK if amx else ROW_BLOCK
         self.L.nn_cols = AMX_COL_BLOCK if amx else COL_BLOCK
-        # the vdpbf16ps NN kernel streams without a pack up to 11 tokens
-        self.L.nn_whole_upto = FEW_TOKENS_DP if (isa == "avx512bf16" and bf16) else FEW_TOKENS
+        # the vdpbf16ps NN kernel streams without a pack up to KT_NN_STREAM_MAX tokens
+        self.L.nn_whole_upto = KT_NN_STREAM_MAX if (isa == "avx512bf16" and bf16) else FEW_TOKENS
         self.isa = isa
         self._keep = {}
 

@@ -29,6 +29,11 @@ typedef uint16_t ktsft_bf16;
 #define KT_NN_OCHUNK 192
 /* bytes of one packed chunk of W (KT_NN_OCHUNK rows), L2-resident */
 #define KT_NN_PACK_BYTES (96 * 1024)
+/* The AVX512-BF16 NN product streams W without a pack for at most this
+ * many tokens (moe_sft.pyx then gives those experts whole-row tasks).
+ * Harness on cold weights, 2-core Zen 5: 9-11 tokens 11-20% faster than
+ * pack + tiles, 12 even, 16 twice slower. */
+#define KT_NN_STREAM_MAX 11
 
 /* NT product (contraction along the rows of W, as in y = W x):
  *   C[m, n] = sum_k A[row(m), k] * W[n, k] + sum_q A2[m, q] * W2[n, q]
