@@ -52,6 +52,19 @@ def effective_threads(requested: int) -> int:
     return requested
 
 
+def _in_place(a: np.ndarray, store: np.dtype) -> bool:
+    """Whether the kernels can read `a` [E, rows, cols] where it is: the
+    storage dtype, each expert's plane C-contiguous, experts at least a
+    plane apart (any further stride is fine: e.g. the gate and up halves of
+    a fused [E, 2I, H] gate_up_proj, read without a copy)."""
+    if a.dtype != store or a.ndim != 3:
+        return False
+    E, R, C = a.shape
+    isz = a.itemsize
+    plane = (C == 1 or a.strides[2] == isz) and (R == 1 or a.strides[1] == C * isz)
+    return plane and (E == 1 or (a.strides[0] >= R * C * isz and a.strides[0] % isz == 0))
+
+
 def default_threads() -> int:
     """OMP_NUM_THREADS when set, else the cores this process may run on."""
     env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
@@ -225,7 +238,9 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
         physical_to_logical_map_cpu[p] is the logical expert held by slot p;
         expert_ids are logical.  Arrays given here are in physical slot
         order; fp32 arrays in fp32 mode and bf16 arrays in bf16 mode are used
-        in place, others are converted once.  Without arrays the weights are
+        in place (also strided views whose per-expert planes are contiguous,
+        such as ``gate_up_proj[:, :I]`` of a fused [E, 2I, H] tensor), others
+        are converted once.  Without arrays the weights are
         read from weight_path (ktsft/weights.py lists the formats; files are
         in logical order; key_prefix overrides the checkpoint's "model."),
         one expert at a time into this wrapper's own storage.
@@ -253,13 +268,17 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
             if self.dtype in ("int8", "int4"):
                 arrays, scales = self._fill(want, lambda p: tuple(a[p] for a in src), E)
             else:
-                arrays = [np.ascontiguousarray(a, dtype=self._store) for a in src]
+                arrays = [a if _in_place(a, self._store) else
+                          np.ascontiguousarray(a, dtype=self._store) for a in src]
         else:
             arrays, scales = self._read_weights(p2l, want, key_prefix)
         views = [a.view(np.uint16) if self.dtype == "bf16" else a for a in arrays]
+        strides = tuple(a.strides[0] // a.itemsize if a.shape[0] > 1 else a[0].size
+                        for a in arrays)
         with self._lock:
             self._base = (arrays, slot, scales)
-            self._kernel.set_base_weights(*views, slot, scales=scales)
+            self._kernel.set_base_weights(*views, slot, scales=scales,
+                                          expert_strides=None if scales is not None else strides)
 
     @property
     def _store(self):

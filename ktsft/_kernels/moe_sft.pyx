@@ -9,7 +9,7 @@ for any thread count.  Inputs are validated in Python (ktsft.validation)
 before anything here runs; these functions trust their arguments.
 """
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport malloc, free, qsort
 from libc.string cimport memset
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
@@ -140,6 +140,12 @@ cdef struct Layer:
     const void *w_gate       # [E, I, H] physical slots, fp32 or bf16
     const void *w_up         # [E, I, H]
     const void *w_down       # [E, H, I]
+    # elements from one expert's weights to the next: I*H, I*H, H*I when each
+    # projection is its own [E, ., .] array; 2*I*H for gate and up read in
+    # place from a fused [E, 2I, H] gate_up_proj (rows stay contiguous)
+    int64_t es_gate
+    int64_t es_up
+    int64_t es_down
     const int32_t *slot      # logical expert -> physical slot
     const float *s_gate      # [E, I, ng_in_h] scales of quantized weights
     const float *s_up        # [E, I, ng_in_h]
@@ -412,7 +418,7 @@ cdef void _f_gate_up(const Layer *L, const Step *S, const Task *t) noexcept nogi
     cdef float *xs = S.xs_g if t.part == 0 else S.xs_u
     cdef float *C = S.G if t.part == 0 else S.U
     cdef const float *ws = _scales(L, L.s_gate if t.part == 0 else L.s_up, e, I, L.ng_in_h)
-    _nt(L, n, nb, H, S.x_act, H, S.pair_tok + off, _woff(L, _expert_w(L, W, e, I * H), lo * H), H,
+    _nt(L, n, nb, H, S.x_act, H, S.pair_tok + off, _woff(L, _expert_w(L, W, e, L.es_gate if t.part == 0 else L.es_up), lo * H), H,
         r, xs + off * r, r, B + e * I * r + lo * r, r, C + off * I + lo, I,
         ws + lo * L.ng_in_h if ws != NULL else NULL)
 
@@ -441,7 +447,7 @@ cdef void _f_down(const Layer *L, const Step *S, const Task *t) noexcept nogil:
     cdef int64_t H = L.H, I = L.I, r = L.r, lo = t.lo, nb = t.hi - t.lo
     cdef const float *ws = _scales(L, L.s_down, e, H, L.ng_in_i)
     _nt(L, n, nb, I, _off(L, S.h_act, off * I), I, NULL,
-        _woff(L, _expert_w(L, L.w_down, e, H * I), lo * I), I,
+        _woff(L, _expert_w(L, L.w_down, e, L.es_down), lo * I), I,
         r, S.hs + off * r, r, L.b_down + e * H * r + lo * r, r, S.ybuf + off * H + lo, H,
         ws + lo * L.ng_in_i if ws != NULL else NULL)
 
@@ -482,14 +488,14 @@ cdef void _b_down(const Layer *L, const Step *S, const Task *t, float *scr) noex
     cdef int64_t H = L.H, I = L.I, r = L.r, lo = t.lo, nb = t.hi - t.lo
     if S.drop:
         _nn(L, n, nb, H, S.do_act, H, S.pair_tok + off,
-            _woff(L, _expert_w(L, L.w_down, e, H * I), lo), I,
+            _woff(L, _expert_w(L, L.w_down, e, L.es_down), lo), I,
             0, NULL, 0, NULL, 0, S.h32 + off * I + lo, I, 0,
             _nn_scales(L, L.s_down, e, H, L.ng_in_i, lo))
         _lora_nn_masked(L, S, PROJ_DOWN, off, n, lo, nb, S.bds, L.a_down + e * r * I + lo, I,
                         S.h32 + lo, I, scr)
         return
     _nn(L, n, nb, H, S.do_act, H, S.pair_tok + off,
-        _woff(L, _expert_w(L, L.w_down, e, H * I), lo), I,
+        _woff(L, _expert_w(L, L.w_down, e, L.es_down), lo), I,
         r, S.bds + off * r, r, L.a_down + e * r * I + lo, I, S.h32 + off * I + lo, I, 0,
         _nn_scales(L, L.s_down, e, H, L.ng_in_i, lo))
 
@@ -520,11 +526,11 @@ cdef void _b_input(const Layer *L, const Step *S, const Task *t, float *scr) noe
     cdef int64_t H = L.H, I = L.I, r = L.r, lo = t.lo, nb = t.hi - t.lo
     if S.drop:
         _nn(L, n, nb, I, _off(L, S.dg_act, off * I), I, NULL,
-            _woff(L, _expert_w(L, L.w_gate, e, I * H), lo), H,
+            _woff(L, _expert_w(L, L.w_gate, e, L.es_gate), lo), H,
             0, NULL, 0, NULL, 0, S.ybuf + off * H + lo, H, 0,
             _nn_scales(L, L.s_gate, e, I, L.ng_in_h, lo))
         _nn(L, n, nb, I, _off(L, S.du_act, off * I), I, NULL,
-            _woff(L, _expert_w(L, L.w_up, e, I * H), lo), H,
+            _woff(L, _expert_w(L, L.w_up, e, L.es_up), lo), H,
             0, NULL, 0, NULL, 0, S.ybuf + off * H + lo, H, 1,
             _nn_scales(L, L.s_up, e, I, L.ng_in_h, lo))
         _lora_nn_masked(L, S, PROJ_GATE, off, n, lo, nb, S.gbs_g, L.a_gate + e * r * H + lo, H,
@@ -533,11 +539,11 @@ cdef void _b_input(const Layer *L, const Step *S, const Task *t, float *scr) noe
                         S.ybuf + lo, H, scr)
         return
     _nn(L, n, nb, I, _off(L, S.dg_act, off * I), I, NULL,
-        _woff(L, _expert_w(L, L.w_gate, e, I * H), lo), H,
+        _woff(L, _expert_w(L, L.w_gate, e, L.es_gate), lo), H,
         r, S.gbs_g + off * r, r, L.a_gate + e * r * H + lo, H, S.ybuf + off * H + lo, H, 0,
         _nn_scales(L, L.s_gate, e, I, L.ng_in_h, lo))
     _nn(L, n, nb, I, _off(L, S.du_act, off * I), I, NULL,
-        _woff(L, _expert_w(L, L.w_up, e, I * H), lo), H,
+        _woff(L, _expert_w(L, L.w_up, e, L.es_up), lo), H,
         r, S.gbs_u + off * r, r, L.a_up + e * r * H + lo, H, S.ybuf + off * H + lo, H, 1,
         _nn_scales(L, L.s_up, e, I, L.ng_in_h, lo))
 
@@ -672,6 +678,13 @@ cdef inline const void *_ptr(object view) except? NULL:
     return p
 
 
+cdef const void *_any_ptr(object a) except? NULL:
+    """Address of the first element of a numpy array of any strides (the
+    buffer protocol's PyBUF_SIMPLE refuses non-contiguous views).  Only for
+    registration, never per call."""
+    return <const void *><uintptr_t>a.__array_interface__["data"][0]
+
+
 cdef inline double _now() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
@@ -799,20 +812,34 @@ cdef class MoEKernel:
         self.isa = isa
         self._keep = {}
 
-    def set_base_weights(self, gate, up, down, slot, scales=None):
+    def set_base_weights(self, gate, up, down, slot, scales=None, expert_strides=None):
         """gate/up [E, I, H], down [E, H, I] (float32, uint16 holding bf16 in
         bf16 mode, or int8 with `scales` = (s_gate [E, I], s_up [E, I],
-        s_down [E, H]) float32), slot: int32 [E] logical expert -> physical slot."""
+        s_down [E, H]) float32), slot: int32 [E] logical expert -> physical slot.
+        expert_strides=(s_gate, s_up, s_down): elements between experts when
+        the arrays are views whose [I, H] / [H, I] planes are C-contiguous but
+        whose experts are further apart (e.g. the two halves of a fused
+        gate_up_proj); the caller has validated the views."""
         if (self.L.q8 or self.L.q4) != (scales is not None):
             raise ValueError("quantized weights need their scales (and only they have them)")
+        cdef int64_t IH = self.L.I * self.L.H
+        if expert_strides is None:
+            expert_strides = (IH, IH, IH)
+        elif self.L.q8 or self.L.q4:
+            raise ValueError("expert strides are for fp32/bf16 weights read in place")
+        if any(int(s) < IH for s in expert_strides):
+            raise ValueError(f"expert strides {tuple(expert_strides)} overlap experts (< I*H = {IH})")
         self._keep["base"] = (gate, up, down, slot, scales)
         if scales is not None:
             self.L.s_gate = <const float *>_ptr(scales[0])
             self.L.s_up = <const float *>_ptr(scales[1])
             self.L.s_down = <const float *>_ptr(scales[2])
-        self.L.w_gate = _ptr(gate)
-        self.L.w_up = _ptr(up)
-        self.L.w_down = _ptr(down)
+        self.L.w_gate = _any_ptr(gate)
+        self.L.w_up = _any_ptr(up)
+        self.L.w_down = _any_ptr(down)
+        self.L.es_gate = int(expert_strides[0])
+        self.L.es_up = int(expert_strides[1])
+        self.L.es_down = int(expert_strides[2])
         self.L.slot = <const int32_t *>_ptr(slot)
 
     def set_lora(self, a_gate, b_gate, a_up, b_up, a_down, b_down):
