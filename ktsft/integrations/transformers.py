@@ -422,3 +422,13 @@ def save_lora_experts(model, path, metadata=None) -> str:
     save_file({k: v.contiguous().clone() for k, v in lora_state_dict(model).items()}, str(path),
               metadata=meta)
     return str(path)
+
+
+# "ktsft" as a transformers experts implementation (ktsft/integrations/hf_experts.py)
+from .hf_experts import configure, ktsft_experts_forward  # noqa: E402
+from .hf_experts import register as _register  # noqa: E402
+
+try:
+    _register()
+except ImportError:  # transformers < 5 has no ExpertsInterface: apply_lora_experts still works
+    pass
