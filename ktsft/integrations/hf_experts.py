@@ -26,12 +26,14 @@ runs on the ktsft kernels:
 
 * **PEFT's LoRA without W + dW.**  PEFT's ``ParamWrapper`` (``LoraConfig(
   target_parameters=...)``) activates its LoRA as a parametrisation of the
-  parameter: reading ``module.gate_up_proj`` would compute W + s B A for all
-  experts.  This function never reads it: it takes the original tensor
-  (``module.parametrizations.<name>.original``) and PEFT's low-rank factors
-  (``_LoraFactorsProxy.lhs`` = B as [E, out, r], ``.rhs`` = A as [E, r,
-  in], ``.scaling``), which are differentiable views of PEFT's ``lora_B`` /
-  ``lora_A`` weights.  gate_up's single A serves gate and up (the kernels
+  parameter: registering it evaluates W + s B A for all experts once, and
+  reading ``module.gate_up_proj`` would again.  ``patch_peft`` (installed
+  by ``register``) makes a ParamWrapper over an experts module that runs on
+  ktsft publish its low-rank factors instead (PEFT's own
+  ``get_delta_factors``: B as [E, out, r], A as [E, r, in], the scaling),
+  differentiable views of PEFT's ``lora_B`` / ``lora_A`` weights; without
+  the patch the same factors are read off PEFT's parametrisation, never
+  evaluating it.  gate_up's single A serves gate and up (the kernels
   read the same memory twice); its B is split into the gate and up halves.
   A is read in place; B is copied each forward into persistent buffers
   because PEFT stores it rank-major ([out, r * E], column q * E + e), not
@@ -58,7 +60,9 @@ trainable base weights (ktsft trains LoRA only).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import weakref
 
 import torch
@@ -142,12 +146,27 @@ def mask_sentinel(top_k_index, top_k_weights, num_experts):
 # ---------------------------------------------------------------------------
 # the parameters as they are this call: base tensors and PEFT's factors
 # ---------------------------------------------------------------------------
+_ACTIVE = threading.local()  # .d: id(experts module) -> {param name: (B, A, scaling)}
+
+
+def _active(module) -> dict:
+    d = getattr(_ACTIVE, "d", None)
+    if d is None:
+        d = _ACTIVE.d = {}
+    return d.setdefault(id(module), {})
+
+
 def _param_and_lora(module, name):
     """(base tensor, (B [E, out, r], A [E, r, in], scaling) or None)."""
     from torch.nn.utils import parametrize
 
+    factors = getattr(_ACTIVE, "d", {}).get(id(module), {}).get(name)
+    if factors is not None:  # PEFT's ParamWrapper handed its factors over (patch_peft)
+        return getattr(module, name), factors
     if not parametrize.is_parametrized(module, name):
         return getattr(module, name), None
+    # PEFT activated its LoRA as a parametrisation (patch_peft not installed):
+    # read its factors; never read module.<name>, which would compute W + dW
     plist = module.parametrizations[name]
     found = None
     for proxy in plist:
@@ -162,6 +181,52 @@ def _param_and_lora(module, name):
             "bf16/fp32 expert weights (several active adapters, or fp8 weights, make PEFT add a "
             "dense delta)")
     return plist.original, found
+
+
+def _runs_on_ktsft(module) -> bool:
+    return getattr(getattr(module, "config", None), "_experts_implementation", None) == NAME
+
+
+def patch_peft() -> bool:
+    """Let PEFT's ParamWrapper hand its LoRA factors to the 'ktsft' experts
+    instead of registering a parametrisation.  PEFT's
+    ``register_parametrization`` evaluates W + dW once to check it (a
+    transient dense copy of every expert, the peak memory of the forward);
+    for an experts module running on ktsft, with one active adapter on a
+    [E, out, in] gate_up_proj / down_proj, the patched context only
+    publishes ``get_delta_factors(adapter)`` for the duration of the call.
+    Everything else goes to PEFT's own code.  Idempotent; False without PEFT."""
+    try:
+        from peft.tuners.lora.layer import ParamWrapper
+    except ImportError:
+        return False
+    if getattr(ParamWrapper._activate_lora, "_ktsft", False):
+        return True
+    original = ParamWrapper._activate_lora
+
+    @contextlib.contextmanager
+    def _activate_lora(self, active_adapters):
+        base = self.get_base_layer()
+        adapters = [a for a in (active_adapters or []) if a in self.lora_A]
+        if (len(adapters) == 1 and _runs_on_ktsft(base) and getattr(self, "num_experts", 1) > 1
+                and self.parameter_name in ("gate_up_proj", "down_proj")
+                and not getattr(base, "is_transposed", False)):
+            lhs, rhs, scaling = self.get_delta_factors(adapters[0])
+            slot = _active(base)
+            slot[self.parameter_name] = (lhs, rhs, float(scaling))
+            try:
+                yield
+            finally:
+                slot.pop(self.parameter_name, None)
+                if not slot:
+                    _ACTIVE.d.pop(id(base), None)
+            return
+        with original(self, active_adapters):
+            yield
+
+    _activate_lora._ktsft = True
+    ParamWrapper._activate_lora = _activate_lora
+    return True
 
 
 class _Binding:
@@ -499,3 +564,4 @@ def register() -> None:
     from transformers.integrations.moe import ExpertsInterface
 
     ExpertsInterface.register(NAME, ktsft_experts_forward)
+    patch_peft()
