@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import weakref
 
+import numpy as np
 import torch
 
 from .buffers import LORA_GRAD_NAMES, lora_shapes
@@ -130,6 +131,70 @@ class _Spent:
         return None
 
 
+def _np_to_torch(a):
+    """A CPU torch tensor sharing `a`'s memory (bf16 as torch.bfloat16);
+    non-contiguous views are copied first, so a pickle holds the view only."""
+    from ._arrays import BF16
+
+    a = np.ascontiguousarray(a)
+    if a.dtype == BF16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _torch_to_np(t):
+    from ._arrays import as_numpy
+
+    return as_numpy(t.detach().cpu(), "base weights")
+
+
+class _SharedBase:
+    """One layer's frozen base weights as its SFTMoEWrapper holds them
+    ((gate, up, down) arrays in slot order, the logical -> slot map and the
+    int8/int4 scales).
+
+    ``copy.deepcopy`` returns this very object: a deep copy of a module
+    shares the base weights by reference.  Nothing writes them (they are
+    frozen; ``load_weights`` registers new arrays, it never writes the old
+    ones), so sharing is safe, and a reference model copied for RLHF/DPO
+    (TRL's ``create_reference_model``) or an EMA copy costs no second copy
+    of the experts.  Pickling (``pickle``, ``torch.save``) writes the
+    arrays as torch tensors: torch.save streams them as storages."""
+
+    __slots__ = ("arrays", "slot", "scales")
+
+    def __init__(self, arrays, slot, scales):
+        self.arrays, self.slot, self.scales = tuple(arrays), slot, scales
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __copy__(self):
+        return self
+
+    def __reduce__(self):
+        scales = None if self.scales is None else [_np_to_torch(s) for s in self.scales]
+        return (_SharedBase._restore, ([_np_to_torch(a) for a in self.arrays],
+                                        _np_to_torch(self.slot), scales))
+
+    @staticmethod
+    def _restore(arrays, slot, scales):
+        return _SharedBase([_torch_to_np(a) for a in arrays], _torch_to_np(slot),
+                           None if scales is None else [_torch_to_np(s) for s in scales])
+
+    def install(self, wrapper) -> None:
+        """Register these arrays with `wrapper`'s kernels, in place: the tail
+        of SFTMoEWrapper.load_weights without its conversions and checks
+        (the arrays passed them when first loaded)."""
+        arrays, slot, scales = self.arrays, self.slot, self.scales
+        views = [a.view(np.uint16) if wrapper.dtype == "bf16" else a for a in arrays]
+        strides = None if scales is not None else tuple(
+            a.strides[0] // a.itemsize if a.shape[0] > 1 else a[0].size for a in arrays)
+        with wrapper._lock:
+            wrapper._base = (list(arrays), slot, scales)
+            wrapper._kernel.set_base_weights(*views, slot, scales=scales, expert_strides=strides)
+
+
 class LoRAExperts(torch.nn.Module):
     """Routed experts of one MoE layer with LoRA on gate, up and down.
 
@@ -147,6 +212,13 @@ class LoRAExperts(torch.nn.Module):
     forward draws its mask seed from torch's default generator, so
     ``torch.manual_seed`` reproduces a run (and torch.utils.checkpoint,
     which restores the RNG state, recomputes with the same masks).
+
+    ``copy.deepcopy``, ``pickle`` and ``torch.save`` / ``torch.load``
+    (``weights_only=False``) work: the copy has its own kernel state and
+    its own LoRA parameters (copies of the values), and computes the same.
+    A deep copy shares the frozen base weights with the original by
+    reference (no second copy of the experts; nothing writes them); a
+    pickle holds them.  Forwards awaiting their backward are not copied.
     """
 
     def __init__(self, num_experts, top_k, hidden_size, intermediate_size, r=16, alpha=32.0,
@@ -154,6 +226,7 @@ class LoRAExperts(torch.nn.Module):
                  chunked_prefill_size=8192, layer_idx=0, isa=None, recompute=False,
                  lora_dropout=0.0):
         super().__init__()
+        self._requested = dict(threads=threads, isa=isa)  # re-resolved by a copy (pickle)
         self.recompute = bool(recompute)
         self.num_experts, self.top_k = int(num_experts), int(top_k)
         self.hidden_size, self.intermediate_size = int(hidden_size), int(intermediate_size)
@@ -173,6 +246,39 @@ class LoRAExperts(torch.nn.Module):
     @property
     def scaling(self) -> float:
         return self.wrapper.lora_scaling
+
+    # ---- copy / pickle -----------------------------------------------------
+    def __getstate__(self):
+        state = super().__getstate__()
+        w = state.pop("wrapper")
+        req = state.get("_requested", {})
+        state["_registered"] = None
+        state["_ktsft_wrapper"] = {
+            "args": dict(layer_idx=w.layer_idx, num_experts=w.num_experts,
+                         num_experts_per_tok=w.num_experts_per_tok, hidden_size=w.hidden_size,
+                         moe_intermediate_size=w.moe_intermediate_size,
+                         cpuinfer_threads=req.get("threads"), threadpool_count=w.threadpool_count,
+                         weight_path=w.weight_path, chunked_prefill_size=w.chunked_prefill_size,
+                         lora_rank=w.lora_rank, lora_alpha=w.lora_alpha,
+                         max_cache_depth=w.max_cache_depth, dtype=w.dtype, isa=req.get("isa"),
+                         quant_group=w.quant_group, lora_dropout=w.lora_dropout),
+            "rng": w._dropout_rng,
+            "base": None if w._base is None else _SharedBase(*w._base),
+        }
+        return state
+
+    def __setstate__(self, state):
+        spec = state.pop("_ktsft_wrapper", None)
+        super().__setstate__(state)
+        if spec is None:  # pragma: no cover - a state without kernels (not written by us)
+            return
+        w = SFTMoEWrapper(**spec["args"])
+        w._dropout_rng = spec["rng"]
+        if spec["base"] is not None:
+            spec["base"].install(w)
+        self.wrapper = w
+        self._registered = None
+        self._sync_lora()
 
     @property
     def lora_dropout(self) -> float:
