@@ -156,3 +156,77 @@ def test_trl_style_reference_copy_keeps_backward_state_apart():
                for p in m.lora_parameters())
     assert all(p.grad is None for p in ref.parameters())
     assert torch.equal(ref(input_ids=ids).logits, r1)
+
+
+# ---------------------------------------------------------------------------
+# 2. save_pretrained of a patched model restores the stock base model
+# ---------------------------------------------------------------------------
+def _is_lora_key(k):
+    return k.rsplit(".", 1)[-1] in PARAM_NAMES
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_save_pretrained_restores_the_stock_base_model(family, tmp_path):
+    stock, model = patched(family)
+    ids = tokens()
+    want = logits(stock, ids)
+    sd = model.state_dict()
+    assert set(sd) - {k for k in sd if _is_lora_key(k)} == set(stock.state_dict())
+    gu = sd["model.layers.1.mlp.experts.gate_up_proj"]
+    assert torch.equal(gu, stock.model.layers[1].mlp.experts.gate_up_proj)
+    model.save_pretrained(tmp_path / "full")
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "full", output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    # the LoRA parameters ride along and are ignored by the stock model
+    assert set(info["unexpected_keys"]) == {k for k in sd if _is_lora_key(k)}
+    assert torch.equal(logits(back.float().eval(), ids), want)
+    # a base-only checkpoint: drop the LoRA keys
+    model.save_pretrained(tmp_path / "base",
+                          state_dict={k: v for k, v in sd.items() if not _is_lora_key(k)})
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert torch.equal(logits(back.float().eval(), ids), want)
+
+
+def test_bf16_model_save_pretrained(tmp_path):
+    stock = build().to(torch.bfloat16)
+    model = apply_lora_experts(copy.deepcopy(stock), r=R, alpha=8.0, dtype="bf16", threads=1)
+    model.save_pretrained(tmp_path / "m")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    for (k, a), (k2, b) in zip(sorted(stock.state_dict().items()),
+                               sorted(back.state_dict().items())):
+        assert k == k2 and a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b), k
+
+
+def test_load_state_dict_round_trip_reads_base_weights():
+    stock, model = patched()
+    ids = tokens()
+    want = logits(model, ids)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    _, other = patched(seed=1)          # other base weights and LoRA
+    assert rel(logits(other, ids), want) > 1e-2
+    res = other.load_state_dict(sd)     # strict: the base keys are understood
+    assert not res.missing_keys and not res.unexpected_keys
+    assert torch.equal(logits(other, ids), want)
+    # a state dict without base keys (LoRA and the rest) leaves the base as it is
+    _, third = patched(seed=1)
+    third.load_state_dict({k: v for k, v in sd.items()
+                           if not k.endswith(("gate_up_proj", "down_proj"))}, strict=False)
+    assert rel(logits(third, ids), want) > 1e-3
+
+
+def test_modulelist_checkpoint_layout():
+    """checkpoint_layout = modulelist: per-expert keys, as a 4.x model has."""
+    m = HFLoRAExperts(E, K, H, I, r=R, alpha=8, dtype="fp32", threads=1)
+    g = torch.Generator().manual_seed(0)
+    w = [torch.randn(s, generator=g) for s in ((E, I, H), (E, I, H), (E, H, I))]
+    m.load_weights(*w)
+    m.checkpoint_layout = {"kind": "modulelist", "names": ("w1", "w3", "w2")}
+    sd = m.state_dict()
+    assert torch.equal(sd["3.w1.weight"], w[0][3]) and torch.equal(sd["5.w2.weight"], w[2][5])
+    m2 = HFLoRAExperts(E, K, H, I, r=R, alpha=8, dtype="fp32", threads=1)
+    m2.checkpoint_layout = m.checkpoint_layout
+    m2.load_state_dict(sd)
+    assert all(np.array_equal(a, b) for a, b in zip(m.wrapper._base[0], m2.wrapper._base[0]))

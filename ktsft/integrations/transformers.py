@@ -68,7 +68,31 @@ class HFLoRAExperts(LoRAExperts):
     The module ignores ``model.to(device / dtype)``: its base weights live in
     ktsft (CPU memory) and the kernels read the float32 LoRA parameters in
     place, so they stay float32 on the CPU.  Inputs on another device are
-    copied to the host and the result is returned on their device."""
+    copied to the host and the result is returned on their device.
+
+    ``state_dict()`` holds the frozen base weights too, under the keys of
+    the experts module this one replaced (``checkpoint_layout``), besides
+    the six LoRA parameters: transformers-5 fused experts ``gate_up_proj``
+    [E, 2I, H] (gate rows first) and ``down_proj`` [E, H, I]; a 4.x
+    ModuleList ``{e}.gate_proj.weight``, ... (``w1``/``w3``/``w2`` under
+    Mixtral's ``block_sparse_moe``).  So ``model.save_pretrained(dir)``
+    writes a checkpoint that a stock model loads with its own experts (the
+    LoRA keys are reported as unused and ignored); ``gate_up_proj`` is
+    assembled from ktsft's gate and up arrays on each call (a transient
+    copy), ``down_proj`` and the per-expert weights are views.
+    ``load_state_dict`` reads base keys, when present, into fresh storage
+    (they are optional: a state dict without them leaves the base as is).
+    int8/int4 storage (not exact) writes no base keys.
+
+    Copies (``copy.deepcopy``, pickle, ``torch.save``): see LoRAExperts."""
+
+    #: the checkpoint layout of the replaced experts module.  None: fused
+    #: (transformers >= 5, gate rows first, not transposed) or, under
+    #: transformers 4.x, a ModuleList with gate_proj/up_proj/down_proj
+    #: (w1/w3/w2 under ``block_sparse_moe``).  Otherwise a dict:
+    #: ``{"kind": "fused", "transposed": bool, "concatenated": bool}`` or
+    #: ``{"kind": "modulelist", "names": (gate, up, down)}``.
+    checkpoint_layout = None
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         top_k_index, top_k_weights = _mask_sentinel(top_k_index, top_k_weights, self.num_experts)
@@ -76,6 +100,126 @@ class HFLoRAExperts(LoRAExperts):
 
     def _apply(self, fn, recurse=True):  # keep the LoRA parameters fp32 on the CPU
         return self
+
+    # ---- the base weights in state_dict ------------------------------------
+    @staticmethod
+    def _transformers_major() -> int:
+        try:
+            from importlib.metadata import version
+
+            return int(version("transformers").split(".")[0])
+        except Exception:  # noqa: BLE001 - not installed: a duck-typed fused model
+            return 5
+
+    def _layout(self, prefix):
+        lay = self.checkpoint_layout
+        if lay is not None:
+            return dict(lay)
+        if self._transformers_major() < 5:
+            names = ("w1", "w3", "w2") if "block_sparse_moe" in prefix else _MLP_NAMES[0]
+            return {"kind": "modulelist", "names": names}
+        return {"kind": "fused", "transposed": False, "concatenated": True}
+
+    def _checkpoint_keys(self, prefix):
+        lay = self._layout(prefix)
+        if lay["kind"] == "fused":
+            return [f"{prefix}gate_up_proj", f"{prefix}down_proj"]
+        return [f"{prefix}{e}.{n}.weight" for e in range(self.num_experts) for n in lay["names"]]
+
+    def _logical_base(self):
+        """(gate, up, down) as torch tensors in logical expert order: views of
+        ktsft's arrays where the slot map is the identity; None for int8/int4
+        or before load_weights."""
+        import numpy as np
+
+        base = self.wrapper._base
+        if base is None or self.wrapper.dtype not in _DTYPES:
+            return None
+        arrays, slot, _ = base
+        bf16 = self.wrapper.dtype == "bf16"
+        out = [torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if bf16 else
+               torch.from_numpy(a) for a in arrays]
+        if not np.array_equal(slot, np.arange(len(slot))):
+            idx = torch.from_numpy(np.asarray(slot, np.int64))
+            out = [t.index_select(0, idx) for t in out]
+        return out
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        base = self._logical_base()
+        if base is None:
+            return
+        gate, up, down = base
+        lay = self._layout(prefix)
+        if lay["kind"] == "fused":
+            if lay.get("concatenated", True):
+                gu = torch.cat([gate, up], dim=1)
+            else:  # interleaved rows: gate0, up0, gate1, up1, ...
+                gu = torch.stack([gate, up], dim=2).flatten(1, 2)
+            if lay.get("transposed", False):  # [E, H, 2I], [E, I, H]
+                gu, down = gu.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
+            destination[f"{prefix}gate_up_proj"] = gu
+            destination[f"{prefix}down_proj"] = down
+        else:
+            g, u, d = lay["names"]
+            for e in range(self.num_experts):
+                destination[f"{prefix}{e}.{g}.weight"] = gate[e]
+                destination[f"{prefix}{e}.{u}.weight"] = up[e]
+                destination[f"{prefix}{e}.{d}.weight"] = down[e]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        keys = self._checkpoint_keys(prefix)
+        found = [k for k in keys if k in state_dict]
+        if found:
+            if len(found) < len(keys):
+                miss = [k for k in keys if k not in state_dict]
+                error_msgs.append(f"{prefix[:-1]}: base weights incomplete, missing {miss[:3]}"
+                                  + (f" and {len(miss) - 3} more" if len(miss) > 3 else ""))
+            else:
+                try:
+                    self._load_base({k[len(prefix):]: state_dict[k] for k in keys}, prefix)
+                except (ValueError, TypeError, NotImplementedError) as e:
+                    error_msgs.append(f"{prefix[:-1]}: {e}")
+            for k in found:
+                del state_dict[k]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    @torch.no_grad()
+    def _load_base(self, t, prefix):
+        if self.wrapper.dtype not in _DTYPES:
+            raise NotImplementedError(f"base weights cannot be loaded into {self.wrapper.dtype} "
+                                      "storage from a state dict")
+        store = _DTYPES[self.wrapper.dtype]
+        E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
+        lay = self._layout(prefix)
+        if lay["kind"] == "fused":
+            gu, dn = torch.as_tensor(t["gate_up_proj"]), torch.as_tensor(t["down_proj"])
+            if lay.get("transposed", False):
+                gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)
+            if tuple(gu.shape) != (E, 2 * I, H) or tuple(dn.shape) != (E, H, I):
+                raise ValueError(f"gate_up_proj {tuple(gu.shape)} / down_proj {tuple(dn.shape)}, "
+                                 f"expected {(E, 2 * I, H)} / {(E, H, I)} (transposed: "
+                                 f"{bool(lay.get('transposed', False))})")
+            if lay.get("concatenated", True):
+                g_src, u_src = gu[:, :I], gu[:, I:]
+            else:
+                g_src, u_src = gu[:, 0::2], gu[:, 1::2]
+        else:
+            g, u, d = lay["names"]
+            g_src = torch.stack([torch.as_tensor(t[f"{e}.{g}.weight"]) for e in range(E)])
+            u_src = torch.stack([torch.as_tensor(t[f"{e}.{u}.weight"]) for e in range(E)])
+            dn = torch.stack([torch.as_tensor(t[f"{e}.{d}.weight"]) for e in range(E)])
+            if tuple(g_src.shape) != (E, I, H) or tuple(dn.shape) != (E, H, I):
+                raise ValueError(f"per-expert weights {tuple(g_src.shape[1:])} / "
+                                 f"{tuple(dn.shape[1:])}, expected {(I, H)} / {(H, I)}")
+        fresh = []  # own storage: the old arrays may be shared with copies of this module
+        for src, shape in ((g_src, (E, I, H)), (u_src, (E, I, H)), (dn, (E, H, I))):
+            dst = torch.empty(shape, dtype=store)
+            dst.copy_(src)
+            fresh.append(dst)
+        self.load_weights(*fresh)
 
 
 class EagerHFLoRAExperts(torch.nn.Module):
