@@ -172,7 +172,7 @@ def _param_and_lora(module, name):
     for proxy in plist:
         lhs, rhs, s = (getattr(proxy, a, None) for a in ("lhs", "rhs", "scaling"))
         if isinstance(lhs, torch.Tensor) and isinstance(rhs, torch.Tensor) and found is None:
-            found = (lhs, rhs, float(s))
+            found = (lhs, rhs, float(s), None)
             continue
         kind = type(proxy).__name__
         raise NotImplementedError(
@@ -185,6 +185,20 @@ def _param_and_lora(module, name):
 
 def _runs_on_ktsft(module) -> bool:
     return getattr(getattr(module, "config", None), "_experts_implementation", None) == NAME
+
+
+def _peft_factors(wrapper, adapter):
+    """(B [E, out, r], A [E, r, in], scaling, B's parameter) of a PEFT
+    ParamWrapper on a [E, out, in] parameter, as views of its fp32 lora_B /
+    lora_A weights: PEFT keeps A expert-major ([E * r, in], row e * r + q)
+    and B rank-major ([out, r * E], column q * E + e), the layout its own
+    get_delta_factors reads.  Unlike get_delta_factors, no cast to the base
+    weights' dtype: ktsft computes the LoRA in fp32 on the fp32 parameters."""
+    A = wrapper.lora_A[adapter].weight
+    B = wrapper.lora_B[adapter].weight
+    E = wrapper.num_experts
+    return (B.view(B.shape[0], -1, E).permute(2, 0, 1), A.view(E, -1, A.shape[-1]),
+            float(wrapper.scaling[adapter]), B)
 
 
 def patch_peft() -> bool:
@@ -211,9 +225,8 @@ def patch_peft() -> bool:
         if (len(adapters) == 1 and _runs_on_ktsft(base) and getattr(self, "num_experts", 1) > 1
                 and self.parameter_name in ("gate_up_proj", "down_proj")
                 and not getattr(base, "is_transposed", False)):
-            lhs, rhs, scaling = self.get_delta_factors(adapters[0])
             slot = _active(base)
-            slot[self.parameter_name] = (lhs, rhs, float(scaling))
+            slot[self.parameter_name] = _peft_factors(self, adapters[0])
             try:
                 yield
             finally:
@@ -326,7 +339,8 @@ class _Binding:
     def lora_arrays(self, gu_lora, dn_lora, r, ratio):
         """The six [E, ...] fp32 arrays of ktsft's LoRA layout for this call.
         A is PEFT's memory when it is fp32 and contiguous; B is copied (PEFT
-        keeps it rank-major).  ratio: down's scaling / the wrapper's."""
+        keeps it rank-major) into persistent buffers.  ratio: down's scaling
+        / the wrapper's."""
         E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
         shapes = lora_shapes(E, H, I, r)
         z = self._zeros(r)
@@ -340,23 +354,30 @@ class _Binding:
                 return t
             return self._buf(name, shapes[name]).copy_(t)
 
+        def b_of(factors, names, rows, scale=1.0):
+            # copied every call: a version-counter cache would miss updates,
+            # since torch's fused AdamW steps do not bump the counter
+            B = factors[0].detach()
+            bufs = [self._buf(n, shapes[n]) for n in names]
+            for buf, (lo, hi) in zip(bufs, rows):
+                buf.copy_(B[:, lo:hi])
+                if scale != 1.0:
+                    buf.mul_(scale)
+            return bufs
+
         with torch.no_grad():
             if gu_lora is None:
                 ag, bg, au, bu = (zero("grad_gate_lora_a"), zero("grad_gate_lora_b"),
                                   zero("grad_up_lora_a"), zero("grad_up_lora_b"))
             else:
-                B, A = gu_lora[0].detach(), gu_lora[1]
-                ag = au = a_of(A, "grad_gate_lora_a")
-                bg = self._buf("grad_gate_lora_b", shapes["grad_gate_lora_b"]).copy_(B[:, :I])
-                bu = self._buf("grad_up_lora_b", shapes["grad_up_lora_b"]).copy_(B[:, I:])
+                ag = au = a_of(gu_lora[1], "grad_gate_lora_a")
+                bg, bu = b_of(gu_lora, ("grad_gate_lora_b", "grad_up_lora_b"),
+                              ((0, I), (I, 2 * I)))
             if dn_lora is None:
                 ad, bd = zero("grad_down_lora_a"), zero("grad_down_lora_b")
             else:
                 ad = a_of(dn_lora[1], "grad_down_lora_a")
-                bd = self._buf("grad_down_lora_b", shapes["grad_down_lora_b"]).copy_(
-                    dn_lora[0].detach())
-                if ratio != 1.0:
-                    bd.mul_(ratio)
+                bd, = b_of(dn_lora, ("grad_down_lora_b",), ((0, H),), ratio)
         return ag, bg, au, bu, ad, bd
 
 
@@ -404,6 +425,7 @@ class _ExpertsFn(torch.autograd.Function):
         ctx.meta = (hidden.dtype, weights.dtype, hidden.device)
         ctx.has = (b_gu is not None, b_d is not None)
         ctx.lora_dtypes = tuple(t.dtype if t is not None else None for t in (b_gu, a_gu, b_d, a_d))
+        ctx.shapes = tuple(tuple(t.shape) if t is not None else None for t in (b_gu, b_d))
         ctx.handle = handle
         ctx.release = weakref.finalize(ctx, call.wrapper.release, handle) if cache else None
         if save:
@@ -435,18 +457,31 @@ class _ExpertsFn(torch.autograd.Function):
         dt = ctx.lora_dtypes
         if ctx.has[0]:
             if need[7]:
-                g_bgu = torch.cat([outs["grad_gate_lora_b"], outs["grad_up_lora_b"]], 1).to(dt[0])
+                g_bgu = _rank_major(ctx.shapes[0], dt[0], (outs["grad_gate_lora_b"], 0, I),
+                                    (outs["grad_up_lora_b"], I, 2 * I))
             if need[8]:
                 g_agu = outs["grad_gate_lora_a"].add_(outs["grad_up_lora_a"]).to(dt[1])
         if ctx.has[1]:
             if need[9]:
-                g_bd = outs["grad_down_lora_b"]
-                if ctx.ratio != 1.0:
-                    g_bd.mul_(ctx.ratio)
-                g_bd = g_bd.to(dt[2])
+                g_bd = _rank_major(ctx.shapes[1], dt[2], (outs["grad_down_lora_b"], 0, H),
+                                   scale=ctx.ratio)
             if need[10]:
                 g_ad = outs["grad_down_lora_a"].to(dt[3])
         return (None, None, None, None, dx, None, dw, g_bgu, g_agu, g_bd, g_ad)
+
+
+def _rank_major(shape, dtype, *parts, scale=1.0):
+    """The gradient of a B factor [E, out, r] as a view of a fresh
+    [out, r, E] tensor: PEFT's lora_B weight is [out, r * E] (column q * E +
+    e), so autograd's permute-backward hands AccumulateGrad a contiguous
+    tensor it can keep, and the transposition is paid once, here."""
+    E, out, r = shape
+    g = torch.empty((out, r, E), dtype=dtype).permute(2, 0, 1)
+    for src, lo, hi in parts:
+        g[:, lo:hi].copy_(src)
+    if scale != 1.0:
+        g.mul_(scale)
+    return g
 
 
 def _amp_wrapped(device_type):
