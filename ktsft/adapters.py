@@ -117,9 +117,11 @@ def _commit(tmp: str, path: str) -> None:
     _fsync_path(path)
 
 
-def _write_adapter(path, tensors: dict, config: dict) -> None:
+def _write_adapter(path, tensors: dict, config: dict, metadata: dict | None = None) -> None:
     """Write an adapter directory atomically: never a partial file or a
-    half-updated directory at `path`, whatever fails mid-save."""
+    half-updated directory at `path`, whatever fails mid-save.  `metadata`
+    (str -> str) goes into the safetensors header next to format=pt: PEFT,
+    vLLM and SGLang ignore it (ktsft keeps training-only values there)."""
     import safetensors.numpy as stn
 
     path = os.path.realpath(os.fspath(path))  # a symlinked adapter directory: write where it points
@@ -130,7 +132,9 @@ def _write_adapter(path, tensors: dict, config: dict) -> None:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.tmp-", dir=parent)
     try:
         wpath = os.path.join(tmp, WEIGHTS)
-        stn.save_file(tensors, wpath, metadata={"format": "pt"})
+        meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+        meta["format"] = "pt"
+        stn.save_file(tensors, wpath, metadata=meta)
         _fsync_path(wpath)
         cpath = os.path.join(tmp, CONFIG)
         with open(cpath, "w") as f:
@@ -217,8 +221,91 @@ def _raise(problems, path, layer):
 
 
 # ---------------------------------------------------------------------------
+# config fields every reader accepts
+# ---------------------------------------------------------------------------
+#: safetensors metadata keys (PEFT, vLLM and SGLang ignore the header's metadata)
+META_DROPOUT = "ktsft.lora_dropout"    # the lora_dropout the adapter was trained with
+META_RSLORA = "ktsft.use_rslora"       # "true": trained with rsLoRA (alpha / sqrt(r))
+META_ALPHA = "ktsft.lora_alpha"        # the rsLoRA alpha, before folding into lora_alpha
+
+
+def _portable_hyper(r, lora_alpha, use_rslora, lora_dropout):
+    """(adapter_config fields, safetensors metadata) of a per-expert adapter.
+
+    lora_dropout is written as 0.0 (training-only: the adapter's function
+    does not depend on it, and PEFT's ParamWrapper -- what PEFT turns a
+    per-expert adapter into on transformers-5 fused experts -- refuses any
+    other value); the value trained with goes into the metadata.
+
+    rsLoRA (alpha / sqrt(r)) is written as plain LoRA with lora_alpha =
+    alpha * sqrt(r), the same scaling: PEFT's per-expert -> fused conversion
+    doubles alpha with the rank (exact for alpha / r only), and vLLM and
+    SGLang read alpha / r too.  ktsft scales rsLoRA by exactly this
+    (alpha * sqrt(r)) / r, so the written scaling is bitwise ktsft's."""
+    from .validation import check_dropout
+
+    p = check_dropout(lora_dropout, "lora_dropout")
+    r, alpha = int(r), float(lora_alpha)
+    meta = {META_DROPOUT: repr(p)}
+    if use_rslora:
+        meta[META_RSLORA], meta[META_ALPHA] = "true", repr(alpha)
+        alpha = alpha * math.sqrt(r)
+    return {"r": r, "lora_alpha": alpha, "use_rslora": False, "lora_dropout": 0.0}, meta
+
+
+def _base_config(base_model_name_or_path):
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "bias": "none", "fan_in_fan_out": False,
+            "init_lora_weights": True, "inference_mode": True,
+            "base_model_name_or_path": base_model_name_or_path, "revision": None,
+            "modules_to_save": None}
+
+
+def _targeted(config, name, layer) -> bool:
+    """Whether PEFT would put a LoRA on module `name` (no base_model.model.
+    prefix) of layer `layer` under `config` (peft.tuners.tuners_utils.
+    check_target_module_exists: exclude_modules, target_modules as a list
+    or a regex, layers_to_transform)."""
+    def hit(spec):
+        if not spec:
+            return False
+        if isinstance(spec, str):
+            return re.fullmatch(spec, name) is not None
+        return any(name == t or name.endswith(f".{t}") for t in spec)
+
+    if hit(config.get("exclude_modules")):
+        return False
+    tm = config.get("target_modules")
+    if not hit(tm):
+        return False
+    ltt = config.get("layers_to_transform")
+    if isinstance(tm, str) or ltt is None or ltt == []:
+        return True
+    return int(layer) in ([ltt] if isinstance(ltt, int) else [int(x) for x in ltt])
+
+
+def _init_a(shape, seed) -> np.ndarray:
+    """PEFT's init of a new LoRA A (kaiming_uniform(a=sqrt(5)): uniform in
+    +-1/sqrt(in_features)), seeded, for projections an adapter lacks."""
+    rng = np.random.default_rng(seed)
+    bound = 1.0 / math.sqrt(shape[-1])
+    return rng.uniform(-bound, bound, size=shape).astype(np.float32)
+
+
+def _absent(proj, E, r, H, I, layer):
+    """LoRA matrices of a projection an adapter does not target: B = 0 (the
+    projection computes its base weights), A initialised as PEFT would, so
+    it can still train."""
+    fan_in, out = (I, H) if proj == "down" else (H, I)
+    return {f"{proj}_lora_a": _init_a((E, r, fan_in), (0x6b74, int(layer), PROJS.index(proj))),
+            f"{proj}_lora_b": np.zeros((E, out, r), np.float32)}
+
+
+# ---------------------------------------------------------------------------
 # per-expert ("2D") layout
 # ---------------------------------------------------------------------------
+_KNOWN_PROJ_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+
+
 def _module(layer, expert, proj, block, proj_names, model_prefix):
     name = proj_names[PROJS.index(proj)]
     return f"{model_prefix}layers.{layer}.{block}.experts.{expert}.{name}"
@@ -228,6 +315,26 @@ def _experts_module(layer, block, model_prefix):
     return f"{model_prefix}layers.{layer}.{block}.experts"
 
 
+def _per_expert_tensors(arrs, experts_path, proj_names, dtype, expert_offset=0):
+    """{key: [r, in] / [out, r]} of the per-expert layout; experts_path(layer)
+    is the experts module's name (no base_model.model. prefix)."""
+    tensors = {}
+    for layer, mats in arrs.items():
+        off = expert_offset.get(layer, 0) if isinstance(expert_offset, dict) else expert_offset
+        off = int(off)
+        if off < 0:
+            raise ValueError(f"expert_offset: {off} for layer {layer} is negative")
+        mod = experts_path(layer)
+        for proj in PROJS:
+            name = proj_names[PROJS.index(proj)]
+            A, B = mats[f"{proj}_lora_a"], mats[f"{proj}_lora_b"]
+            for e in range(A.shape[0]):
+                key = f"base_model.model.{mod}.{off + e}.{name}"
+                tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(A[e], dtype)
+                tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(B[e], dtype)
+    return tensors
+
+
 def save_adapter(path, layers: dict, r: int, lora_alpha: float, use_rslora: bool = False,
                  base_model_name_or_path: str | None = None, block: str = "mlp",
                  proj_names=("gate_proj", "up_proj", "down_proj"), model_prefix: str = "model.",
@@ -235,41 +342,33 @@ def save_adapter(path, layers: dict, r: int, lora_alpha: float, use_rslora: bool
                  extra_config: dict | None = None) -> None:
     """Write `layers` = {layer_idx: {"gate_lora_a": [E, r, H], ...}} (the six
     LoRA matrices, numpy or torch) as a per-expert PEFT adapter directory,
-    atomically (a failure mid-save leaves `path` as it was).  lora_dropout
-    is recorded in the config (training-time only: it does not change the
-    adapter's function).
+    atomically (a failure mid-save leaves `path` as it was).
+
+    The config is one PEFT (nn.Linear experts, and its conversion to
+    transformers-5 fused experts of Qwen3-MoE / OLMoE / Mixtral / ...),
+    vLLM and SGLang all read: lora_dropout is written as 0.0 and the
+    training value kept in the safetensors metadata (``ktsft.lora_dropout``);
+    use_rslora=True is written as plain LoRA with lora_alpha = alpha *
+    sqrt(r), the same scaling (metadata ``ktsft.use_rslora``,
+    ``ktsft.lora_alpha``).  Not for transformers-5 Qwen2-MoE with PEFT:
+    PEFT converts no per-expert adapter for it (see
+    ktsft.integrations.transformers.export_adapter, which checks).
 
     ``expert_offset`` (an int, or {layer_idx: int}) numbers the experts from
     that global id: an expert-parallel rank writes its slice of the layer
     (ktsft.distributed).  ``extra_config`` entries are added to the config."""
-    from .validation import check_dropout
-
-    lora_dropout = check_dropout(lora_dropout, "lora_dropout")
     r = int(r)
     arrs = _dims_of(layers, r)
-    tensors = {}
-    for layer, mats in arrs.items():
-        off = expert_offset.get(layer, 0) if isinstance(expert_offset, dict) else expert_offset
-        off = int(off)
-        if off < 0:
-            raise ValueError(f"expert_offset: {off} for layer {layer} is negative")
-        for proj in PROJS:
-            A, B = mats[f"{proj}_lora_a"], mats[f"{proj}_lora_b"]
-            for e in range(A.shape[0]):
-                mod = _module(layer, off + e, proj, block, proj_names, model_prefix)
-                tensors[f"base_model.model.{mod}.lora_A.weight"] = np.ascontiguousarray(A[e], dtype)
-                tensors[f"base_model.model.{mod}.lora_B.weight"] = np.ascontiguousarray(B[e], dtype)
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": float(lora_alpha),
-        "use_rslora": bool(use_rslora), "lora_dropout": lora_dropout, "bias": "none",
-        "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
-        "target_modules": list(proj_names),
-        "layers_to_transform": sorted(int(x) for x in layers),
-        "base_model_name_or_path": base_model_name_or_path,
-        "revision": None, "modules_to_save": None,
-    }
+    hyper, meta = _portable_hyper(r, lora_alpha, use_rslora, lora_dropout)
+    tensors = _per_expert_tensors(arrs, lambda L: _experts_module(L, block, model_prefix),
+                                  proj_names, dtype, expert_offset)
+    config = _base_config(base_model_name_or_path)
+    config.update(hyper)
+    config.update({"target_modules": list(proj_names),
+                   "layers_to_transform": sorted(int(x) for x in layers),
+                   "layers_pattern": "layers"})
     config.update(extra_config or {})
-    _write_adapter(path, tensors, config)
+    _write_adapter(path, tensors, config, meta)
 
 
 def model_layers(model) -> tuple[dict, int, float, bool]:
@@ -277,7 +376,8 @@ def model_layers(model) -> tuple[dict, int, float, bool]:
     `model` (e.g. after ktsft.integrations.transformers.apply_lora_experts),
     keyed by layer index: the arguments of save_adapter / export_peft_fused.
     lora_dropout is not part of the tuple: pass it to those functions
-    (``lora_dropout=module.lora_dropout``) to record it in the config."""
+    (``lora_dropout=module.lora_dropout``) to record it in the metadata.
+    ktsft.integrations.transformers.export_adapter does all of this."""
     from .torch import PARAM_NAMES, LoRAExperts
 
     mods = [m for m in model.modules() if isinstance(m, LoRAExperts)]
@@ -298,6 +398,13 @@ def model_layers(model) -> tuple[dict, int, float, bool]:
 
 
 def _read(path):
+    config, tensors, _ = _read_all(path)
+    return config, tensors
+
+
+def _read_all(path):
+    """(config, tensors, safetensors metadata) of an adapter directory."""
+    from safetensors import safe_open
     from safetensors.numpy import load_file
 
     path = os.fspath(path)
@@ -312,7 +419,28 @@ def _read(path):
     for k in ("use_dora", "lora_bias"):
         if config.get(k):
             raise ValueError(f"{path}: {k}=true is not plain LoRA; ktsft cannot represent it")
-    return config, load_file(wpath)
+    with safe_open(wpath, framework="numpy") as f:
+        meta = dict(f.metadata() or {})
+    return config, load_file(wpath), meta
+
+
+def _proj_names(given, config, tensors, prefix):
+    """The (gate, up, down) module names of a per-expert adapter: given, or
+    the known triple (gate_proj/up_proj/down_proj, w1/w3/w2) its keys and
+    target_modules use, or a 3-name target_modules list as it is."""
+    if given:
+        given = tuple(given)
+        if len(given) != 3:
+            raise ValueError(f"proj_names {given}: need (gate, up, down)")
+        return given
+    tm = config.get("target_modules")
+    tm = [] if tm is None or isinstance(tm, str) else list(tm)
+    cands = list(_KNOWN_PROJ_NAMES)
+    if len(tm) == 3 and tuple(tm) not in cands and not set(tm) & {n for c in cands for n in c}:
+        cands.insert(0, tuple(tm))
+    pat = re.compile(re.escape(prefix) + r"\d+\.([^.]+)\.lora_[AB]\.weight$")
+    present = {m.group(1) for k in tensors for m in [pat.match(k)] if m}
+    return max(cands, key=lambda c: (len(present & set(c)), len(set(tm) & set(c))))
 
 
 def load_adapter(path, layer: int, num_experts: int, block: str = "mlp", proj_names=None,
@@ -326,26 +454,35 @@ def load_adapter(path, layer: int, num_experts: int, block: str = "mlp", proj_na
     experts, stacked in that order; the adapter may then hold just them (an
     expert-parallel shard, ktsft.distributed) or the whole layer.
 
+    Adapters on a subset of the projections load (PEFT with
+    ``target_modules=["down_proj"]``, ``target_parameters=[...down_proj]``,
+    or gate/up only): a projection the config does not target gets B = 0
+    (it computes its base weights, as in PEFT) and a PEFT-style random A
+    (seeded), so it can still train.  A projection the config targets but
+    the file lacks is an error.
+
     Checks the tensors' dtypes (float), shapes (lora_A [r, in], lora_B
     [out, r], consistent over experts and projections), the expert count and,
     where given, hidden_size, intermediate_size, r and the LoRA scaling
     against the layer; every mismatch is listed in one ValueError.  Missing
-    tensors raise KeyError naming them."""
+    tensors raise KeyError naming them.  The returned config is the file's,
+    except lora_dropout: the training value where ktsft recorded it in the
+    metadata (the file says 0.0, see save_adapter)."""
     sel = _expert_selection(experts, num_experts)
-    config, tensors = _read(path)
+    config, tensors, meta = _read_all(path)
+    if META_DROPOUT in meta:
+        config["lora_dropout"] = float(meta[META_DROPOUT])
     expect = dict(hidden_size=hidden_size, intermediate_size=intermediate_size, r=r, scaling=scaling)
     mod = _experts_module(layer, block, model_prefix)
-    fused_key = f"base_model.model.{mod}.base_layer.lora_A.weight"
-    if config.get("target_parameters") and fused_key in tensors:
+    pre = f"base_model.model.{mod}."
+    if config.get("target_parameters") and (f"{pre}lora_A.weight" in tensors
+                                            or f"{pre}base_layer.lora_A.weight" in tensors):
         mats = _load_fused(path, config, tensors, layer, num_experts, mod, **expect)
         if experts is not None:
             mats = {n: np.ascontiguousarray(a[sel]) for n, a in mats.items()}
         return config, mats
 
-    proj_names = tuple(proj_names or config.get("target_modules") or ("gate_proj", "up_proj", "down_proj"))
-    if len(proj_names) != 3:
-        raise ValueError(f"{path}: target_modules {proj_names} do not name gate, up and down "
-                         "projections; pass proj_names=(gate, up, down)")
+    proj_names = _proj_names(proj_names, config, tensors, pre)
     r_file = int(config.get("r", 0))
     alpha = float(config.get("lora_alpha", r_file))
     rslora = bool(config.get("use_rslora", False))
@@ -360,14 +497,18 @@ def load_adapter(path, layer: int, num_experts: int, block: str = "mlp", proj_na
                             "has one rank and one scaling per layer")
     _raise(problems, path, layer)
 
-    prefix = f"base_model.model.{mod}."
-    pat = re.compile(re.escape(prefix) + r"(\d+)\.(" + "|".join(map(re.escape, proj_names))
+    pat = re.compile(re.escape(pre) + r"(\d+)\.(" + "|".join(map(re.escape, proj_names))
                      + r")\.lora_[AB]\.weight$")
     present = [k for k in tensors if pat.match(k)]
     extra = sorted({int(pat.match(k).group(1)) for k in present} - set(range(num_experts)))
+    in_file = {pat.match(k).group(2) for k in present}
+    # projections the file lacks and the config does not target: zero LoRA
+    absent = [p for p in PROJS if proj_names[PROJS.index(p)] not in in_file and in_file
+              and not _targeted(config, _module(layer, 0, p, block, proj_names, model_prefix), layer)]
+    loaded = [p for p in PROJS if p not in absent]
     keys = {(proj, ab, e): (f"base_model.model.{_module(layer, e, proj, block, proj_names, model_prefix)}"
                             f".lora_{ab}.weight")
-            for proj in PROJS for ab in ("A", "B") for e in sel}
+            for proj in loaded for ab in ("A", "B") for e in sel}
     missing = [k for k in keys.values() if k not in tensors]
     if missing:
         near = sorted(k for k in tensors if f"layers.{layer}." in k)[:6]
@@ -378,8 +519,8 @@ def load_adapter(path, layer: int, num_experts: int, block: str = "mlp", proj_na
                           f"{num_experts}" if have else f"; keys of layer {layer}: "
                           f"{near or sorted(tensors)[:6]}"))
     out = {}
-    dims = {}  # (proj, "in"/"out") -> size seen at expert 0
-    for proj in PROJS:
+    dims = {}  # (proj, "in"/"out") -> size seen at the first expert
+    for proj in loaded:
         for ab in ("A", "B"):
             mats = []
             for e in sel:
@@ -406,18 +547,23 @@ def load_adapter(path, layer: int, num_experts: int, block: str = "mlp", proj_na
     if extra:
         problems.append(f"the adapter has experts {extra[:4]}{'...' if len(extra) > 4 else ''} in "
                         f"layer {layer}; the layer has {num_experts}")
-    H = dims.get(("gate", "in"))
-    I = dims.get(("gate", "out"))
-    for (proj, side), want in ((("up", "in"), H), (("down", "out"), H), (("up", "out"), I),
-                               (("down", "in"), I)):
-        got = dims.get((proj, side))
-        if got is not None and want is not None and got != want:
-            problems.append(f"{proj_names[PROJS.index(proj)]}: {side}_features {got}, but gate gives "
-                            f"{want} (gate/up in = down out = hidden, gate/up out = down in = "
-                            "intermediate)")
+    # hidden size: gate/up in, down out; intermediate: gate/up out, down in
+    h_src = [s for s in (("gate", "in"), ("up", "in"), ("down", "out")) if s in dims]
+    i_src = [s for s in (("gate", "out"), ("up", "out"), ("down", "in")) if s in dims]
+    H = dims[h_src[0]] if h_src else None
+    I = dims[i_src[0]] if i_src else None
+    for srcs, want in ((h_src, H), (i_src, I)):
+        for proj, side in srcs[1:]:
+            got = dims[(proj, side)]
+            if got != want:
+                problems.append(f"{proj_names[PROJS.index(proj)]}: {side}_features {got}, but "
+                                f"{srcs[0][0]} gives {want} (gate/up in = down out = hidden, gate/up "
+                                "out = down in = intermediate)")
     _check_expect(problems, "adapter", r_file=r_file, scaling_file=_scaling(alpha, r_file, rslora),
                   H=H, I=I, **expect)
     _raise(problems, path, layer)
+    for proj in absent:
+        out.update(_absent(proj, len(sel), r_file, H, I, layer))
     return config, out
 
 
@@ -457,13 +603,8 @@ def fuse_layer(mats: dict) -> dict:
             "down_B": np.ascontiguousarray(db.transpose(1, 2, 0).reshape(H, r * E))}
 
 
-def unfuse_layer(fused: dict, num_experts: int, r: int, where: str = "") -> dict:
-    """The inverse of fuse_layer; ValueError if gate_up's B is not
-    block-diagonal (a LoRA trained fused cannot be split into rank-r gate
-    and up LoRA)."""
-    E = int(num_experts)
-    A_gu, B_gu = np.asarray(fused["gate_up_A"], np.float32), np.asarray(fused["gate_up_B"], np.float32)
-    A_d, B_d = np.asarray(fused["down_A"], np.float32), np.asarray(fused["down_B"], np.float32)
+def _unfuse_gate_up(A_gu, B_gu, E, r, where=""):
+    A_gu, B_gu = np.asarray(A_gu, np.float32), np.asarray(B_gu, np.float32)
     H, I2 = A_gu.shape[1], B_gu.shape[0]
     I = I2 // 2
     A = A_gu.reshape(E, 2 * r, H)
@@ -474,9 +615,53 @@ def unfuse_layer(fused: dict, num_experts: int, r: int, where: str = "") -> dict
                          f"entry {off:.3g}): an adapter trained on the fused gate_up_proj cannot be "
                          "split into rank-r gate and up LoRA")
     return {"gate_lora_a": np.ascontiguousarray(A[:, :r]), "gate_lora_b": np.ascontiguousarray(Bbd[:, :I, :r]),
-            "up_lora_a": np.ascontiguousarray(A[:, r:]), "up_lora_b": np.ascontiguousarray(Bbd[:, I:, r:]),
-            "down_lora_a": np.ascontiguousarray(A_d.reshape(E, r, A_d.shape[1])),
+            "up_lora_a": np.ascontiguousarray(A[:, r:]), "up_lora_b": np.ascontiguousarray(Bbd[:, I:, r:])}
+
+
+def _unfuse_down(A_d, B_d, E, r):
+    A_d, B_d = np.asarray(A_d, np.float32), np.asarray(B_d, np.float32)
+    return {"down_lora_a": np.ascontiguousarray(A_d.reshape(E, r, A_d.shape[1])),
             "down_lora_b": np.ascontiguousarray(B_d.reshape(B_d.shape[0], r, E).transpose(2, 0, 1))}
+
+
+def unfuse_layer(fused: dict, num_experts: int, r: int, where: str = "") -> dict:
+    """The inverse of fuse_layer; ValueError if gate_up's B is not
+    block-diagonal (a LoRA trained fused cannot be split into rank-r gate
+    and up LoRA)."""
+    E = int(num_experts)
+    out = _unfuse_gate_up(fused["gate_up_A"], fused["gate_up_B"], E, r, where)
+    out.update(_unfuse_down(fused["down_A"], fused["down_B"], E, r))
+    return out
+
+
+def _fused_tensors(arrs, experts_path, dtype):
+    tensors = {}
+    for layer, mats in arrs.items():
+        mod = experts_path(layer)
+        f = fuse_layer(mats)
+        # PEFT nests one ParamWrapper per parameter, in the module's parameter order:
+        # gate_up_proj (registered first) inside, down_proj outside.
+        tensors[f"base_model.model.{mod}.base_layer.lora_A.weight"] = f["gate_up_A"].astype(dtype)
+        tensors[f"base_model.model.{mod}.base_layer.lora_B.weight"] = f["gate_up_B"].astype(dtype)
+        tensors[f"base_model.model.{mod}.lora_A.weight"] = f["down_A"].astype(dtype)
+        tensors[f"base_model.model.{mod}.lora_B.weight"] = f["down_B"].astype(dtype)
+    return tensors
+
+
+def _fused_hyper(r, lora_alpha, use_rslora, lora_dropout, gate_up_name="gate_up_proj"):
+    """(config fields, metadata) of the fused layout: gate_up_proj rank 2r
+    and alpha 2*alpha (sqrt(2)*alpha with rsLoRA) through rank_pattern /
+    alpha_pattern; lora_dropout 0.0 in the config (PEFT's ParamWrapper
+    refuses any other), the training value in the metadata."""
+    from .validation import check_dropout
+
+    p = check_dropout(lora_dropout, "lora_dropout")
+    r = int(r)
+    alpha_gu = float(lora_alpha) * (math.sqrt(2.0) if use_rslora else 2.0)
+    pat = re.escape(gate_up_name)
+    return ({"r": r, "lora_alpha": float(lora_alpha), "rank_pattern": {pat: 2 * r},
+             "alpha_pattern": {pat: alpha_gu}, "use_rslora": bool(use_rslora), "lora_dropout": 0.0},
+            {META_DROPOUT: repr(p)})
 
 
 def export_peft_fused(path, layers: dict, r: int, lora_alpha: float, use_rslora: bool = False,
@@ -494,35 +679,20 @@ def export_peft_fused(path, layers: dict, r: int, lora_alpha: float, use_rslora:
     scaling * [B_gate A_gate; B_up A_up] -- ktsft's.  down_proj keeps rank r
     and alpha.  The same tensors serve experts stored transposed
     (``is_transposed``: [E, H, 2I] / [E, I, H]); gate rows must come first in
-    gate_up_proj (not interleaved).  lora_dropout is recorded in the config."""
-    from .validation import check_dropout
-
-    lora_dropout = check_dropout(lora_dropout, "lora_dropout")
+    gate_up_proj (not interleaved).  lora_dropout is written as 0.0 (PEFT's
+    ParamWrapper refuses any other value; dropout does not change the
+    adapter's function) and the training value kept in the safetensors
+    metadata (``ktsft.lora_dropout``; load_adapter returns it)."""
     r = int(r)
     arrs = _dims_of(layers, r)
-    tensors, targets = {}, []
-    for layer, mats in arrs.items():
-        mod = _experts_module(layer, block, model_prefix)
-        f = fuse_layer(mats)
-        # PEFT nests one ParamWrapper per parameter, in the module's parameter order:
-        # gate_up_proj (registered first) inside, down_proj outside.
-        tensors[f"base_model.model.{mod}.base_layer.lora_A.weight"] = f["gate_up_A"].astype(dtype)
-        tensors[f"base_model.model.{mod}.base_layer.lora_B.weight"] = f["gate_up_B"].astype(dtype)
-        tensors[f"base_model.model.{mod}.lora_A.weight"] = f["down_A"].astype(dtype)
-        tensors[f"base_model.model.{mod}.lora_B.weight"] = f["down_B"].astype(dtype)
-        targets += [f"{mod}.{gate_up_name}", f"{mod}.{down_name}"]
-    alpha_gu = float(lora_alpha) * (math.sqrt(2.0) if use_rslora else 2.0)
-    pat = re.escape(gate_up_name)
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": float(lora_alpha),
-        "rank_pattern": {pat: 2 * r}, "alpha_pattern": {pat: alpha_gu},
-        "use_rslora": bool(use_rslora), "lora_dropout": lora_dropout, "bias": "none",
-        "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
-        "target_modules": [], "target_parameters": targets,
-        "base_model_name_or_path": base_model_name_or_path,
-        "revision": None, "modules_to_save": None,
-    }
-    _write_adapter(path, tensors, config)
+    experts_path = lambda L: _experts_module(L, block, model_prefix)  # noqa: E731
+    tensors = _fused_tensors(arrs, experts_path, dtype)
+    targets = [f"{experts_path(L)}.{n}" for L in arrs for n in (gate_up_name, down_name)]
+    hyper, meta = _fused_hyper(r, lora_alpha, use_rslora, lora_dropout, gate_up_name)
+    config = _base_config(base_model_name_or_path)
+    config.update(hyper)
+    config.update({"target_modules": [], "target_parameters": targets})
+    _write_adapter(path, tensors, config, meta)
 
 
 def _load_fused(path, config, tensors, layer, num_experts, mod, *, hidden_size, intermediate_size,
@@ -532,23 +702,49 @@ def _load_fused(path, config, tensors, layer, num_experts, mod, *, hidden_size, 
     rslora = bool(config.get("use_rslora", False))
     E = int(num_experts)
     problems = []
-    gu_name = next((t.rsplit(".", 1)[-1] for t in config.get("target_parameters") or []
-                    if t.endswith("gate_up_proj")), "gate_up_proj")
-    names = [f"{mod}.{gu_name}"]
-    rk = _pattern_hits(config.get("rank_pattern"), names)
-    al = _pattern_hits(config.get("alpha_pattern"), names)
-    r_gu = int(config["rank_pattern"][rk[0][0]]) if rk else r_file
-    a_gu = float(config["alpha_pattern"][al[0][0]]) if al else alpha
-    if r_gu != 2 * r_file:
-        problems.append(f"gate_up_proj rank {r_gu}, expected 2*r = {2 * r_file} (gate and up side by side)")
-    s_gu, s_d = _scaling(a_gu, r_gu, rslora), _scaling(alpha, r_file, rslora)
-    if r_gu == 2 * r_file and not math.isclose(s_gu, s_d, rel_tol=1e-6):
-        problems.append(f"gate_up_proj scales by {s_gu:g} but down_proj by {s_d:g}; ktsft has one "
-                        "scaling per layer")
-    keys = {"gate_up_A": f"base_model.model.{mod}.base_layer.lora_A.weight",
-            "gate_up_B": f"base_model.model.{mod}.base_layer.lora_B.weight",
-            "down_A": f"base_model.model.{mod}.lora_A.weight",
-            "down_B": f"base_model.model.{mod}.lora_B.weight"}
+    targets = list(config.get("target_parameters") or [])
+    gu_name = next((t.rsplit(".", 1)[-1] for t in targets if t.endswith("gate_up_proj")),
+                   "gate_up_proj")
+    dn_name = "down_proj"
+
+    def targeted(pname):  # PEFT's matching of target_parameters
+        key = f"{mod}.{pname}"
+        return any(key == t or key.endswith(f".{t}") for t in targets)
+
+    has_gu, has_dn = targeted(gu_name), targeted(dn_name)
+    if not (has_gu or has_dn):
+        raise KeyError(f"{path}: target_parameters {targets[:4]} name neither {mod}.{gu_name} nor "
+                       f"{mod}.{dn_name}")
+
+    def pattern(what, name, default):
+        hits = _pattern_hits(config.get(what), [f"{mod}.{name}"])
+        return type(default)(config[what][hits[0][0]]) if hits else default
+
+    r_gu, a_gu = pattern("rank_pattern", gu_name, r_file), pattern("alpha_pattern", gu_name, alpha)
+    r_d, a_d = pattern("rank_pattern", dn_name, r_file), pattern("alpha_pattern", dn_name, alpha)
+    s_gu, s_d = _scaling(a_gu, r_gu, rslora), _scaling(a_d, r_d, rslora)
+    if has_gu and has_dn:
+        if r_gu != 2 * r_d:
+            problems.append(f"gate_up_proj rank {r_gu}, expected 2*r = {2 * r_d} (gate and up side by "
+                            "side)")
+        elif not math.isclose(s_gu, s_d, rel_tol=1e-6):
+            problems.append(f"gate_up_proj scales by {s_gu:g} but down_proj by {s_d:g}; ktsft has one "
+                            "scaling per layer")
+    elif has_gu and r_gu % 2:
+        problems.append(f"gate_up_proj rank {r_gu} is odd: ktsft reads it as gate and up LoRA of "
+                        "rank r side by side (rank 2r)")
+    rk = r_d if has_dn else r_gu // 2
+    s_file = s_d if has_dn else s_gu
+    # PEFT nests one ParamWrapper per targeted parameter: gate_up_proj inside
+    # (base_layer.) when both are targeted, a single one outside
+    keys = {}
+    if has_gu:
+        p = "base_layer." if has_dn else ""
+        keys.update(gate_up_A=f"base_model.model.{mod}.{p}lora_A.weight",
+                    gate_up_B=f"base_model.model.{mod}.{p}lora_B.weight")
+    if has_dn:
+        keys.update(down_A=f"base_model.model.{mod}.lora_A.weight",
+                    down_B=f"base_model.model.{mod}.lora_B.weight")
     missing = [k for k in keys.values() if k not in tensors]
     if missing:
         raise KeyError(f"{path}: fused adapter has no {missing[0]!r}")
@@ -558,15 +754,26 @@ def _load_fused(path, config, tensors, layer, num_experts, mod, *, hidden_size, 
         if t[n].ndim != 2:
             problems.append(f"{k}: {t[n].ndim} dims, expected 2")
     _raise(problems, path, layer)
-    H = t["gate_up_A"].shape[1]
-    I = t["down_A"].shape[1]
-    want = {"gate_up_A": (E * r_gu, H), "gate_up_B": (2 * I, r_gu * E), "down_A": (E * r_file, I),
-            "down_B": (H, r_file * E)}
+    H = t["gate_up_A"].shape[1] if has_gu else t["down_B"].shape[0]
+    I = t["down_A"].shape[1] if has_dn else t["gate_up_B"].shape[0] // 2
+    want = {"gate_up_A": (E * r_gu, H), "gate_up_B": (2 * I, r_gu * E), "down_A": (E * r_d, I),
+            "down_B": (H, r_d * E)}
     for n, k in keys.items():
         if tuple(t[n].shape) != want[n]:
             problems.append(f"{k}: shape {list(t[n].shape)}, expected {list(want[n])} (experts={E}, "
-                            f"rank={r_gu if n.startswith('gate_up') else r_file}, H={H}, I={I})")
-    _check_expect(problems, "adapter", r_file=r_file, scaling_file=s_d, H=H, I=I, hidden_size=hidden_size,
-                  intermediate_size=intermediate_size, r=r, scaling=scaling)
+                            f"rank={r_gu if n.startswith('gate_up') else r_d}, H={H}, I={I})")
+    _check_expect(problems, "adapter", r_file=rk, scaling_file=s_file, H=H, I=I,
+                  hidden_size=hidden_size, intermediate_size=intermediate_size, r=r, scaling=scaling)
     _raise(problems, path, layer)
-    return unfuse_layer(t, E, r_file, where=f"{path}: layer {layer}: ")
+    where = f"{path}: layer {layer}: "
+    out = {}
+    if has_gu:
+        out.update(_unfuse_gate_up(t["gate_up_A"], t["gate_up_B"], E, rk, where))
+    else:
+        out.update(_absent("gate", E, rk, H, I, layer))
+        out.update(_absent("up", E, rk, H, I, layer))
+    if has_dn:
+        out.update(_unfuse_down(t["down_A"], t["down_B"], E, rk))
+    else:
+        out.update(_absent("down", E, rk, H, I, layer))
+    return out

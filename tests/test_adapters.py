@@ -61,7 +61,14 @@ def test_torch_module_round_trip(tmp_path):
             prm.copy_(torch.randn(prm.shape, generator=g))
     m.save_adapter(tmp_path / "t")
     cfg = json.loads((tmp_path / "t" / "adapter_config.json").read_text())
-    assert cfg["use_rslora"] is True and cfg["lora_alpha"] == 8.0
+    # rsLoRA is written as plain LoRA of the same scaling (alpha * sqrt(r) / r), which
+    # PEFT's per-expert -> fused conversion, vLLM and SGLang all apply correctly
+    assert cfg["use_rslora"] is False and cfg["lora_alpha"] == 8.0 * 2.0
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "t" / "adapter_model.safetensors"), "np") as f:
+        meta = f.metadata()
+    assert meta["ktsft.use_rslora"] == "true" and float(meta["ktsft.lora_alpha"]) == 8.0
     m2 = kt.LoRAExperts(4, 2, 24, 16, r=4, alpha=8.0, dtype="fp32", use_rslora=True)
     m2.load_adapter(tmp_path / "t")
     for a, b in zip(m.lora_parameters(), m2.lora_parameters()):

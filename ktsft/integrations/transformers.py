@@ -567,6 +567,266 @@ def save_lora_experts(model, path, metadata=None) -> str:
               metadata=meta)
     return str(path)
 
+# ---- one PEFT adapter for the whole model ---------------------------------
+_V5_PROJ_DEFAULT = ("gate_proj", "up_proj", "down_proj")
+
+
+def _peft_root(model):
+    """(the transformers model under any PeftModel wrapper, PEFT configs or None)."""
+    root = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    cfgs = getattr(model, "peft_config", None) or getattr(root, "peft_config", None)
+    return root, (cfgs if isinstance(cfgs, dict) and cfgs else None)
+
+
+def _checkpoint_names(root, experts_path):
+    """(experts module path, (gate, up, down) names) of the per-expert layout:
+    the keys of the model's checkpoint -- for transformers-5 fused experts
+    the source of its conversion mapping (Mixtral: block_sparse_moe + w1/w3/w2),
+    for a 4.x ModuleList the module's own names."""
+    model_type = getattr(getattr(root, "config", None), "model_type", None)
+    mapping = None
+    if model_type is not None and HFLoRAExperts._transformers_major() >= 5:
+        try:
+            from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+            mapping = get_checkpoint_conversion_mapping(model_type)
+        except Exception:  # noqa: BLE001 - no mapping API: the module's names
+            mapping = None
+    names, path = None, experts_path
+    for conv in mapping or []:
+        src = list(getattr(conv, "source_patterns", []) or [])
+        tgt = list(getattr(conv, "target_patterns", []) or [])
+        if type(conv).__name__ == "WeightRenaming":
+            for s, t in zip(src, tgt):  # literal renamings only (".block_sparse_moe." -> ".mlp.")
+                if re.fullmatch(r"\.?[A-Za-z_][A-Za-z0-9_]*\.?", s) and \
+                        re.fullmatch(r"\.?[A-Za-z_][A-Za-z0-9_]*\.?", t):
+                    t_, s_ = "." + t.strip(".") + ".", "." + s.strip(".") + "."
+                    path = ("." + path + ".").replace(t_, s_)[1:-1]
+            continue
+        leaf = [re.search(r"experts\.\*\.([A-Za-z0-9_]+)\.weight$", p) for p in src]
+        if tgt and tgt[0].endswith("gate_up_proj") and len(leaf) == 2 and all(leaf):
+            names = (leaf[0].group(1), leaf[1].group(1), names[2] if names else None)
+        elif tgt and tgt[0].endswith("down_proj") and len(leaf) == 1 and leaf[0]:
+            names = (names[0], names[1], leaf[0].group(1)) if names else (None, None,
+                                                                          leaf[0].group(1))
+    if names and all(names):
+        return path, names
+    m = dict(_lora_modules(root)).get(experts_path)
+    lay = m._layout(experts_path + ".") if isinstance(m, HFLoRAExperts) else {}
+    if lay.get("kind") == "modulelist":
+        return experts_path, tuple(lay["names"])
+    if "block_sparse_moe" in experts_path:
+        return experts_path, ("w1", "w3", "w2")
+    return experts_path, _V5_PROJ_DEFAULT
+
+
+def _peft_converts(model_type):
+    """Whether this PEFT converts per-expert adapters into transformers-5 fused
+    experts of `model_type` (its own tables); None if it cannot be told."""
+    try:
+        from peft.utils import transformers_weight_conversion as twc
+
+        base = twc._MODEL_TO_CONVERSION_PATTERN.get(model_type)
+        return bool(base and twc._MOE_TARGET_MODULE_MAPPING.get(base)
+                    and twc._MOE_FUSED_TARGETS.get(base))
+    except Exception:  # noqa: BLE001 - no PEFT, or other internals
+        return None
+
+
+def _np(t):
+    from .._arrays import as_numpy
+
+    return as_numpy(t.detach().cpu().contiguous(), "tensor")
+
+
+def _other_peft_lora(model, root, cfgs, adapter_name, skip):
+    """PEFT LoRA on the rest of the model (attention, ...): (config, tensors
+    {key without base_model.model.: numpy}, modules {name: (r, scaling,
+    B keys)}) or (None, {}, {})."""
+    if cfgs is None:
+        return None, {}, {}
+    if adapter_name not in cfgs:
+        raise ValueError(f"the model has PEFT adapters {sorted(cfgs)}, not {adapter_name!r}")
+    cfg = cfgs[adapter_name]
+    if str(getattr(cfg, "peft_type", "LORA")).split(".")[-1] != "LORA":
+        raise ValueError(f"PEFT adapter {adapter_name!r} is {cfg.peft_type}, not LoRA")
+    for k in ("use_dora", "lora_bias"):
+        if getattr(cfg, k, False):
+            raise ValueError(f"PEFT adapter {adapter_name!r} has {k}=True: one adapter config "
+                             "cannot hold it and the plain expert LoRA")
+    if getattr(cfg, "bias", "none") != "none":
+        raise ValueError(f"PEFT adapter {adapter_name!r} trains biases (bias={cfg.bias!r}); "
+                         "export with bias='none'")
+    if getattr(cfg, "target_parameters", None):
+        raise ValueError(f"PEFT adapter {adapter_name!r} targets parameters "
+                         f"{list(cfg.target_parameters)[:3]}: the experts are ktsft's")
+    from peft import get_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+
+    sd = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    tensors = {}
+    for k, v in sd.items():
+        k = k[len("base_model.model."):] if k.startswith("base_model.model.") else k
+        if any(k.startswith(s + ".") for s in skip):
+            continue  # ktsft's own experts (their stacked parameters contain "lora_")
+        tensors[k] = _np(v)
+    mods = {}
+    for name, mod in root.named_modules():
+        if isinstance(mod, LoraLayer) and adapter_name in getattr(mod, "r", {}):
+            emb = adapter_name in getattr(mod, "lora_embedding_B", {})
+            mods[name] = (int(mod.r[adapter_name]), float(mod.scaling[adapter_name]),
+                          f"{name}.lora_embedding_B" if emb else f"{name}.lora_B.weight")
+    return cfg, tensors, mods
+
+
+@torch.no_grad()
+def export_adapter(model, path, *, layout="per_expert", adapter_name="default", peft_check=True,
+                   base_model_name_or_path=None, dtype=None) -> dict:
+    """Write ONE PEFT adapter directory for a model patched by
+    apply_lora_experts: the ktsft expert LoRA and, if the model carries PEFT
+    LoRA elsewhere (attention, ...: ``get_peft_model`` before or after
+    apply_lora_experts), that LoRA too.  Returns the config written.
+
+    layout="per_expert" (default): the experts as PEFT saves LoRA on
+    ``nn.Linear`` experts, the layout PEFT, vLLM and SGLang read for MoE
+    models, under the checkpoint's names::
+
+        base_model.model.model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.lora_{A,B}.weight
+
+    (Mixtral: ``block_sparse_moe.experts.{e}.{w1,w3,w2}``).  PEFT applies it
+    to 4.x ModuleList experts as it is and converts it when loading into
+    transformers-5 fused experts (Qwen3-MoE, OLMoE, Mixtral, DeepSeek-V3,
+    ...).  For a transformers-5 model whose type PEFT does not convert
+    (Qwen2-MoE in PEFT 0.21: PEFT would put the LoRA on the shared expert's
+    gate_proj/up_proj/down_proj and drop the experts' tensors, silently)
+    this raises ValueError unless ``peft_check=False`` (an adapter only for
+    vLLM / SGLang); use layout="fused" for PEFT.
+
+    layout="fused": PEFT's ``target_parameters`` layout on the fused
+    ``experts.gate_up_proj`` / ``down_proj`` (export_peft_fused): what
+    transformers-5 PEFT loads without conversion, for every fused model.
+
+    The config every reader accepts: lora_dropout 0.0 (training only;
+    PEFT's ParamWrapper refuses more; the values trained with are in the
+    safetensors metadata), rsLoRA written as plain LoRA of the same
+    scaling (lora_alpha = alpha * sqrt(r)), the experts' r and alpha as the
+    config's; other LoRA of another rank gets a rank_pattern entry, and of
+    another scaling its B is scaled so that the config's alpha / r gives
+    its scaling.  Modules the expert names would also match (a shared
+    expert's or a dense layer's gate_proj) are listed in exclude_modules.
+    dtype: of the written tensors (default float32; other PEFT LoRA keeps
+    its own)."""
+    import numpy as np
+
+    from .. import adapters as A
+
+    if layout not in ("per_expert", "fused"):
+        raise ValueError(f"layout must be 'per_expert' or 'fused', got {layout!r}")
+    root, cfgs = _peft_root(model)
+    mods = _lora_modules(root)
+    if not mods:
+        raise ValueError(f"{type(root).__name__}: no ktsft LoRA experts (apply_lora_experts first)")
+    hyper = {(m.r, m.alpha, m.use_rslora, float(m.lora_dropout)) for _, m in mods}
+    if len(hyper) > 1:
+        raise ValueError(f"the experts modules differ in (r, alpha, use_rslora, lora_dropout): "
+                         f"{sorted(hyper)}; one adapter config holds one")
+    r, alpha, rslora, dropout = hyper.pop()
+    np_dtype = np.float32 if dtype is None else _np(torch.zeros(1, dtype=dtype)).dtype
+    sd = lora_state_dict(root)
+    layers, paths = {}, {}
+    for i, (name, m) in enumerate(mods):
+        L = m.wrapper.layer_idx if isinstance(m, LoRAExperts) else _layer_index(name, i)
+        if L in layers:
+            raise ValueError(f"two experts modules have layer index {L} ({paths[L]}, {name})")
+        layers[L] = {n: sd[f"{name}.{n}"].numpy() for n in PARAM_NAMES}
+        paths[L] = name
+    arrs = A._dims_of(layers, r)
+    skip = list(paths.values())
+    other_cfg, other, other_mods = _other_peft_lora(model, root, cfgs, adapter_name, skip)
+
+    # the experts
+    model_type = getattr(getattr(root, "config", None), "model_type", None)
+    hyper_cfg, meta = A._portable_hyper(r, alpha, rslora, dropout)
+    config = A._base_config(base_model_name_or_path if base_model_name_or_path is not None else
+                            getattr(getattr(root, "config", None), "_name_or_path", None) or None)
+    config.update(hyper_cfg)
+    meta["ktsft.layout"] = layout
+    target_modules, exclude = [], []
+    if layout == "fused":
+        tensors = A._fused_tensors(arrs, paths.__getitem__, np_dtype)
+        config["rank_pattern"] = {re.escape("gate_up_proj"): 2 * r}
+        config["alpha_pattern"] = {re.escape("gate_up_proj"): 2 * config["lora_alpha"]}
+        config["target_parameters"] = [f"{paths[L]}.{n}" for L in arrs
+                                       for n in ("gate_up_proj", "down_proj")]
+        written = {L: paths[L] for L in arrs}
+    else:
+        written, names = {}, None
+        for L in arrs:
+            written[L], nm = _checkpoint_names(root, paths[L])
+            if names not in (None, nm):
+                raise ValueError(f"experts of layer {L} are named {nm}, others {names}")
+            names = nm
+        fused = [L for L in arrs if dict(mods)[paths[L]]._layout(paths[L] + ".")["kind"] == "fused"
+                 ] if all(isinstance(m, HFLoRAExperts) for _, m in mods) else []
+        if peft_check and fused and model_type is not None and \
+                HFLoRAExperts._transformers_major() >= 5 and _peft_converts(model_type) is False:
+            clash = [n for n, mm in root.named_modules() if isinstance(mm, torch.nn.Linear)
+                     and n.rsplit(".", 1)[-1] in names][:1]
+            import peft
+
+            raise ValueError(
+                f"{type(root).__name__} ({model_type}): PEFT {peft.__version__} does not convert "
+                "per-expert adapters into transformers-5 fused experts of this model type, so it "
+                "would load this one as a no-op" + (f" (target_modules {list(names)} would match "
+                                                    f"{clash[0]} instead)" if clash else "")
+                + ". For PEFT / transformers use export_adapter(model, path, layout='fused'); "
+                "for vLLM or SGLang, which read the per-expert layout, pass peft_check=False")
+        tensors = A._per_expert_tensors(arrs, written.__getitem__, names, np_dtype)
+        target_modules = list(names)
+        under = tuple(written.values()) + tuple(paths.values())
+        exclude = sorted(n for n, mm in root.named_modules()
+                         if isinstance(mm, torch.nn.Linear) and n.rsplit(".", 1)[-1] in names
+                         and not any(n.startswith(u + ".") for u in under))
+    config["layers_to_transform"] = None if other_cfg is not None else sorted(arrs)
+    config["layers_pattern"] = None if other_cfg is not None else "layers"
+
+    # other PEFT LoRA: one config for all, scalings folded into B
+    if other_cfg is not None:
+        alpha_g = config["lora_alpha"]
+        leaf = sorted({n.rsplit(".", 1)[-1] for n in other_mods})
+        every = {n for n, mm in root.named_modules() if n.rsplit(".", 1)[-1] in leaf
+                 and not any(n.startswith(p + ".") for p in skip)}
+        wrapped = set(other_mods)
+        # PEFT's own layers are named "<name>" with a base_layer child
+        every = {n for n in every if not n.endswith(".base_layer")}
+        target_modules += leaf if every <= wrapped else sorted(wrapped)
+        rank_pattern = dict(config.get("rank_pattern") or {})
+        scaled = 0
+        for name, (r_m, s_m, bkey) in other_mods.items():
+            if r_m != r:
+                rank_pattern[re.escape(name)] = r_m
+            factor = s_m / (alpha_g / r_m)
+            if not math.isclose(factor, 1.0, rel_tol=1e-12):
+                if bkey not in other:
+                    raise ValueError(f"{name}: no {bkey} in PEFT's state dict to rescale")
+                other[bkey] = (other[bkey].astype(np.float64) * factor).astype(other[bkey].dtype)
+                scaled += 1
+        if rank_pattern:
+            config["rank_pattern"] = rank_pattern
+        if getattr(other_cfg, "modules_to_save", None):
+            config["modules_to_save"] = list(other_cfg.modules_to_save)
+        meta["ktsft.peft_lora_dropout"] = repr(float(getattr(other_cfg, "lora_dropout", 0.0)))
+        meta["ktsft.peft_rescaled_modules"] = str(scaled)
+        clash = set(tensors) & {f"base_model.model.{k}" for k in other}
+        if clash:
+            raise ValueError(f"PEFT's tensors and the experts' share keys: {sorted(clash)[:3]}")
+        tensors.update({f"base_model.model.{k}": v for k, v in other.items()})
+    config["target_modules"] = target_modules
+    if exclude:
+        config["exclude_modules"] = exclude
+    A._write_adapter(path, tensors, config, meta)
+    return config
+
 
 # "ktsft" as a transformers experts implementation (ktsft/integrations/hf_experts.py)
 from .hf_experts import configure, ktsft_experts_forward  # noqa: E402
