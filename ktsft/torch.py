@@ -342,7 +342,10 @@ class LoRAExperts(torch.nn.Module):
         return out.reshape(*lead, self.hidden_size)
 
     def save_adapter(self, path, **kw) -> None:
-        """This layer's LoRA as a PEFT adapter directory (ktsft/adapters.py)."""
+        """This layer's LoRA as a per-expert PEFT adapter directory
+        (ktsft/adapters.py; its lora_dropout goes into the safetensors
+        metadata, rsLoRA is written as plain LoRA of the same scaling).
+        For a whole model: ktsft.integrations.transformers.export_adapter."""
         from .adapters import save_adapter
 
         mats = {n: p.detach() for n, p in zip(PARAM_NAMES, self.lora_parameters())}
@@ -351,7 +354,8 @@ class LoRAExperts(torch.nn.Module):
                      use_rslora=self.use_rslora, **kw)
 
     def export_peft_fused(self, path, **kw) -> None:
-        """This layer's LoRA in PEFT's fused-expert (target_parameters) layout."""
+        """This layer's LoRA in PEFT's fused-expert (target_parameters) layout
+        (lora_dropout 0.0 in the config, its value in the metadata)."""
         from .adapters import export_peft_fused
 
         mats = {n: p.detach() for n, p in zip(PARAM_NAMES, self.lora_parameters())}
@@ -363,7 +367,9 @@ class LoRAExperts(torch.nn.Module):
     def load_adapter(self, path, **kw) -> dict:
         """Copy a PEFT adapter's matrices for this layer into the parameters
         (in place); returns its config.  The module's own lora_dropout is
-        kept; the adapter's is config["lora_dropout"]."""
+        kept; the adapter's is config["lora_dropout"] (the training value
+        ktsft recorded in the metadata).  Projections the adapter does not
+        target get B = 0 (see ktsft.adapters.load_adapter)."""
         from .adapters import load_adapter
 
         config, mats = load_adapter(path, self.wrapper.layer_idx, self.num_experts,

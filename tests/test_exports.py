@@ -318,11 +318,14 @@ def test_qwen2_moe_per_expert_is_refused(tmp_path):
     cfg = export_adapter(model, tmp_path / "a", peft_check=False)   # for vLLM / SGLang
     assert all(f"model.layers.{L}.mlp.shared_expert.{n}" in cfg["exclude_modules"]
                for L in range(2) for n in ("gate_proj", "up_proj", "down_proj"))
-    try:
-        got = peft_logits(stock, tmp_path / "a", ids)
-    except ValueError:  # PEFT finds nothing to adapt
-        return
-    assert rel(got, logits(stock, ids)) < 1e-6  # loaded as a no-op: why it is refused
+    with pytest.raises(ValueError, match="No modules were targeted"):  # PEFT: nothing to adapt
+        peft_logits(stock, tmp_path / "a", ids)
+    # the model-blind writer: PEFT puts the LoRA on the shared expert and computes the base
+    adapters.save_adapter(tmp_path / "raw", *adapters.model_layers(model))
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(stock), str(tmp_path / "raw"))
+    assert isinstance(pm.get_base_model().model.layers[0].mlp.shared_expert.gate_proj,
+                      peft.tuners.lora.Linear)
+    assert rel(logits(pm.get_base_model(), ids), logits(stock, ids)) < 1e-6
     export_adapter(model, tmp_path / "f", layout="fused")
     assert rel(peft_logits(stock, tmp_path / "f", ids), logits(model, ids)) < TOL
 
@@ -482,6 +485,11 @@ def test_one_adapter_with_attention_lora(family, layout, order, tmp_path):
     assert cfg["lora_alpha"] == 12.0 and meta(tmp_path / "a")["ktsft.peft_rescaled_modules"] == "6"
     assert meta(tmp_path / "a")["ktsft.peft_lora_dropout"] == "0.05"
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(stock), str(tmp_path / "a")).eval()
+    # one scaling for every module, the config's lora_alpha / r (what vLLM and SGLang apply)
+    from peft.tuners.lora import LoraLayer
+
+    scal = {m.scaling["default"] for m in pm.modules() if isinstance(m, LoraLayer)}
+    assert len(scal) == 1 and scal.pop() == pytest.approx(cfg["lora_alpha"] / cfg["r"], rel=1e-12)
     got = logits(pm.get_base_model(), ids)
     assert rel(got, want) < TOL
     assert rel(logits(pm.merge_and_unload(), ids), want) < TOL

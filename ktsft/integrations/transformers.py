@@ -710,9 +710,10 @@ def export_adapter(model, path, *, layout="per_expert", adapter_name="default", 
     PEFT's ParamWrapper refuses more; the values trained with are in the
     safetensors metadata), rsLoRA written as plain LoRA of the same
     scaling (lora_alpha = alpha * sqrt(r)), the experts' r and alpha as the
-    config's; other LoRA of another rank gets a rank_pattern entry, and of
-    another scaling its B is scaled so that the config's alpha / r gives
-    its scaling.  Modules the expert names would also match (a shared
+    config's, and one scaling, lora_alpha / r, for every module (vLLM and
+    SGLang apply one): other LoRA of another rank gets rank_pattern and
+    alpha_pattern entries keeping alpha / rank at that value, and of
+    another scaling its B is multiplied by the ratio.  Modules the expert names would also match (a shared
     expert's or a dense layer's gate_proj) are listed in exclude_modules.
     dtype: of the written tensors (default float32; other PEFT LoRA keeps
     its own)."""
@@ -801,11 +802,16 @@ def export_adapter(model, path, *, layout="per_expert", adapter_name="default", 
         every = {n for n in every if not n.endswith(".base_layer")}
         target_modules += leaf if every <= wrapped else sorted(wrapped)
         rank_pattern = dict(config.get("rank_pattern") or {})
+        alpha_pattern = dict(config.get("alpha_pattern") or {})
         scaled = 0
         for name, (r_m, s_m, bkey) in other_mods.items():
+            # every module gets the config's scaling alpha_g / r (vLLM and SGLang apply that
+            # one to all): another rank goes in rank_pattern with alpha_pattern keeping
+            # alpha / rank at alpha_g / r; the module's own scaling is folded into its B
             if r_m != r:
                 rank_pattern[re.escape(name)] = r_m
-            factor = s_m / (alpha_g / r_m)
+                alpha_pattern[re.escape(name)] = alpha_g * r_m / r
+            factor = s_m / (alpha_g / r)
             if not math.isclose(factor, 1.0, rel_tol=1e-12):
                 if bkey not in other:
                     raise ValueError(f"{name}: no {bkey} in PEFT's state dict to rescale")
@@ -813,6 +819,7 @@ def export_adapter(model, path, *, layout="per_expert", adapter_name="default", 
                 scaled += 1
         if rank_pattern:
             config["rank_pattern"] = rank_pattern
+            config["alpha_pattern"] = alpha_pattern
         if getattr(other_cfg, "modules_to_save", None):
             config["modules_to_save"] = list(other_cfg.modules_to_save)
         meta["ktsft.peft_lora_dropout"] = repr(float(getattr(other_cfg, "lora_dropout", 0.0)))
