@@ -160,6 +160,12 @@ def test_experts_dtype_and_device_map(tmp_path):
         assert torch.equal(m.down_proj, ref.down_proj.to(torch.bfloat16))
     assert got.model.embed_tokens.weight.dtype == torch.float32
     assert got.config._experts_implementation == "grouped_mm"  # None: transformers' default
+    # the placement is recorded, experts on the CPU: Trainer and accelerate then
+    # leave the model where it is (no model.to(device) moving the experts)
+    assert all(got.hf_device_map[n] == "cpu" for n in _check_experts_plain(got))
+    from accelerate import Accelerator
+
+    assert Accelerator(cpu=True).verify_device_map(got)
 
 
 def test_device_map_with_disk_offload_leaves_experts_unhooked(tmp_path):

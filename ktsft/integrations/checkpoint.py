@@ -542,4 +542,23 @@ def load_moe_checkpoint(path, *, dtype=torch.bfloat16, device="cpu", experts_dty
                 raise ValueError(f"device={device!r} offloads {'.'.join(parts[:i]) or 'the model'}, "
                                  f"which holds the experts {name}: accelerate's offload hook would "
                                  f"move them at every forward; map that module to a device")
+    _record_placement(model, names, device_map)
     return (model, info) if info is not None else model
+
+
+def _record_placement(model, names, device_map):
+    """Write where the experts are into ``model.hf_device_map``, so that the
+    stack reads the placement right: with the rest on a GPU, ``Trainer``
+    (``_move_model_to_device``) and accelerate (``verify_device_map``: more
+    than one entry) then leave the model where it is instead of calling
+    ``model.to("cuda")``, which would move the experts to the GPU.  A model
+    entirely on the CPU keeps no map (nothing to protect)."""
+    if device_map is None:
+        return
+    dm = dict(getattr(model, "hf_device_map", None) or {})
+    if not dm:
+        if not isinstance(device_map, dict):
+            return  # "auto" and friends always leave a map; nothing to merge into
+        dm = dict(device_map)
+    dm.update({n: "cpu" for n in names})
+    model.hf_device_map = dm
