@@ -223,14 +223,29 @@ def test_bad_dropout_seed(bad, exc):
     assert m.cache_depth == 0
 
 
-def test_adapter_config_records_lora_dropout(tmp_path):
+def test_adapter_records_lora_dropout_in_metadata_not_config(tmp_path):
+    """Adapter files carry lora_dropout 0.0 in adapter_config.json (PEFT's
+    ParamWrapper refuses any other value; dropout does not change what the
+    adapter computes) and the training value in the safetensors metadata
+    (ktsft.lora_dropout), which load_adapter returns as config["lora_dropout"]."""
+    from safetensors import safe_open
+
+    from ktsft.adapters import CONFIG, META_DROPOUT, WEIGHTS, load_adapter
+
     p = Problem(T=3, H=16, I=8, E=3, k=2, r=2)
-    p.wrapper(lora_dropout=0.05).save_adapter(tmp_path / "a")
-    with open(tmp_path / "a" / "adapter_config.json") as f:
-        assert json.load(f)["lora_dropout"] == 0.05
-    p.wrapper(lora_dropout=0.1).export_peft_fused(tmp_path / "f")
-    with open(tmp_path / "f" / "adapter_config.json") as f:
-        assert json.load(f)["lora_dropout"] == 0.1
+    for sub, write, value in (("a", "save_adapter", 0.05), ("f", "export_peft_fused", 0.1)):
+        w = p.wrapper(lora_dropout=value)
+        getattr(w, write)(tmp_path / sub)
+        with open(tmp_path / sub / CONFIG) as f:
+            assert json.load(f)["lora_dropout"] == 0.0
+        with safe_open(str(tmp_path / sub / WEIGHTS), framework="np") as f:
+            assert f.metadata()[META_DROPOUT] == repr(value)
+        config, _ = load_adapter(tmp_path / sub, layer=0, num_experts=p.E)
+        assert config["lora_dropout"] == value
+        # the wrapper's own load: the adapter's value is reported, its own kept
+        other = p.wrapper(lora_dropout=0.0)
+        assert other.load_adapter(tmp_path / sub)["lora_dropout"] == value
+        assert other.lora_dropout == 0.0
 
 
 # ---------------------------------------------------------------------------
