@@ -307,3 +307,164 @@ def test_legacy_modulelist_layout(kind):
     y1.square().sum().backward()
     assert rel(x1.grad, x0.grad) < 1e-5
     assert all(p.grad is not None for p in block.experts.lora_parameters())
+
+
+# ---- the replacement takes over the replaced module's mode and layout -------
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_replacement_keeps_the_training_mode(mode):
+    """An eval-mode model gets eval-mode experts: no LoRA dropout until
+    model.train() (a fresh nn.Module would be in training mode)."""
+    model = build("qwen3_moe").train(mode == "train")
+    apply_lora_experts(model, r=R, alpha=8, dtype="fp32", threads=1, lora_dropout=0.5)
+    randomize_lora_b(model)
+    exps = [m for m in model.modules() if isinstance(m, HFLoRAExperts)]
+    assert len(exps) == 2 and all(m.training == (mode == "train") for m in exps)
+    ids = tokens()
+    with torch.no_grad():
+        a, b = model(ids).logits, model(ids).logits
+    assert torch.equal(a, b) == (mode == "eval")  # dropout draws fresh masks in training
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)
+
+
+class _FusedExperts(torch.nn.Module):
+    """A transformers-5 style fused experts module, stored as given."""
+
+    def __init__(self, transposed, concatenated, inter=24, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        gu, dn = (E, 2 * inter, H), (E, H, inter)
+        if transposed:
+            gu, dn = (E, H, 2 * inter), (E, inter, H)
+        self.gate_up_proj = torch.nn.Parameter(torch.randn(gu, generator=g))
+        self.down_proj = torch.nn.Parameter(torch.randn(dn, generator=g))
+        self.is_transposed, self.is_concatenated = transposed, concatenated
+        self.act_fn = torch.nn.SiLU()
+
+
+class _FusedBlock(torch.nn.Module):
+    def __init__(self, experts):
+        super().__init__()
+        self.top_k, self.experts = K, experts
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("concatenated", [True, False])
+def test_checkpoint_layout_follows_the_replaced_fused_module(transposed, concatenated):
+    """state_dict writes gate_up_proj / down_proj as the replaced module
+    stored them (is_transposed, is_concatenated), whatever the transformers
+    version, and load_state_dict reads them back."""
+    block = _FusedBlock(_FusedExperts(transposed, concatenated))
+    want = {k: v.detach().clone() for k, v in block.state_dict().items()}
+    apply_lora_experts(block, r=R, alpha=8, dtype="fp32", threads=1)
+    assert block.experts.checkpoint_layout == {"kind": "fused", "transposed": transposed,
+                                               "concatenated": concatenated}
+    sd = block.state_dict()
+    for k, v in want.items():
+        assert torch.equal(sd[k], v), k
+    other = apply_lora_experts(_FusedBlock(_FusedExperts(transposed, concatenated, seed=1)),
+                               r=R, alpha=8, dtype="fp32", threads=1)
+    other.load_state_dict(sd)
+    assert all(torch.equal(torch.from_numpy(a), torch.from_numpy(b)) for a, b in
+               zip(block.experts.wrapper._base[0], other.experts.wrapper._base[0]))
+
+
+@pytest.mark.parametrize("names", [("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2")])
+def test_checkpoint_layout_follows_the_replaced_modulelist(names):
+    """A ModuleList keeps its per-expert keys under its own names (Mixtral's
+    w1/w3/w2 need no block_sparse_moe in the path), on transformers 5 too."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_LegacyBlock(names, True))
+    want = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    apply_lora_experts(model, r=R, alpha=8, dtype="fp32", threads=1)
+    assert model[0].experts.checkpoint_layout == {"kind": "modulelist", "names": names}
+    sd = model.state_dict()
+    for k, v in want.items():
+        assert torch.equal(sd[k], v), k
+
+
+# ---- a patched 4.x-style model pickles --------------------------------------
+class _TopKRouter(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.top_k = K
+        self.weight = torch.nn.Parameter(torch.randn(E, H))
+
+    def forward(self, x):
+        w = torch.softmax(x @ self.weight.T, dim=-1)
+        w, ids = torch.topk(w, self.top_k, dim=-1)
+        return ids, w / w.sum(-1, keepdim=True)
+
+
+class DeepseekV3StyleMoE(torch.nn.Module):
+    """The 4.x DeepSeek-V3 MoE: its own router, experts looped in moe()."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = _TopKRouter()
+        self.experts = torch.nn.ModuleList(_MLP(("gate_proj", "up_proj", "down_proj"), H, 24)
+                                           for _ in range(E))
+
+    def moe(self, x, ids, w):
+        out = torch.zeros_like(x)
+        for e in range(E):
+            tok, slot = torch.where(ids == e)
+            if tok.numel():
+                out.index_add_(0, tok, self.experts[e](x[tok]) * w[tok, slot, None])
+        return out
+
+    def forward(self, hidden_states):
+        ids, w = self.gate(hidden_states.reshape(-1, H))
+        return self.moe(hidden_states.reshape(-1, H), ids, w).view(hidden_states.shape), None
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen2_shared", "mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_patched_legacy_model_pickles(kind, how):
+    """The replaced forward / moe is picklable and bound to the copy's own
+    block: the copy computes the same and does not follow the original."""
+    import pickle
+
+    torch.manual_seed(0)
+    if kind == "mixtral":
+        block = MixtralSparseMoeBlock(("w1", "w3", "w2"), None)
+    elif kind == "deepseek_v3":
+        block = DeepseekV3StyleMoE()
+    else:
+        block = _LegacyBlock(("gate_proj", "up_proj", "down_proj"), kind == "qwen3",
+                             shared=kind == "qwen2_shared")
+    model = apply_lora_experts(torch.nn.Sequential(block), r=R, alpha=8, dtype="fp32", threads=1)
+    randomize_lora_b(model)
+    x = torch.randn(2, 7, H)
+    with torch.no_grad():
+        want = model(x)[0]
+    twin = pickle.loads(pickle.dumps(model)) if how == "pickle" else copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(twin(x)[0], want)
+    randomize_lora_b(model, seed=8)  # the original changes, the copy does not
+    with torch.no_grad():
+        assert rel(model(x)[0], want) > 1e-3
+        assert torch.equal(twin(x)[0], want)
+    y = twin(x.requires_grad_())[0]
+    y.square().sum().backward()
+    assert all(p.grad is not None for p in twin[0].experts.lora_parameters())
+
+
+def test_patched_legacy_causal_lm_pickles_and_torch_saves():
+    """A whole causal LM with 4.x-style ModuleList blocks (test_exports.legacy)."""
+    import io
+    import pickle
+
+    from test_exports import legacy, logits
+
+    model = apply_lora_experts(legacy(), r=R, alpha=8, dtype="fp32", threads=1)
+    randomize_lora_b(model)
+    ids = tokens()
+    want = logits(model, ids)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for twin in (pickle.loads(pickle.dumps(model)), torch.load(buf, weights_only=False)):
+        assert torch.equal(logits(twin, ids), want)
+        assert all(isinstance(layer.mlp.experts, HFLoRAExperts) for layer in twin.model.layers)

@@ -32,9 +32,9 @@ model built on these layouts works.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
-import types
 from collections import OrderedDict
 
 import torch
@@ -42,22 +42,13 @@ import torch.nn.functional as F
 
 from ..eager import eager_moe_forward
 from ..torch import PARAM_NAMES, LoRAExperts
+from .hf_experts import is_silu, mask_sentinel
 
 __all__ = ["HFLoRAExperts", "EagerHFLoRAExperts", "apply_lora_experts", "find_expert_modules",
-           "lora_state_dict", "load_lora_state_dict", "save_lora_experts"]
+           "lora_state_dict", "load_lora_state_dict", "save_lora_experts", "export_adapter",
+           "configure", "ktsft_experts_forward"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def _mask_sentinel(top_k_index, top_k_weights, num_experts):
-    """transformers marks slots owned by no local expert with id == E (expert
-    parallelism).  They contribute nothing: point them at expert 0 with a
-    weight of exactly 0 (the multiply also zeroes their weight gradient)."""
-    if top_k_index.numel() and int(top_k_index.max()) >= num_experts:
-        keep = top_k_index < num_experts
-        top_k_index = torch.where(keep, top_k_index, torch.zeros_like(top_k_index))
-        top_k_weights = top_k_weights * keep.to(top_k_weights.dtype)
-    return top_k_index, top_k_weights
 
 
 class HFLoRAExperts(LoRAExperts):
@@ -86,16 +77,18 @@ class HFLoRAExperts(LoRAExperts):
 
     Copies (``copy.deepcopy``, pickle, ``torch.save``): see LoRAExperts."""
 
-    #: the checkpoint layout of the replaced experts module.  None: fused
-    #: (transformers >= 5, gate rows first, not transposed) or, under
-    #: transformers 4.x, a ModuleList with gate_proj/up_proj/down_proj
-    #: (w1/w3/w2 under ``block_sparse_moe``).  Otherwise a dict:
+    #: the checkpoint layout of the replaced experts module, a dict:
     #: ``{"kind": "fused", "transposed": bool, "concatenated": bool}`` or
     #: ``{"kind": "modulelist", "names": (gate, up, down)}``.
+    #: apply_lora_experts sets it from the module it replaces (its
+    #: is_transposed / is_concatenated, or the per-expert MLPs' names).
+    #: None (a module built directly): fused (transformers >= 5, gate rows
+    #: first, not transposed) or, under transformers 4.x, a ModuleList with
+    #: gate_proj/up_proj/down_proj (w1/w3/w2 under ``block_sparse_moe``).
     checkpoint_layout = None
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        top_k_index, top_k_weights = _mask_sentinel(top_k_index, top_k_weights, self.num_experts)
+        top_k_index, top_k_weights = mask_sentinel(top_k_index, top_k_weights, self.num_experts)
         return super().forward(hidden_states, top_k_index, top_k_weights)
 
     def _apply(self, fn, recurse=True):  # keep the LoRA parameters fp32 on the CPU
@@ -256,7 +249,7 @@ class EagerHFLoRAExperts(torch.nn.Module):
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        top_k_index, top_k_weights = _mask_sentinel(top_k_index, top_k_weights, self.num_experts)
+        top_k_index, top_k_weights = mask_sentinel(top_k_index, top_k_weights, self.num_experts)
         lora = [list(getattr(self, n)) for n in PARAM_NAMES]
         out = eager_moe_forward(hidden_states, top_k_index, top_k_weights, self.w_gate, self.w_up,
                                 self.w_down, lora, self.scaling, self.act_dtype,
@@ -270,16 +263,10 @@ class EagerHFLoRAExperts(torch.nn.Module):
 _MLP_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 
 
-def _is_silu(act) -> bool:
-    if act is None:
-        return True  # no act_fn attribute: the model's own code decides; assume SwiGLU
-    if isinstance(act, torch.nn.SiLU):
-        return True
-    try:
-        t = torch.linspace(-4, 4, 17)
-        return bool(torch.allclose(act(t), F.silu(t)))
-    except Exception:  # noqa: BLE001
-        return False
+def _silu_or_unset(act) -> bool:
+    """is_silu, except that a module without an act_fn attribute (None) is
+    taken as SwiGLU: the model's own code decides its activation."""
+    return act is None or is_silu(act)
 
 
 def _fused_kind(m):
@@ -335,7 +322,7 @@ def _fused_weights(ex, store):
     if getattr(ex, "has_gate", True) is False:
         raise NotImplementedError(f"{type(ex).__name__}: experts without a gate projection "
                                   "are not supported (ktsft computes down(silu(gate x) * up x))")
-    if not _is_silu(getattr(ex, "act_fn", None)):
+    if not _silu_or_unset(getattr(ex, "act_fn", None)):
         raise NotImplementedError(f"{type(ex).__name__}: activation {getattr(ex, 'act_fn')!r} "
                                   "is not SiLU")
     gu, dn = ex.gate_up_proj.detach(), ex.down_proj.detach()
@@ -364,7 +351,7 @@ def _modulelist_weights(ex, store):
     for e in ex:
         if any(getattr(e, n).bias is not None for n in names):
             raise NotImplementedError("experts with biases are not supported")
-        if not _is_silu(getattr(e, "act_fn", None)):
+        if not _silu_or_unset(getattr(e, "act_fn", None)):
             raise NotImplementedError(f"expert activation {e.act_fn!r} is not SiLU")
     E = len(ex)
     I, H = getattr(ex[0], names[0]).weight.shape
@@ -375,6 +362,14 @@ def _modulelist_weights(ex, store):
         for dst, n in zip((gate, up, down), names):
             dst[e].copy_(getattr(mlp, n).weight.detach())
     return gate, up, down
+
+
+def _checkpoint_layout(ex, layout):
+    """HFLoRAExperts.checkpoint_layout of the replaced experts module `ex`."""
+    if layout == "fused":
+        return {"kind": "fused", "transposed": bool(getattr(ex, "is_transposed", False)),
+                "concatenated": bool(getattr(ex, "is_concatenated", True))}
+    return {"kind": "modulelist", "names": tuple(_mlp_names(ex[0]))}
 
 
 def _release(module):
@@ -418,8 +413,12 @@ def _deepseek_moe(self, hidden_states, topk_indices, topk_weights):
 
 
 def _patch_legacy_block(block, qual):
+    """Replace the block's forward (or DeepSeek-V3's moe) by an instance
+    attribute: functools.partial of a module-level function with the block,
+    so the patched model still pickles (a bound method does not unpickle:
+    pickle restores it by name, and the class has no such method)."""
     if callable(getattr(block, "moe", None)):  # DeepSeek-V3 (4.x): keep its router
-        block.moe = types.MethodType(_deepseek_moe, block)
+        block.moe = functools.partial(_deepseek_moe, block)
         return
     if not (isinstance(getattr(block, "gate", None), torch.nn.Linear) and hasattr(block, "top_k")):
         raise NotImplementedError(
@@ -432,7 +431,7 @@ def _patch_legacy_block(block, qual):
             raise NotImplementedError(f"{qual}: {type(block).__name__} has no norm_topk_prob")
         norm = True  # Mixtral always renormalises its top-k
     block._ktsft_norm_topk_prob = bool(norm)
-    block.forward = types.MethodType(_softmax_topk_block_forward, block)
+    block.forward = functools.partial(_softmax_topk_block_forward, block)
 
 
 # ---------------------------------------------------------------------------
@@ -488,9 +487,12 @@ def apply_lora_experts(model, r=16, alpha=32.0, dtype="bf16", use_rslora=False, 
                                 layer_idx=_layer_index(qual, i), lora_dropout=lora_dropout,
                                 **lora_kwargs)
             new.load_weights(gate, up, down)
+            if hasattr(new, "checkpoint_layout"):  # state_dict keys of the replaced module
+                new.checkpoint_layout = _checkpoint_layout(ex, layout)
         else:
             new = EagerHFLoRAExperts(gate, up, down, r=r, alpha=alpha, dtype=dtype,
                                      use_rslora=use_rslora, lora_dropout=lora_dropout)
+        new.train(ex.training)  # an eval-mode model keeps eval-mode experts (no dropout)
         del gate, up, down
         _release(ex)
         setattr(block, attr, new)
