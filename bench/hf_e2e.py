@@ -100,6 +100,29 @@ def _vm(key):
     return 0
 
 
+def _instrument():
+    """Wall time per step in ktsft's forward and backward calls (staging
+    copies included) and in the LoRA staging of the 'ktsft' experts."""
+    import ktsft.torch as kt
+    from ktsft.integrations import hf_experts
+
+    acc = {"experts_fwd": 0.0, "experts_bwd": 0.0, "lora_staging": 0.0, "optimizer": 0.0}
+
+    def timed(fn, key):
+        def f(*a, **k):
+            t = time.time()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[key] += time.time() - t
+        return f
+
+    kt._run_forward = timed(kt._run_forward, "experts_fwd")
+    kt._run_backward = timed(kt._run_backward, "experts_bwd")
+    hf_experts._Binding.lora_arrays = timed(hf_experts._Binding.lora_arrays, "lora_staging")
+    return acc
+
+
 def train(args):
     import torch
     import transformers
@@ -125,11 +148,13 @@ def train(args):
     print(f"loaded in {res['load_s']:.0f} s: experts {ebytes / 2**30:.1f} GiB on "
           f"{experts[0].gate_up_proj.device}, RSS {res['rss_after_load'] / 2**30:.1f} GiB, "
           f"peak {res['peak_rss_load'] / 2**30:.1f} GiB", flush=True)
+    timing = _instrument()
     configure(model, threads=args.threads)
     model.config.use_cache = False
     model = get_peft_model(model, LoraConfig(
         r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    res["rss_after_peft"], res["peak_rss_peft"] = _vm("VmRSS"), _vm("VmHWM")
     cpu_lora = sum(p.numel() for p in model.parameters() if p.requires_grad and p.device.type == "cpu")
     gpu_lora = sum(p.numel() for p in model.parameters() if p.requires_grad and p.device.type != "cpu")
     res["lora_params_cpu"], res["lora_params_gpu"] = cpu_lora, gpu_lora
@@ -152,15 +177,31 @@ def train(args):
         if cuda:
             torch.cuda.synchronize()
 
+    stages = []
+
     class Clock(transformers.TrainerCallback):
         def on_step_begin(self, a, state, control, **k):
             sync()
             self.t = time.time()
+            timing.update({k: 0.0 for k in timing})
+
+        def on_pre_optimizer_step(self, a, state, control, **k):
+            sync()
+            self.o = time.time()
+
+        def on_optimizer_step(self, a, state, control, **k):
+            sync()
+            timing["optimizer"] = time.time() - self.o
 
         def on_step_end(self, a, state, control, **k):
             sync()
             times.append(time.time() - self.t)
-            print(f"step {state.global_step}: {times[-1]:.2f} s", flush=True)
+            stages.append({"step_s": times[-1], **dict(timing), "rss": _vm("VmRSS"),
+                           "peak_rss": _vm("VmHWM")})
+            print(f"step {state.global_step}: {times[-1]:.2f} s  " + "  ".join(
+                f"{k} {v:.2f}" for k, v in timing.items()) +
+                f"  RSS {stages[-1]['rss'] / 2**30:.1f} GiB (peak "
+                f"{stages[-1]['peak_rss'] / 2**30:.1f})", flush=True)
 
     losses = []
 
@@ -186,7 +227,7 @@ def train(args):
                tokens_per_s=tok / (sum(steady) / len(steady)), losses=losses,
                peak_gpu_alloc=torch.cuda.max_memory_allocated() if cuda else 0,
                peak_gpu_reserved=torch.cuda.max_memory_reserved() if cuda else 0,
-               peak_rss=_vm("VmHWM"), rss_start=rss0)
+               peak_rss=_vm("VmHWM"), rss_start=rss0, stages=stages)
     bound = 1.15 * ebytes + res["lora_opt_bytes_cpu"]
     res["rss_bound"] = bound
     res["rss_ok"] = res["peak_rss"] <= bound

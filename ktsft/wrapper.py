@@ -209,7 +209,7 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
                                  dtype == "bf16", self.isa,
                                  dtype if dtype in ("int8", "int4") else "auto",
                                  self.quant_group if dtype == "int4" else 0)
-        self._ws = Workspace(H, I, self.num_experts_per_tok, r, dtype == "bf16")
+        self._ws = Workspace.shared(H, I, self.num_experts_per_tok, r, dtype == "bf16")
         self._cache: list[CacheEntry] = []
         self._handles: list[int] = []        # one per cached entry, same order
         self._next_handle = 0
@@ -516,11 +516,13 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
             entry = self._take_entry(T)
             entry.dropout = (p, 0 if seed is None else seed)
             np.copyto(entry["x"], x, casting="unsafe")
-            ws = self._ws.view(T)
             out = np.empty((T, H), np.float32)
-            self._kernel.forward(entry["x"], ws["x_act"] if self.dtype == "bf16" else entry["x"],
-                                 ids, rw, entry.arrays, ws, out,
-                                 effective_threads(self.cpuinfer_threads), *entry.dropout)
+            with self._ws.lock:  # shared by the layers of this shape
+                ws = self._ws.view(T)
+                self._kernel.forward(entry["x"],
+                                     ws["x_act"] if self.dtype == "bf16" else entry["x"],
+                                     ids, rw, entry.arrays, ws, out,
+                                     effective_threads(self.cpuinfer_threads), *entry.dropout)
             self.last_dropout_seed = seed
             handle = None
             if save_for_backward:
@@ -581,15 +583,17 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
                                         (np.dtype(np.float32),), contiguous=True, writable=True)
                              for n in LORA_GRAD_NAMES}
             do32 = np.ascontiguousarray(g, dtype=np.float32)
-            ws = self._ws.view(T)
             dx = np.empty((T, H), np.float32)
             grad_w = np.empty((T, self.num_experts_per_tok), np.float32)
             del self._cache[idx], self._handles[idx]
             try:
-                self._kernel.backward(entry.arrays, do32,
-                                      ws["do_act"] if self.dtype == "bf16" else do32,
-                                      ws, out_grads, grad_w, dx,
-                                      effective_threads(self.cpuinfer_threads), *entry.dropout)
+                with self._ws.lock:
+                    ws = self._ws.view(T)
+                    self._kernel.backward(entry.arrays, do32,
+                                          ws["do_act"] if self.dtype == "bf16" else do32,
+                                          ws, out_grads, grad_w, dx,
+                                          effective_threads(self.cpuinfer_threads),
+                                          *entry.dropout)
             finally:
                 self._spare.append(entry)
         grads = {n: wrap_like(out_grads[n], grad_output) if grads_out is None else grads_out[n]
