@@ -119,7 +119,7 @@ def _instrument():
 
     kt._run_forward = timed(kt._run_forward, "experts_fwd")
     kt._run_backward = timed(kt._run_backward, "experts_bwd")
-    hf_experts._Binding.lora_arrays = timed(hf_experts._Binding.lora_arrays, "lora_staging")
+    hf_experts._Staging.lora_arrays = timed(hf_experts._Staging.lora_arrays, "lora_staging")
     return acc
 
 

@@ -85,6 +85,10 @@ def test_matches_eager_with_peft(family):
     assert any(n.endswith("mlp.gate.weight") for n in ge)  # the router's gradient is compared
     for n in ge:
         assert rel(gk[n], ge[n]) <= 1e-4, n
+    # the layers share one LoRA staging (forward l0, l1, backward l1, l0 above)
+    mods = [m for m in mk.modules() if m in hf_experts._STATE]
+    assert len(mods) >= 1
+    assert len({id(hf_experts._STATE[m].staging(4)) for m in mods}) == 1
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])

@@ -244,8 +244,8 @@ def patch_peft() -> bool:
 
 class _Binding:
     """The native side of one experts module: its ktsft wrappers (one per
-    LoRA rank and scaling seen; each reads the module's weights in place),
-    the bound addresses, and the persistent LoRA staging buffers."""
+    LoRA rank and scaling seen; each reads the module's weights in place)
+    and the bound addresses."""
 
     def __init__(self, module):
         self.module = weakref.ref(module)
@@ -253,8 +253,6 @@ class _Binding:
         self.key = None
         self.num_experts = self.hidden_size = self.intermediate_size = self.top_k = None
         self.dtype = None
-        self.zeros = None
-        self.bufs = {}
         self.registered = {}  # id(wrapper) -> addresses of the LoRA arrays it was given
 
     # -- the base weights -------------------------------------------------
@@ -295,9 +293,7 @@ class _Binding:
         if dims != (self.num_experts, self.hidden_size, self.intermediate_size, self.top_k,
                     self.dtype):
             self.wrappers.clear()
-            self.bufs.clear()
             self.registered.clear()
-            self.zeros = None
         self.num_experts, self.hidden_size, self.intermediate_size, self.top_k, self.dtype = dims
         self._views = (gu.detach()[:, :I], gu.detach()[:, I:], dn.detach())
         for w in self.wrappers.values():
@@ -323,7 +319,38 @@ class _Binding:
             self.wrappers[(r, scaling)] = w
         return w
 
-    # -- the LoRA as the kernels read it ----------------------------------
+    def staging(self, r):
+        return _Staging.shared(self.num_experts, self.hidden_size, self.intermediate_size, r)
+
+
+class _Staging:
+    """PEFT's LoRA in ktsft's layout, for every layer of one shape: the B
+    buffers (PEFT keeps B rank-major, so it is copied), A copies where PEFT's
+    A is not fp32, and the zeros that stand for a projection without LoRA.
+    Shared by the layers (weakly held, like the kernels' workspace): one set
+    is (2I + H) r E floats, 29 MB at the Qwen3-30B-A3B shape, 1.4 GB if each
+    of 48 layers kept its own.  A layer stages its LoRA under ``lock`` just
+    before each kernel call, forward and backward (B is unchanged between
+    them), so another layer's forward in between cannot leave it stale."""
+
+    _shared: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+    _shared_lock = threading.Lock()
+
+    def __init__(self, E, H, I, r):
+        self.num_experts, self.hidden_size, self.intermediate_size, self.r = E, H, I, r
+        self.lock = threading.RLock()
+        self.bufs = {}
+        self.zeros = None
+
+    @classmethod
+    def shared(cls, E, H, I, r):
+        key = (int(E), int(H), int(I), int(r))
+        with cls._shared_lock:
+            st = cls._shared.get(key)
+            if st is None:
+                st = cls._shared[key] = cls(*key)
+            return st
+
     def _zeros(self, r):
         n = self.num_experts * r * max(self.hidden_size, self.intermediate_size)
         if self.zeros is None or self.zeros.numel() < n:
@@ -336,12 +363,12 @@ class _Binding:
             b = self.bufs[name] = torch.empty(shape)
         return b
 
-    def lora_arrays(self, gu_lora, dn_lora, r, ratio):
+    def lora_arrays(self, gu_lora, dn_lora, ratio):
         """The six [E, ...] fp32 arrays of ktsft's LoRA layout for this call.
         A is PEFT's memory when it is fp32 and contiguous; B is copied (PEFT
         keeps it rank-major) into persistent buffers.  ratio: down's scaling
         / the wrapper's."""
-        E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
+        E, H, I, r = self.num_experts, self.hidden_size, self.intermediate_size, self.r
         shapes = lora_shapes(E, H, I, r)
         z = self._zeros(r)
 
@@ -398,12 +425,28 @@ def _saved_tensor_hooks_active() -> bool:
 
 
 class _Call:
-    """What _run_forward/_run_backward need of a layer (ktsft.torch)."""
+    """One call's layer: what _run_forward/_run_backward need (ktsft.torch),
+    and how to stage its LoRA for the kernels (``staged``, a context: the
+    shared staging's lock, held while the kernels read it)."""
 
-    def __init__(self, b, wrapper, r):
-        self.wrapper = wrapper
+    def __init__(self, b, wrapper, r, staging, gu_lora, dn_lora, ratio):
+        self.wrapper, self.binding, self.staging = wrapper, b, staging
         self.num_experts, self.top_k = b.num_experts, b.top_k
         self.hidden_size, self.intermediate_size, self.r = b.hidden_size, b.intermediate_size, r
+        self.lora = (gu_lora, dn_lora, ratio)
+
+    @contextlib.contextmanager
+    def staged(self):
+        with self.staging.lock:
+            arrays = self.staging.lora_arrays(*self.lora)
+            ptrs = tuple(a.data_ptr() for a in arrays)
+            reg = self.binding.registered
+            if reg.get(id(self.wrapper)) != ptrs:  # new memory: validated whole (finite, shapes)
+                self.wrapper.init_lora_weights(*arrays)
+                reg[id(self.wrapper)] = ptrs
+            else:  # same memory, new values: the kernels read it in place
+                self.wrapper.update_lora_weights()
+            yield
 
 
 class _ExpertsFn(torch.autograd.Function):
@@ -420,7 +463,8 @@ class _ExpertsFn(torch.autograd.Function):
 
         save = any(ctx.needs_input_grad[4:])
         cache = save and not _saved_tensor_hooks_active()
-        out, handle = _run_forward(call, hidden, ids, weights, cache, (0.0, 0))
+        with call.staged():
+            out, handle = _run_forward(call, hidden, ids, weights, cache, (0.0, 0))
         ctx.b, ctx.call, ctx.r, ctx.ratio = b, call, r, ratio
         ctx.meta = (hidden.dtype, weights.dtype, hidden.device)
         ctx.has = (b_gu is not None, b_d is not None)
@@ -439,13 +483,15 @@ class _ExpertsFn(torch.autograd.Function):
         h_dtype, w_dtype, dev = ctx.meta
         call, b = ctx.call, ctx.b
         handle = ctx.handle
-        if ctx.release is None or not ctx.release.alive:  # recompute: no cache was kept
-            hidden, ids, weights = ctx.saved_tensors
-            _, handle = _run_forward(call, hidden, ids, weights, True, (0.0, 0))
         E, H, I, r = b.num_experts, b.hidden_size, b.intermediate_size, ctx.r
         shapes = lora_shapes(E, H, I, r)
         outs = {n: torch.empty(shapes[n]) for n in LORA_GRAD_NAMES}
-        dx, grads = _run_backward(call, grad_out, handle, {n: t.numpy() for n, t in outs.items()})
+        with call.staged():  # the staging is shared: stage this layer's LoRA again
+            if ctx.release is None or not ctx.release.alive:  # recompute: no cache was kept
+                hidden, ids, weights = ctx.saved_tensors
+                _, handle = _run_forward(call, hidden, ids, weights, True, (0.0, 0))
+            dx, grads = _run_backward(call, grad_out, handle,
+                                      {n: t.numpy() for n, t in outs.items()})
         if ctx.release is not None:
             ctx.release.detach()
             ctx.release = None
@@ -537,19 +583,13 @@ def ktsft_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     else:  # no LoRA (none attached, disabled or merged): a rank-1 zero LoRA
         r, scaling, ratio = 1, 1.0, 1.0
     wrapper = b.wrapper(int(r), float(scaling))
-    arrays = b.lora_arrays(gu_lora, dn_lora, int(r), ratio)
-    ptrs = tuple(a.data_ptr() for a in arrays)
-    if b.registered.get(id(wrapper)) != ptrs:  # new memory: validate it whole (finite, shapes)
-        wrapper.init_lora_weights(*arrays)
-        b.registered[id(wrapper)] = ptrs
-    else:  # same memory, new values: the kernels read it in place
-        wrapper.update_lora_weights()
+    st = b.staging(int(r))
     ids, w = mask_sentinel(top_k_index, top_k_weights, b.num_experts)
     hidden = hidden_states if hidden_states.dtype in (torch.float32, torch.bfloat16) \
         else hidden_states.float()
     w = w if w.dtype == torch.float32 else w.float()
     ids = ids.to(torch.int32)
-    call = _Call(b, wrapper, int(r))
+    call = _Call(b, wrapper, int(r), st, gu_lora, dn_lora, float(ratio))
     fac = [None, None, None, None]
     if gu_lora is not None:
         fac[0:2] = gu_lora[0], gu_lora[1]
