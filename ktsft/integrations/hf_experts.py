@@ -485,34 +485,37 @@ class _ExpertsFn(torch.autograd.Function):
         handle = ctx.handle
         E, H, I, r = b.num_experts, b.hidden_size, b.intermediate_size, ctx.r
         shapes = lora_shapes(E, H, I, r)
-        outs = {n: torch.empty(shapes[n]) for n in LORA_GRAD_NAMES}
+        need, dt = ctx.needs_input_grad, ctx.lora_dtypes
+        g_bgu = g_agu = g_bd = g_ad = None
         with call.staged():  # the staging is shared: stage this layer's LoRA again
+            # A's gradients are handed to autograd as they are: fresh memory.
+            # The others are transposed or summed into fresh tensors below, so
+            # the kernels write them into the shared staging's scratch.
+            outs = {n: torch.empty(shapes[n]) if n in ("grad_gate_lora_a", "grad_down_lora_a")
+                    else call.staging._buf("scratch_" + n, shapes[n]) for n in LORA_GRAD_NAMES}
             if ctx.release is None or not ctx.release.alive:  # recompute: no cache was kept
                 hidden, ids, weights = ctx.saved_tensors
                 _, handle = _run_forward(call, hidden, ids, weights, True, (0.0, 0))
             dx, grads = _run_backward(call, grad_out, handle,
                                       {n: t.numpy() for n, t in outs.items()})
+            if ctx.has[0]:
+                if need[7]:
+                    g_bgu = _rank_major(ctx.shapes[0], dt[0], (outs["grad_gate_lora_b"], 0, I),
+                                        (outs["grad_up_lora_b"], I, 2 * I))
+                if need[8]:
+                    g_agu = outs["grad_gate_lora_a"].add_(outs["grad_up_lora_a"]).to(dt[1])
+            if ctx.has[1]:
+                if need[9]:
+                    g_bd = _rank_major(ctx.shapes[1], dt[2], (outs["grad_down_lora_b"], 0, H),
+                                       scale=ctx.ratio)
+                if need[10]:
+                    g_ad = outs["grad_down_lora_a"].to(dt[3])
         if ctx.release is not None:
             ctx.release.detach()
             ctx.release = None
-        need = ctx.needs_input_grad
         dx = dx.to(device=dev, dtype=h_dtype) if need[4] else None
         dw = (torch.as_tensor(grads["grad_routing_weights"]).to(device=dev, dtype=w_dtype)
               if need[6] else None)
-        g_bgu = g_agu = g_bd = g_ad = None
-        dt = ctx.lora_dtypes
-        if ctx.has[0]:
-            if need[7]:
-                g_bgu = _rank_major(ctx.shapes[0], dt[0], (outs["grad_gate_lora_b"], 0, I),
-                                    (outs["grad_up_lora_b"], I, 2 * I))
-            if need[8]:
-                g_agu = outs["grad_gate_lora_a"].add_(outs["grad_up_lora_a"]).to(dt[1])
-        if ctx.has[1]:
-            if need[9]:
-                g_bd = _rank_major(ctx.shapes[1], dt[2], (outs["grad_down_lora_b"], 0, H),
-                                   scale=ctx.ratio)
-            if need[10]:
-                g_ad = outs["grad_down_lora_a"].to(dt[3])
         return (None, None, None, None, dx, None, dw, g_bgu, g_agu, g_bd, g_ad)
 
 
