@@ -159,7 +159,11 @@ def test_trl_sft_trainer_and_reference_model(tmp_path):
         losses[impl] = cb.losses
         if impl == "ktsft":
             # TRL's reference model: a frozen deep copy of the (PEFT) model
-            ref = trl.create_reference_model(tr.model)
+            try:  # TRL >= 1.x moved it
+                from trl.experimental.utils import create_reference_model
+            except ImportError:
+                create_reference_model = trl.create_reference_model
+            ref = create_reference_model(tr.model)
             ids = tokens(6)
             tr.model.eval()
             with torch.no_grad():
