@@ -33,7 +33,9 @@ Two layouts:
 
 Writes are atomic: the files are written and fsynced in a temporary
 directory next to the target, then renamed into place (see
-:func:`_commit`).  :func:`load_adapter` reads either layout back and checks
+:func:`_commit`), with the modes open() and mkdir() would have given them
+(0o666 / 0o777 less the umask, or the replaced entry's mode), not the 0600 /
+0700 of the temporary files.  :func:`load_adapter` reads either layout back and checks
 dtypes, shapes, rank and (optionally) scaling against the layer, listing
 every mismatch.
 """
@@ -45,6 +47,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 
@@ -117,6 +120,38 @@ def _commit(tmp: str, path: str) -> None:
     _fsync_path(path)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux reports it
+    (/proc/self/status); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _set_mode_like_open(tmp: str, target: str, directory: bool = False) -> None:
+    """Give `tmp` (made by mkdtemp: 0700, or mkstemp or a library writing
+    through one: 0600) the mode open() / mkdir() would have given `target`:
+    the mode of `target` where it exists already (it is about to be
+    replaced), else 0o666 (files) or 0o777 (directories) less the umask.
+    Called before the rename, so the file is never visible with a mode
+    colleagues on a shared machine cannot read."""
+    try:
+        st = os.stat(target)
+        if stat.S_ISDIR(st.st_mode) == directory:
+            os.chmod(tmp, stat.S_IMODE(st.st_mode))
+            return
+    except OSError:
+        pass
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
+
+
 def _write_adapter(path, tensors: dict, config: dict, metadata: dict | None = None) -> None:
     """Write an adapter directory atomically: never a partial file or a
     half-updated directory at `path`, whatever fails mid-save.  `metadata`
@@ -142,6 +177,9 @@ def _write_adapter(path, tensors: dict, config: dict, metadata: dict | None = No
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        for name in (WEIGHTS, CONFIG):  # safetensors writes 0600, mkdtemp makes 0700
+            _set_mode_like_open(os.path.join(tmp, name), os.path.join(path, name))
+        _set_mode_like_open(tmp, path, directory=True)
         _fsync_path(tmp)
         _commit(tmp, path)
     finally:

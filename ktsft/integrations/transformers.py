@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
+import tempfile
 from collections import OrderedDict
 
 import torch
@@ -45,8 +47,8 @@ from ..torch import PARAM_NAMES, LoRAExperts
 from .hf_experts import is_silu, mask_sentinel
 
 __all__ = ["HFLoRAExperts", "EagerHFLoRAExperts", "apply_lora_experts", "find_expert_modules",
-           "lora_state_dict", "load_lora_state_dict", "save_lora_experts", "export_adapter",
-           "configure", "ktsft_experts_forward"]
+           "lora_state_dict", "load_lora_state_dict", "load_lora_experts", "save_lora_experts",
+           "export_adapter", "configure", "ktsft_experts_forward"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -528,19 +530,33 @@ def lora_state_dict(model) -> "OrderedDict[str, torch.Tensor]":
 
 
 @torch.no_grad()
-def load_lora_state_dict(model, state_dict, strict=True) -> None:
+def load_lora_state_dict(model, state_dict, strict=True, *, source=None) -> None:
     """Copy LoRA matrices (as lora_state_dict returns them) into the model,
-    in place (the kernels keep reading the same memory)."""
+    in place (the kernels keep reading the same memory).
+
+    `state_dict` may also be the path of a file save_lora_experts wrote:
+    that is load_lora_experts(model, path, strict), which first checks the
+    file's r, lora_alpha and use_rslora against the model.  A tensor whose
+    shape differs from the model's raises ValueError naming the key and both
+    shapes (`source`: where the tensors came from, for the message)."""
+    if isinstance(state_dict, (str, os.PathLike)):
+        load_lora_experts(model, state_dict, strict=strict)
+        return
+    where = f"{source}: " if source else ""
     used = set()
     for name, m in _lora_modules(model):
         for n in PARAM_NAMES:
             key = f"{name}.{n}"
             if key not in state_dict:
                 if strict:
-                    raise KeyError(f"missing LoRA tensor {key!r}")
+                    raise KeyError(f"{where}missing LoRA tensor {key!r}")
                 continue
             src = torch.as_tensor(state_dict[key]).float()
             p = getattr(m, n)
+            want = tuple(p.shape) if isinstance(p, torch.Tensor) else (len(p), *p[0].shape)
+            if tuple(src.shape) != want:
+                raise ValueError(f"{where}LoRA tensor {key!r} has shape {tuple(src.shape)}, the "
+                                 f"model's is {want} (r={m.r})")
             if isinstance(p, torch.Tensor):
                 p.copy_(src)
             else:
@@ -549,24 +565,111 @@ def load_lora_state_dict(model, state_dict, strict=True) -> None:
             used.add(key)
     extra = set(state_dict) - used
     if strict and extra:
-        raise KeyError(f"unexpected LoRA tensors: {sorted(extra)[:5]}")
+        raise KeyError(f"{where}unexpected LoRA tensors: {sorted(extra)[:5]}")
+
+
+KTSFT_LORA_FORMAT = "ktsft-lora-experts"
+
+
+def _meta_bool(v: str) -> bool:
+    s = str(v).strip().lower()
+    if s in ("true", "1", "yes"):
+        return True
+    if s in ("false", "0", "no"):
+        return False
+    raise ValueError(f"not a boolean: {v!r}")
+
+
+def load_lora_experts(model, path, strict=True) -> dict:
+    """Load a file save_lora_experts wrote into `model`'s ktsft LoRA experts,
+    in place, after checking the hyperparameters the file records against
+    every LoRA experts module of the model: r, lora_alpha and use_rslora
+    must be the model's (a different r would not fit, a different alpha or
+    rsLoRA setting would load and silently compute another function).  A
+    mismatch raises ValueError naming the file, the field and both values;
+    so does a tensor of another shape, or a file of another format (a PEFT
+    adapter directory: PeftModel.from_pretrained or ktsft's load_adapter).
+
+    Returns the file's metadata (str -> str; lora_dropout, the training
+    value, is returned there and not checked)."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: a directory, not a file save_lora_experts wrote (a PEFT "
+                         "adapter directory loads with PeftModel.from_pretrained, or "
+                         "ktsft.adapters.load_adapter per layer)")
+    mods = _lora_modules(model)
+    if not mods:
+        raise ValueError("the model has no ktsft LoRA experts (apply_lora_experts first)")
+    with safe_open(path, framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        if meta.get("format") != KTSFT_LORA_FORMAT:
+            raise ValueError(f"{path}: not a ktsft-format LoRA file (its metadata has format="
+                             f"{meta.get('format')!r}; save_lora_experts writes "
+                             f"{KTSFT_LORA_FORMAT!r})")
+        fields = (("r", int, lambda m: m.r, lambda a, b: a == b),
+                  ("lora_alpha", float, lambda m: m.alpha,
+                   lambda a, b: math.isclose(a, b, rel_tol=1e-6, abs_tol=0.0)),
+                  ("use_rslora", _meta_bool, lambda m: bool(m.use_rslora), lambda a, b: a == b))
+        problems = []
+        for field, parse, of_model, same in fields:
+            if field not in meta:
+                problems.append(f"{field} is missing from its metadata")
+                continue
+            try:
+                got = parse(meta[field])
+            except ValueError:
+                problems.append(f"{field} is {meta[field]!r} in the file, not a {parse.__name__}")
+                continue
+            differ = [(n, of_model(m)) for n, m in mods if not same(got, of_model(m))]
+            if differ:
+                n0, want = differ[0]
+                which = (f"module {n0}" if len(differ) == 1
+                         else f"{len(differ)} of the model's {len(mods)} LoRA experts modules, "
+                              f"e.g. {n0}")
+                problems.append(f"{field} is {got} in the file but {want} in the model ({which})")
+        if problems:
+            raise ValueError(f"{path}: this LoRA file does not match the model: "
+                             + "; ".join(problems)
+                             + ". Build the model with the file's settings (apply_lora_experts("
+                               "model, r=..., alpha=..., use_rslora=...)) to load it.")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    load_lora_state_dict(model, tensors, strict=strict, source=path)
+    return meta
 
 
 def save_lora_experts(model, path, metadata=None) -> str:
     """Write the LoRA matrices (lora_state_dict) to a .safetensors file with
-    r, alpha, use_rslora and the layout in its metadata.  Returns path."""
+    r, alpha, use_rslora and the layout in its metadata; load_lora_experts
+    reads it back (checking those against the model).  The file is written
+    next to `path` and renamed into place, with the mode open() would give
+    it (0o666 less the umask, or the replaced file's).  Returns path."""
     from safetensors.torch import save_file
+
+    from ..adapters import _fsync_path, _set_mode_like_open
 
     mods = _lora_modules(model)
     if not mods:
         raise ValueError("the model has no ktsft LoRA experts")
     m0 = mods[0][1]
-    meta = {"format": "ktsft-lora-experts", "r": str(m0.r), "lora_alpha": str(m0.alpha),
+    meta = {"format": KTSFT_LORA_FORMAT, "r": str(m0.r), "lora_alpha": str(m0.alpha),
             "use_rslora": str(m0.use_rslora).lower(), "lora_dropout": str(m0.lora_dropout),
             "shapes": "A [E, r, in], B [E, out, r]; gate/up: in=H, out=I; down: in=I, out=H"}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
-    save_file({k: v.contiguous().clone() for k, v in lora_state_dict(model).items()}, str(path),
-              metadata=meta)
+    target = os.path.realpath(os.fspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.tmp-",
+                               dir=os.path.dirname(target))
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous().clone() for k, v in lora_state_dict(model).items()}, tmp,
+                  metadata=meta)
+        _set_mode_like_open(tmp, target)
+        _fsync_path(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
     return str(path)
 
 # ---- one PEFT adapter for the whole model ---------------------------------

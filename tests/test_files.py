@@ -1,0 +1,164 @@
+"""Files ktsft writes: modes per the umask (as open() / mkdir() give them,
+not the 0600 / 0700 of the temporary files the atomic writes go through),
+and ktsft-format LoRA files reloaded only into a model of the same r,
+lora_alpha and use_rslora."""
+import os
+import stat
+
+import pytest
+
+from conftest import Problem
+
+
+def _mode(p):
+    return stat.S_IMODE(os.stat(p).st_mode)
+
+
+@pytest.fixture(params=[0o022, 0o077, 0o002], ids=lambda u: f"umask{u:03o}")
+def umask(request):
+    old = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(old)
+
+
+def _assert_tree(root, u):
+    """Every directory 0o777 & ~u, every file 0o666 & ~u, no temporaries."""
+    assert _mode(root) == 0o777 & ~u, oct(_mode(root))
+    names = os.listdir(root)
+    assert names and not [n for n in names if ".tmp-" in n], names
+    for n in names:
+        p = os.path.join(root, n)
+        want = (0o777 if os.path.isdir(p) else 0o666) & ~u
+        assert _mode(p) == want, (n, oct(_mode(p)), oct(want))
+
+
+def test_umask_is_read_without_changing_it(umask):
+    from ktsft.adapters import _umask
+
+    assert _umask() == umask
+    assert os.umask(umask) == umask  # unchanged
+
+
+def test_save_adapter_and_export_peft_fused_modes(tmp_path, umask):
+    p = Problem(T=6, H=24, I=16, E=4, k=2, r=3, seed=31)
+    m = p.wrapper(dtype="fp32")
+    m.save_adapter(tmp_path / "ad")
+    _assert_tree(tmp_path / "ad", umask)
+    m.save_adapter(tmp_path / "ad")  # over an existing adapter (directory exchange)
+    _assert_tree(tmp_path / "ad", umask)
+    m.export_peft_fused(tmp_path / "fused")
+    _assert_tree(tmp_path / "fused", umask)
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+def test_existing_modes_are_kept(tmp_path, umask):
+    """Saving over an existing adapter keeps the modes its owner chose, as
+    open() on an existing file does."""
+    p = Problem(T=6, H=24, I=16, E=4, k=2, r=3, seed=31)
+    m = p.wrapper(dtype="fp32")
+    d = tmp_path / "ad"
+    m.save_adapter(d)
+    os.chmod(d, 0o750)
+    os.chmod(d / "adapter_model.safetensors", 0o640)
+    (d / "README.md").write_text("other files: per-file renames into the directory\n")
+    m.save_adapter(d)
+    assert _mode(d) == 0o750
+    assert _mode(d / "adapter_model.safetensors") == 0o640
+    assert _mode(d / "adapter_config.json") == 0o666 & ~umask
+
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from hf_tiny import build, tokens  # noqa: E402
+from ktsft.integrations.transformers import (  # noqa: E402
+    apply_lora_experts, export_adapter, load_lora_experts, load_lora_state_dict, lora_state_dict,
+    save_lora_experts)
+
+
+def _patched(r=4, alpha=8.0, use_rslora=False, E=8, seed=0):
+    model = apply_lora_experts(build("qwen3_moe", seed=seed, E=E), r=r, alpha=alpha,
+                               use_rslora=use_rslora, dtype="fp32", threads=1)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for k, v in lora_state_dict(model).items():
+            v.copy_(0.3 * torch.randn(v.shape, generator=g))
+    return model
+
+
+def test_save_lora_experts_and_export_adapter_modes(tmp_path, umask):
+    model = _patched()
+    f = tmp_path / "lora.safetensors"
+    assert save_lora_experts(model, f) == str(f)
+    assert _mode(f) == 0o666 & ~umask
+    save_lora_experts(model, f)  # replaces it, keeping its mode
+    assert _mode(f) == 0o666 & ~umask
+    os.chmod(f, 0o640)
+    save_lora_experts(model, f)
+    assert _mode(f) == 0o640
+    export_adapter(model, tmp_path / "peft", peft_check=False)
+    _assert_tree(tmp_path / "peft", umask)
+    assert sorted(os.listdir(tmp_path)) == ["lora.safetensors", "peft"]  # no temporaries
+
+
+def test_load_lora_experts_round_trip(tmp_path):
+    model = _patched(use_rslora=True)
+    ids = tokens()
+    with torch.no_grad():
+        ref = model(ids).logits
+    path = save_lora_experts(model, tmp_path / "l.safetensors", metadata={"step": 7})
+    fresh = apply_lora_experts(build("qwen3_moe", seed=0), r=4, alpha=8.0, use_rslora=True,
+                               dtype="fp32", threads=1)
+    meta = load_lora_experts(fresh, path)
+    assert meta["r"] == "4" and meta["step"] == "7" and meta["lora_dropout"] == "0.0"
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, ref)
+    # load_lora_state_dict given the path does the same (checked) load
+    again = apply_lora_experts(build("qwen3_moe", seed=0), r=4, alpha=8.0, use_rslora=True,
+                               dtype="fp32", threads=1)
+    load_lora_state_dict(again, path)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, ref)
+
+
+@pytest.mark.parametrize("field, kw, text", [
+    ("r", dict(r=8), "r is 4 in the file but 8 in the model"),
+    ("lora_alpha", dict(alpha=16.0), "lora_alpha is 8.0 in the file but 16.0 in the model"),
+    ("use_rslora", dict(use_rslora=True), "use_rslora is False in the file but True in the model"),
+])
+def test_load_lora_experts_refuses_other_hyperparameters(tmp_path, field, kw, text):
+    path = save_lora_experts(_patched(), tmp_path / "l.safetensors")
+    other = apply_lora_experts(build("qwen3_moe"), **{**dict(r=4, alpha=8.0), **kw},
+                               dtype="fp32", threads=1)
+    before = {k: v.clone() for k, v in lora_state_dict(other).items()}
+    for load in (load_lora_experts, load_lora_state_dict):
+        with pytest.raises(ValueError) as e:
+            load(other, path)
+        msg = str(e.value)
+        assert str(path) in msg and text in msg, msg
+        assert "model.layers.0.mlp.experts" in msg  # which module
+    for k, v in lora_state_dict(other).items():  # nothing was loaded
+        assert torch.equal(v, before[k]), k
+
+
+def test_load_lora_experts_other_shapes_and_formats(tmp_path):
+    path = save_lora_experts(_patched(), tmp_path / "l.safetensors")
+    other = apply_lora_experts(build("qwen3_moe", E=4), r=4, alpha=8.0, dtype="fp32", threads=1)
+    with pytest.raises(ValueError, match=r"l\.safetensors: LoRA tensor "
+                                         r"'model\.layers\.0\.mlp\.experts\.gate_lora_a' has "
+                                         r"shape \(8, 4, 48\), the model's is \(4, 4, 48\)"):
+        load_lora_experts(other, path)
+    # a dict with a wrong shape: the key and both shapes, not a bare size error
+    sd = {k: v[:2] for k, v in lora_state_dict(_patched()).items()}
+    with pytest.raises(ValueError, match="has shape"):
+        load_lora_state_dict(_patched(), sd)
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a ktsft-format LoRA file"):
+        load_lora_experts(other, tmp_path / "other.safetensors")
+    export_adapter(_patched(), tmp_path / "peft", peft_check=False)
+    with pytest.raises(ValueError, match="PEFT adapter directory"):
+        load_lora_experts(other, tmp_path / "peft")
