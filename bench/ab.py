@@ -9,6 +9,13 @@ four alternations on the lent Xeon.  ISAS, THS, TS (space-separated env
 variables) pick the ISA builds, thread counts and token counts.  Weights are
 8 random experts tiled to E (fast to make; values do not matter for speed).
 """
+
+if not __package__:  # run as a file (python path/to/bench/ab.py): the package's module
+    import os as _os, sys as _sys
+    _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+    from bench.paths import as_package
+    __package__ = as_package(__file__)
+
 import json, os, sys, time
 import numpy as np
 import ktsft

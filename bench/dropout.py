@@ -6,6 +6,12 @@ in one process (so drifting machine load hits both alike); prints the median
 step and per-phase times of each and the relative overhead."""
 from __future__ import annotations
 
+if not __package__:  # run as a file (python path/to/bench/dropout.py): the package's module
+    import os as _os, sys as _sys
+    _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+    from bench.paths import as_package
+    __package__ = as_package(__file__)
+
 import argparse
 import time
 

@@ -15,6 +15,12 @@ dequantizes the experts to bf16 storage, so the host holds 58 GB of experts.
 """
 from __future__ import annotations
 
+if not __package__:  # run as a file (python path/to/bench/hf_e2e.py): the package's module
+    import os as _os, sys as _sys
+    _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+    from bench.paths import as_package
+    __package__ = as_package(__file__)
+
 import argparse
 import json
 import math

@@ -10,17 +10,22 @@ phase split of the last call, and (``--accuracy``) every output of one
 step against the float64 reference.  Writes <out>/<tag>.json and .md."""
 from __future__ import annotations
 
+if not __package__:  # run as a file (python path/to/bench/incumbent.py): the package's module
+    import os as _os, sys as _sys
+    _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+    from bench.paths import as_package
+    __package__ = as_package(__file__)
+
 import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 
 import ktsft
 
-from . import machine, presets
+from . import machine, paths, presets
 from .data import activations, base_weights, lora_weights, routing
 from .metrics import flops
 from .subject import build
@@ -78,9 +83,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--accuracy", action="store_true", help="check one qlen-128 step vs float64")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    paths.add_out_argument(p)
     p.add_argument("--tag", default="incumbent")
     args = p.parse_args(argv)
+    args.out = paths.resolve_out(args.out)
     runs = ([(r.split(":")[0], int(r.split(":")[1])) for r in args.runs] if args.runs
             else DEFAULT_RUNS)
     info = ktsft.cpu_info()
@@ -145,6 +151,7 @@ def main(argv=None) -> int:
     (args.out / f"{args.tag}.md").write_text(text)
     (args.out / f"{args.tag}.json").write_text(json.dumps(
         {"header": head, "cpu_info": info, "rows": rows, "accuracy": acc, "read_gbs": bw}, indent=1, default=str))
+    print(f"wrote {args.out / args.tag}.md, .json")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Where the bf16 products lose time: the same kernels on cached and on
 DRAM-resident weights, per-token-block timings, and what one core can read.
 
-    python -m bench.probe [--threads 2] [--out bench/results] [--tag probe]
+    python -m bench.probe [--threads 2] [--out DIR] [--tag probe]   # DIR: ./ktsft-bench-results
 
 Builds bench/probe.c (which includes ktsft's kernel sources) with the flags
 of the avx512bf16 unit and runs it; needs a C compiler with OpenMP and a CPU
@@ -9,6 +9,12 @@ with AVX512-BF16.  This VM has no hardware performance counters, so this is
 the profile behind docs/performance.md's "why the targets are missed".
 """
 from __future__ import annotations
+
+if not __package__:  # run as a file (python path/to/bench/probe.py): the package's module
+    import os as _os, sys as _sys
+    _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+    from bench.paths import as_package
+    __package__ = as_package(__file__)
 
 import argparse
 import datetime
@@ -20,6 +26,8 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+
+from . import paths
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -58,9 +66,10 @@ def probe(exe: str, mode: str, E: int, M: int, distinct: int, threads: int,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    paths.add_out_argument(ap)
     ap.add_argument("--tag", default="probe")
     args = ap.parse_args(argv)
+    args.out = str(paths.resolve_out(args.out))
     if platform.machine().lower() not in ("x86_64", "amd64"):
         print("bench.probe: x86-64 only", file=sys.stderr)
         return 2
@@ -135,6 +144,7 @@ def main(argv=None) -> int:
         f.write(text)
     with open(os.path.join(args.out, args.tag + ".json"), "w") as f:
         json.dump({"machine": cpu, "threads": th, "time": stamp, "rows": rows}, f, indent=1)
+    print(f"wrote {os.path.join(args.out, args.tag)}.md, .json")
     return 0
 
 

@@ -121,8 +121,17 @@ def title(info: dict, threads: int, rank: int) -> str:
 
 def plot(rows, path, title: str) -> None:
     """Per preset: fwd+bwd time against T for ktsft, the peers and the
-    roofline (left), and ktsft's roofline efficiency (right)."""
-    import matplotlib
+    roofline (left), and ktsft's roofline efficiency (right).  Without
+    matplotlib (the bench extra) no plot, with a note: the table and the
+    JSON hold every number."""
+    try:
+        import matplotlib
+    except ImportError:
+        import sys
+
+        print(f"matplotlib not installed: no plot ({path}); pip install matplotlib",
+              file=sys.stderr)
+        return
 
     matplotlib.use("Agg")  # no display; must precede pyplot
     import matplotlib.pyplot as plt

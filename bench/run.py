@@ -2,6 +2,12 @@
 the report (table on stdout; JSON, markdown and PNG under --out)."""
 from __future__ import annotations
 
+if not __package__:  # run as a file (python path/to/bench/run.py): the package's module
+    import os as _os, sys as _sys
+    _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+    from bench.paths import as_package
+    __package__ = as_package(__file__)
+
 import argparse
 import gc
 import os
@@ -13,7 +19,7 @@ from tqdm import tqdm
 
 import ktsft
 
-from . import check, data, machine, memory, metrics, peers, presets, report, subject
+from . import check, data, machine, memory, metrics, paths, peers, presets, report, subject
 from .contention import wait_for_quiet
 from .timing import settle
 
@@ -58,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help=f"reduced sweep (< 2 min on 2 cores), i.e. these defaults: {QUICK}")
     p.add_argument("--no-peers", action="store_true", help="skip the PyTorch peers and the check")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    paths.add_out_argument(p, "JSON, markdown and PNG")
     p.add_argument("--tag", default=None, help="output file stem (default: quick or sweep)")
     args = p.parse_args(argv)
     if args.quick:  # --quick only changes defaults: options given explicitly still win
@@ -66,6 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args = p.parse_args(argv)
     args.isa = args.isa or [info["selected_isa"]]
     args.tag = args.tag or ("quick" if args.quick else "sweep")
+    args.out = paths.resolve_out(args.out)
     return args
 
 
@@ -195,10 +202,16 @@ def main(argv=None) -> int:
         "flop_count": f"base 12*H*I per (token, expert) pair; {metrics.LORA_FLOPS_NOTE}",
         "peers": sweep.peer_status, "elapsed_s": elapsed, "rows": rows},
         report.title(info, args.threads, args.rank))
-    print(f"\nwrote {stem}.json, {stem}.md, {stem}.png ({elapsed:.0f} s)")
+    written = ", ".join(str(stem) + ext for ext in (".json", ".md", ".png")
+                        if (stem.parent / (stem.name + ext)).exists())
+    print(f"\nwrote {written} ({elapsed:.0f} s)")
     failed = [r for r in rows if r["check"] is not None and not r["check"]["ok"]]
     for r in failed:
         c = r["check"]
         print(f"ACCURACY FAIL: {r['preset']} T={r['T']} {r['dtype']} {r['isa']} {r['routing']}: "
               f"{c['worst']} rel err {c['max_rel_err']:.2e} > {c['tolerance']:.0e}", file=sys.stderr)
     return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,14 +7,19 @@ Parallel efficiency(t) = time(1 thread) / (t * time(t threads)).  Writes
 <out>/<tag>.json and .md (default tag: scaling)."""
 from __future__ import annotations
 
+if not __package__:  # run as a file (python path/to/bench/scaling.py): the package's module
+    import os as _os, sys as _sys
+    _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+    from bench.paths import as_package
+    __package__ = as_package(__file__)
+
 import argparse
 import json
 import time
-from pathlib import Path
 
 import ktsft
 
-from . import machine, presets
+from . import machine, paths, presets
 from .data import activations, base_weights, lora_weights, routing
 from .metrics import flops
 from .subject import build, measure
@@ -29,9 +34,10 @@ def main(argv=None) -> int:
     p.add_argument("--routing", default="uniform", choices=["uniform", "skewed"])
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    paths.add_out_argument(p)
     p.add_argument("--tag", default="scaling")
     args = p.parse_args(argv)
+    args.out = paths.resolve_out(args.out)
 
     shape = presets.get(args.preset)
     info = ktsft.cpu_info()
@@ -73,6 +79,7 @@ def main(argv=None) -> int:
     (args.out / f"{args.tag}.md").write_text(text)
     (args.out / f"{args.tag}.json").write_text(json.dumps(
         {"header": head, "cpu_info": info, "gemm_peak": peaks, "rows": rows}, indent=1, default=str))
+    print(f"wrote {args.out / args.tag}.md, .json")
     return 0
 
 

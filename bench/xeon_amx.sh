@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The AMX session on the lent Xeon (issues 3 and 7): build, the incumbent
 # comparison, thread scaling on the AMX path, then the whole test suite.
-# Results go to $OUT (or bench/results).
-OUT=${OUT:-bench/results}
+# Results go to $OUT (default ./ktsft-bench-results; the tracked results of
+# that session are in bench/results: OUT=bench/results to replace them).
+OUT=${OUT:-$PWD/ktsft-bench-results}
+cd "$(dirname "$0")/.."
 lscpu | grep -E "Model name|^CPU\(s\)" ; gcc --version | head -1
 python3 setup.py build_ext --inplace -q >/dev/null 2>&1
 python3 -c "import ktsft, json; i = ktsft.cpu_info(); print(json.dumps({k: i[k] for k in ('selected_isa', 'runnable_isas', 'amx')}))"
