@@ -398,8 +398,8 @@ def layer_check(argv=None):
         reasons = load_verdict(others, load_start, cores, ratios, t_k, t_e)
         if reasons:
             print("speedup withheld: the machine was busy (" + "; ".join(reasons) + "). "
-                  "Contention slows ktsft's multi-threaded step far more than the eager loop, "
-                  "so the ratio would mislead; rerun when the machine is quiet"
+                  "Contention slows ktsft's multi-threaded step and the eager loop by different, "
+                  "shifting factors, so the ratio would mislead; rerun when the machine is quiet"
                   + (", or with --threads 1" if threads > 1 else "") + ".")
         else:
             rng_txt = (f", pairs {min(ratios):.1f}x-{max(ratios):.1f}x" if len(ratios) > 1 else "")
