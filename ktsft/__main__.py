@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 
+from ._contention import CONTENDED, OtherLoad
+
 PRESETS = {  # H, I, E, k
     "tiny": (256, 128, 8, 2),
     "small": (1024, 512, 32, 4),
@@ -39,10 +41,9 @@ _INSTALL = {
     "safetensors": "pip install safetensors",
 }
 
-# a machine is "busy" for a timing when other processes used more than this
-# many cores' worth of CPU meanwhile (bench/contention.py uses the same bar),
-# or when the interleaved pairs disagree by more than SPREAD_BAR
-CONTENDED = 0.5
+# a machine is "busy" for a timing when other processes used more than
+# CONTENDED cores' worth of CPU meanwhile (ktsft/_contention.py, shared with
+# bench/), or when the interleaved pairs disagree by more than SPREAD_BAR
 SPREAD_BAR = 0.5
 
 _GB = 1e9
@@ -156,40 +157,6 @@ def _loadavg():
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return None
-
-
-def _other_ticks():
-    """{pid: user + system CPU ticks} of every other process (Linux /proc),
-    or None where there is no procfs."""
-    if not os.path.isdir("/proc/self"):
-        return None
-    me, out = str(os.getpid()), {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or pid == me:
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:  # ended meanwhile
-            continue
-        out[pid] = int(fields[11]) + int(fields[12])
-    return out
-
-
-class OtherLoad:
-    """Cores' worth of CPU that *other* processes used between start() and
-    stop() (None where it cannot be measured)."""
-
-    def start(self):
-        self._ticks, self._t0 = _other_ticks(), time.perf_counter()
-        return self
-
-    def stop(self):
-        end, wall = _other_ticks(), time.perf_counter() - self._t0
-        if self._ticks is None or end is None:
-            return None
-        used = sum(max(t - self._ticks.get(pid, 0), 0) for pid, t in end.items())
-        return used / os.sysconf("SC_CLK_TCK") / max(wall, 1e-9)
 
 
 def load_verdict(others, loadavg, cores, ratios, t_k, t_e) -> list:
