@@ -19,30 +19,11 @@ from ktsft.integrations.transformers import (  # noqa: E402
     HFLoRAExperts, apply_lora_experts, load_lora_state_dict, lora_state_dict)
 from ktsft.torch import PARAM_NAMES  # noqa: E402
 
-V, H, E, K, R, I = 96, 48, 8, 2, 4, 24
+# the tiny models of test_transformers (one definition of their configs)
+from test_transformers import COMMON, E, H, K, R, V, _config, _MODELS  # noqa: E402,F401
+
+I = 24  # their moe_intermediate_size
 TOL = 1e-5
-COMMON = dict(hidden_size=H, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              vocab_size=V, num_experts_per_tok=K, tie_word_embeddings=False,
-              pad_token_id=0, bos_token_id=1, eos_token_id=2)
-
-
-def _config(family):
-    t = transformers
-    if family == "qwen3_moe":
-        return t.Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=I, num_experts=E,
-                                norm_topk_prob=True, head_dim=12, **COMMON)
-    if family == "mixtral":
-        return t.MixtralConfig(intermediate_size=I, num_local_experts=E, head_dim=12, **COMMON)
-    if family == "qwen2_moe":
-        return t.Qwen2MoeConfig(intermediate_size=64, moe_intermediate_size=I, num_experts=E,
-                                shared_expert_intermediate_size=32, norm_topk_prob=False, **COMMON)
-    if family == "olmoe":
-        return t.OlmoeConfig(intermediate_size=I, num_experts=E, **COMMON)
-    raise KeyError(family)
-
-
-_MODELS = {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
-           "qwen2_moe": "Qwen2MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
 
 
 def build(family="qwen3_moe", seed=0):

@@ -65,6 +65,18 @@ def step(model, ids, train_router=True):
     return out.logits.detach(), out.loss.detach(), grads
 
 
+def assert_same(me, mk, ids):
+    """One step of the eager and the ktsft model: logits <= 1e-5, every
+    gradient (input, router, LoRA) <= 1e-4.  Returns both steps' results."""
+    le, _, ge = step(me, ids)
+    lk, _, gk = step(mk, ids)
+    assert rel(lk, le) <= 1e-5
+    assert sorted(gk) == sorted(ge)
+    for n in ge:
+        assert rel(gk[n], ge[n]) <= 1e-4, n
+    return ge
+
+
 def test_registered():
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
@@ -76,15 +88,10 @@ def test_registered():
 def test_matches_eager_with_peft(family):
     me, mk = pair(family)
     ids = tokens()
-    le, _, ge = step(me, ids)
-    lk, _, gk = step(mk, ids)
-    assert rel(lk, le) <= 1e-5
-    assert sorted(gk) == sorted(ge)
+    ge = assert_same(me, mk, ids)
     names = [n for n in ge if "lora" in n]
     assert any("experts" in n for n in names) and any("attn" in n for n in names)
     assert any(n.endswith("mlp.gate.weight") for n in ge)  # the router's gradient is compared
-    for n in ge:
-        assert rel(gk[n], ge[n]) <= 1e-4, n
     # the layers share one LoRA staging (forward l0, l1, backward l1, l0 above)
     mods = [m for m in mk.modules() if m in hf_experts._STATE]
     assert len(mods) >= 1
@@ -95,11 +102,7 @@ def test_matches_eager_with_peft(family):
 def test_peft_before_set_experts_implementation(family):
     me, mk = pair(family, order="before")
     ids = tokens(4)
-    le, _, ge = step(me, ids)
-    lk, _, gk = step(mk, ids)
-    assert rel(lk, le) <= 1e-5
-    for n in ge:
-        assert rel(gk[n], ge[n]) <= 1e-4, n
+    assert_same(me, mk, ids)
 
 
 def test_adamw_steps_side_by_side():
@@ -127,11 +130,7 @@ def test_adamw_steps_side_by_side():
 def test_subset_targets(targets):
     me, mk = pair("qwen3_moe", cfg=lora_config("qwen3_moe", targets=targets))
     ids = tokens(5)
-    le, _, ge = step(me, ids)
-    lk, _, gk = step(mk, ids)
-    assert rel(lk, le) <= 1e-5
-    for n in ge:
-        assert rel(gk[n], ge[n]) <= 1e-4, n
+    assert_same(me, mk, ids)
 
 
 def test_rslora_and_per_parameter_alpha():
@@ -139,11 +138,7 @@ def test_rslora_and_per_parameter_alpha():
                      alpha_pattern={"mlp.experts.down_proj": 3})  # gate_up and down scale differently
     me, mk = pair("qwen3_moe", cfg=lc)
     ids = tokens(6)
-    le, _, ge = step(me, ids)
-    lk, _, gk = step(mk, ids)
-    assert rel(lk, le) <= 1e-5
-    for n in ge:
-        assert rel(gk[n], ge[n]) <= 1e-4, n
+    assert_same(me, mk, ids)
 
 
 def test_disabled_and_merged_adapters():
