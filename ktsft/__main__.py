@@ -15,7 +15,8 @@ import time
 
 import numpy as np
 
-from ._contention import CONTENDED, OtherLoad
+from ._contention import CONTENDED, SPREAD_BAR, OtherLoad, usable_cores, verdict
+from ._contention import loadavg as _loadavg
 
 PRESETS = {  # H, I, E, k
     "tiny": (256, 128, 8, 2),
@@ -40,11 +41,6 @@ _INSTALL = {
     "matplotlib": "pip install matplotlib",
     "safetensors": "pip install safetensors",
 }
-
-# a machine is "busy" for a timing when other processes used more than
-# CONTENDED cores' worth of CPU meanwhile (ktsft/_contention.py, shared with
-# bench/), or when the interleaved pairs disagree by more than SPREAD_BAR
-SPREAD_BAR = 0.5
 
 _GB = 1e9
 
@@ -140,47 +136,6 @@ def _peak_rss():
         return kb * (1 if sys.platform == "darwin" else 1024)
     except (ImportError, OSError):
         return None
-
-
-# ---------------------------------------------------------------------------
-# the machine's load
-# ---------------------------------------------------------------------------
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def _loadavg():
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-
-
-def load_verdict(others, loadavg, cores, ratios, t_k, t_e) -> list:
-    """Reasons the speedup is not trustworthy (empty: quiet enough).
-
-    others: cores' worth of CPU other processes used during the timing (the
-    contention probe); loadavg: the 1-minute load average when the run
-    started (before this process added to it); ratios: eager/ktsft time of
-    each interleaved pair; t_k, t_e: the times themselves."""
-    reasons = []
-    if others is not None and others > CONTENDED:
-        reasons.append(f"other processes used {others:.1f} of {cores} cores during the timing")
-    if loadavg is not None and loadavg > cores:
-        reasons.append(f"load average {loadavg:.1f} at the start > {cores} usable cores")
-    if len(ratios) >= 2:
-        spread = max(ratios) / min(ratios) - 1
-        if spread > SPREAD_BAR:
-            reasons.append(f"the {len(ratios)} interleaved pairs disagree by {spread:.0%} "
-                           f"({min(ratios):.1f}x-{max(ratios):.1f}x)")
-    for name, ts in (("ktsft", t_k), ("eager", t_e)):
-        if len(ts) >= 2 and max(ts) / min(ts) - 1 > SPREAD_BAR:
-            reasons.append(f"{name} times spread {max(ts) / min(ts) - 1:.0%} "
-                           f"({1e3 * min(ts):.0f}-{1e3 * max(ts):.0f} ms)")
-    return reasons
 
 
 # ---------------------------------------------------------------------------
@@ -362,7 +317,7 @@ def layer_check(argv=None):
         ratios = [e / k_ for e, k_ in zip(t_e, t_k)]
         print(f"PyTorch eager loop + autograd: {te * 1e3:.1f} ms median of {len(t_e)}, "
               "interleaved with ktsft")
-        reasons = load_verdict(others, load_start, cores, ratios, t_k, t_e)
+        reasons = verdict(others, load_start, cores, {"ktsft": t_k, "eager": t_e})
         if reasons:
             print("speedup withheld: the machine was busy (" + "; ".join(reasons) + "). "
                   "Contention slows ktsft's multi-threaded step and the eager loop by different, "

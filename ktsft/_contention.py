@@ -44,3 +44,52 @@ class OtherLoad:
             return None
         used = sum(max(t - self._ticks.get(pid, 0), 0) for pid, t in end.items())
         return used / os.sysconf("SC_CLK_TCK") / max(wall, 1e-9)
+
+
+# the interleaved rounds of one variant (or the ratios of two) spreading by
+# more than this fraction: the machine changed under the timing
+SPREAD_BAR = 0.5
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def loadavg():
+    """The 1-minute load average, or None where there is none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def verdict(others, loadavg_at_start, cores, rounds, reference="ktsft") -> list:
+    """Reasons a timing's ratios are not to be trusted (empty: quiet enough).
+
+    others: cores' worth of CPU other processes used during the timing
+    (OtherLoad); loadavg_at_start: the 1-minute load average when the run
+    began, before it added to it; rounds: {variant: [seconds per round]}
+    measured interleaved, `reference` among them (the ratios are taken
+    against it round by round)."""
+    reasons = []
+    if others is not None and others > CONTENDED:
+        reasons.append(f"other processes used {others:.1f} of {cores} cores during the timing")
+    if loadavg_at_start is not None and loadavg_at_start > cores:
+        reasons.append(f"load average {loadavg_at_start:.1f} at the start > {cores} usable cores")
+    ref = rounds.get(reference, ())
+    for name, ts in rounds.items():
+        if name == reference or len(ts) < 2 or len(ref) < 2:
+            continue
+        ratios = [b / a for a, b in zip(ref, ts)]
+        spread = max(ratios) / min(ratios) - 1
+        if spread > SPREAD_BAR:
+            reasons.append(f"the {len(ratios)} interleaved {name}/{reference} ratios disagree "
+                           f"by {spread:.0%} ({min(ratios):.1f}x-{max(ratios):.1f}x)")
+    for name, ts in rounds.items():
+        if len(ts) >= 2 and max(ts) / min(ts) - 1 > SPREAD_BAR:
+            reasons.append(f"{name} times spread {max(ts) / min(ts) - 1:.0%} "
+                           f"({1e3 * min(ts):.0f}-{1e3 * max(ts):.0f} ms)")
+    return reasons

@@ -80,21 +80,26 @@ def test_missing_module_message_only_for_optional_modules():
 
 
 def test_load_verdict():
-    quiet = cli.load_verdict(0.05, 0.3, 2, [2.4, 2.5, 2.6], [0.1, 0.1, 0.11], [0.24, 0.25, 0.27])
+    from ktsft._contention import verdict
+
+    quiet = verdict(0.05, 0.3, 2, {"ktsft": [0.1, 0.1, 0.11], "eager": [0.24, 0.25, 0.27]})
     assert quiet == []
-    busy = cli.load_verdict(1.3, 4.1, 2, [7.1, 40.6, 30.3], [0.37, 0.1, 0.12], [2.6, 4.1, 3.6])
+    busy = verdict(1.3, 4.1, 2, {"ktsft": [0.37, 0.1, 0.12], "eager": [2.6, 4.1, 3.6]})
     text = "; ".join(busy)
     assert "other processes used 1.3 of 2 cores" in text
     assert "load average 4.1 at the start > 2 usable cores" in text
-    assert "disagree by 472%" in text and "ktsft times spread 270%" in text
-    assert cli.load_verdict(None, None, 2, [3.0], [0.1], [0.3]) == []  # no /proc, one pair
+    assert "eager/ktsft ratios disagree by 483%" in text and "ktsft times spread 270%" in text
+    # several variants: each against ktsft
+    two = verdict(None, None, 2, {"ktsft": [0.1, 0.1], "eager": [0.3, 0.3], "grouped_mm": [0.2, 0.5]})
+    assert len(two) == 2 and "grouped_mm/ktsft ratios disagree by 150%" in two[0]
+    assert verdict(None, None, 2, {"ktsft": [0.1], "eager": [0.3]}) == []  # no /proc, one pair
 
 
 def _run(monkeypatch, capsys, others, load, *extra):
     pytest.importorskip("torch")
     monkeypatch.setattr(cli.OtherLoad, "stop", lambda self: others)
     monkeypatch.setattr(cli, "_loadavg", lambda: load)
-    monkeypatch.setattr(cli, "SPREAD_BAR", 1e9)  # the spread of a noisy CI machine: not tested here
+    monkeypatch.setattr("ktsft._contention.SPREAD_BAR", 1e9)  # the spread of a noisy CI machine: not tested here
     cli.main(["--preset", "tiny", "--tokens", "16", "--repeats", "2", "--threads", "1", *extra])
     return capsys.readouterr()
 

@@ -1,46 +1,186 @@
-"""python -m ktsft demo, short: it trains, its gradient checks pass, it
-writes the adapter, the loss curve and the summary."""
+"""python -m ktsft demo: the expert LoRA learns the new task (held-out
+accuracy from ~0 to high), the gradient check passes at --steps 20 over
+seeds 0-9, the timing states the machine's load (and withholds the speedup
+when it is busy), the outputs are written, and without torch the demo says
+what to install.
+
+The seed sweep runs on the tiny model by default (the same check code as the
+default run); KTSFT_DEMO_FULL=1 runs it on the default size (about 20 s a
+seed on 2 quiet cores)."""
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
 torch = pytest.importorskip("torch")
 from ktsft import demo  # noqa: E402
 
+HF, _ = demo.hf_available()
+needs_hf = pytest.mark.skipif(not HF, reason="needs transformers >= 5 and peft")
+SWEEP_SIZE = "small" if os.environ.get("KTSFT_DEMO_FULL") else "tiny"
 
-def _check_outputs(out, s, steps):
-    assert s["grad_check_ok"], s
-    assert len(s["losses"]) == steps
-    assert sum(s["losses"][-3:]) < sum(s["losses"][:3])  # it learns
-    assert s["step_ms_ktsft"] > 0 and s["step_ms_eager"] > 0
-    from safetensors import safe_open
 
-    with safe_open(str(out / "adapter.safetensors"), framework="pt") as f:
-        keys = list(f.keys())
-        assert f.metadata()["format"] == "ktsft-lora-experts"
-    assert len(keys) == 6 * demo.SIZES["tiny"]["L"]
-    assert all(k.rsplit(".", 1)[1].startswith(("gate_lora", "up_lora", "down_lora")) for k in keys)
-    assert json.loads((out / "summary.json").read_text())["steps"] == steps
-    pytest.importorskip("matplotlib")
+def _short(size, seed, steps, use_transformers=None, dtype="bf16", pretrain=None):
+    d = demo.Demo(size, dtype=dtype, threads=2, seed=seed, use_transformers=use_transformers,
+                  progress=False, verbose=False)
+    d.pretrain(demo.DEFAULT_PRETRAIN_STEPS if pretrain is None else pretrain)
+    d.attach_lora()
+    d.evaluate("before")
+    d.finetune(steps)
+    return d
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_gradient_check_steps_20_seeds_0_9(seed):
+    """What `python -m ktsft demo --steps 20 --seed N` checks, N = 0..9."""
+    d = _short(SWEEP_SIZE, seed, 20)
+    g = d.check_gradients()
+    assert g["ok"] and g["layers_ok"], g
+    # the bar is the bf16 error model's, measured on this step, not a loose constant
+    sens = max([g["eager_bf16_grad_rel_err"]] + g["perturbed_grad_rel_err"])
+    assert g["sensitivity"] == sens
+    assert g["bar"] == max(demo.SENSITIVITY_FACTOR * sens,
+                           demo.ROUNDINGS_PER_LAYER * g["layers"] * demo.U_BF16)
+    assert g["bar"] < 0.5  # a bar that could not fail would be no check
+    assert g["loss_rel_err"] < 1e-2
+
+
+def test_accuracy_moves_far():
+    """A short default-size run (fewer steps than the default 200): held-out
+    accuracy from ~0 (the base model writes cipher A) to above 0.9."""
+    d = _short("small", 0, 100)
+    before, after = d.results["heldout"]["before"], d.evaluate("after")
+    assert before["accuracy"] < 0.05 and before["accuracy_cipher_a"] > 0.8
+    assert after["accuracy"] > 0.9, after
+    assert after["loss"] < 0.2 * before["loss"]
+
+
+def _check_outputs(out, s):
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["heldout_accuracy_before"] == s["heldout_accuracy_before"]
+    assert saved["heldout_accuracy_after"] > saved["heldout_accuracy_before"] + 0.3
+    assert saved["run_seconds"] > 0 and saved["finetune"]["seconds"] > 0
+    assert saved["grad_check"]["ok_all"]
+    t = saved["timing"]
+    assert t["ms"]["ktsft"] > 0 and t["ms"]["eager"] > 0
+    assert t["load"]["note"] and "busy" in t["load"]
+    assert (t["speedup"] is None) == t["load"]["busy"] == (t["speedup_withheld"] is not None)
+    assert len(saved["finetune"]["curve"]["train_loss"]) == saved["steps"]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
     assert (out / "loss.png").stat().st_size > 1000
 
 
-def test_demo_without_transformers(tmp_path):
-    s = demo.run(model_size="tiny", steps=20, threads=2, dtype="fp32", out=str(tmp_path), lr=5e-3,
-                 eager_steps=2, use_transformers=False, progress=False, verbose=False)
-    assert s["layer_rel_err_vs_reference"]["grad_down_lora_b"] < 1e-5
-    _check_outputs(tmp_path, s, 20)
-
-
+@needs_hf
 def test_demo_cli_with_transformers(tmp_path, capsys):
-    pytest.importorskip("transformers")
     from ktsft.__main__ import main
 
-    main(["demo", "--model-size", "tiny", "--steps", "12", "--threads", "2", "--eager-steps",
+    main(["demo", "--model-size", "tiny", "--steps", "60", "--threads", "2", "--timing-rounds",
           "2", "--out", str(tmp_path), "--no-progress"])
     text = capsys.readouterr().out
-    assert "faster" in text and "FAIL" not in text
+    assert "FAIL" not in text and "cipher-B accuracy" in text
+    assert "faster" in text or "speedup withheld" in text
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["transformers"] and s["dtype"] == "bf16"
     assert (tmp_path / "peft_adapter" / "adapter_config.json").is_file()
-    _check_outputs(tmp_path, s, 12)
+    _check_outputs(tmp_path, s)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_demo_without_transformers(tmp_path, dtype):
+    s = demo.run(model_size="tiny", steps=60, threads=2, dtype=dtype, out=str(tmp_path),
+                 timing_rounds=2, use_transformers=False, progress=False, verbose=False)
+    assert not s["transformers"]
+    if dtype == "fp32":
+        assert s["grad_check"]["bar"] == demo.FP32_BAR
+        for layer in s["grad_check"]["layers_vs_float64"]:
+            assert layer["errors"]["grad_down_lora_b"] < 1e-5, layer
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "adapter.safetensors"), framework="pt") as f:
+        assert f.metadata()["format"] == "ktsft-lora-experts"
+        assert len(list(f.keys())) == 6 * demo.SIZES["tiny"]["L"]
+    _check_outputs(tmp_path, s)
+
+
+def _python(code, **env):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **env},
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(demo.__file__))))
+
+
+def test_demo_when_transformers_is_missing(tmp_path):
+    """transformers and peft not importable: the stack model, same task."""
+    r = _python(f"""
+        import sys
+        sys.modules["transformers"] = None
+        sys.modules["peft"] = None
+        from ktsft.__main__ import main
+        main(["demo", "--model-size", "tiny", "--steps", "30", "--pretrain-steps", "30",
+              "--timing-rounds", "1", "--out", {str(tmp_path)!r}, "--no-progress"])
+        """)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "no transformers path" in r.stdout and "Traceback" not in r.stderr
+    assert not json.loads((tmp_path / "summary.json").read_text())["transformers"]
+
+
+def test_demo_without_torch_says_what_to_install():
+    r = _python("""
+        import sys
+        sys.modules["torch"] = None
+        from ktsft.__main__ import main
+        main(["demo"])
+        """)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    assert "pip install torch" in r.stderr and "download.pytorch.org/whl/cpu" in r.stderr
+
+
+def test_busy_machine_withholds_the_speedup(monkeypatch):
+    d = _short("tiny", 0, 2, pretrain=2)
+    monkeypatch.setattr("ktsft._contention.CONTENDED", -1.0)  # any load counts as busy
+    t = d.time_steps(rounds=2)
+    assert t["load"]["busy"] and t["speedup"] is None
+    assert "other processes used" in t["speedup_withheld"]
+    assert t["ratio_measured_under_load"]["eager"] > 0
+    for bar in ("CONTENDED", "SPREAD_BAR"):
+        monkeypatch.setattr("ktsft._contention." + bar, 1e9)
+    d.loadavg_at_start = None
+    t = d.time_steps(rounds=2)
+    assert not t["load"]["busy"] and t["speedup"]["eager"] > 0 and t["speedup_withheld"] is None
+
+
+def test_contention_probe_sees_another_process():
+    """The probe the demo, the CLI and bench share."""
+    import time
+
+    from ktsft._contention import OtherLoad
+
+    spin = subprocess.Popen([sys.executable, "-c",
+                             "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+    try:
+        time.sleep(0.3)
+        g = OtherLoad().start()
+        time.sleep(1.0)
+        others = g.stop()
+    finally:
+        spin.kill()
+        spin.wait()
+    if others is None:
+        pytest.skip("no /proc")
+    assert others > 0.5, others
+
+
+def test_cipher_task():
+    t = demo.CipherTask(demo.stdlib_corpora(), B=4, S=16, seed=3)
+    assert sorted(t.key_a.tolist()) == sorted(t.key_b.tolist()) == list(range(demo.V))
+    assert bool((t.key_a != t.key_b).all())
+    x, y = t.batch("train")
+    assert x.shape == (4, 16) and y.shape == (4, 15) and bool((x[:, 0] == demo.BOS).all())
+    assert bool((y == t.key_b[x[:, 1:]]).all())
+    assert demo.decode(demo.encode("def f(x):\n\treturn 1")) == "def f(x):| return 1"
