@@ -133,6 +133,7 @@ def extensions():
 
     # every kernel source: the extension is relinked whenever one changes
     kernel_files = sorted(glob.glob(os.path.join(KDIR, "src", "*")) +
+                          glob.glob(os.path.join(KDIR, "*.pxi")) +
                           glob.glob(os.path.join(INCLUDE, "ktsft", "*.h")))
     ext = Extension(
         "ktsft._kernels.moe_sft",

@@ -24,8 +24,8 @@ against the eager PyTorch experts (and transformers' grouped_mm) on the same
 batch, measured interleaved, with the load other processes put on the
 machine during the measurement (the speedup is withheld when they took a
 noticeable share of the cores); a gradient check of one step of the whole
-model against an fp32 eager oracle, with a bar calibrated by the error of
-eager bf16 PyTorch on the same step (docs/training.md, "The demo"), and one
+model against an fp32 eager oracle, with a bar from the bf16 error model
+measured on the same step (docs/training.md, "The demo"), and every experts
 layer against a float64 oracle.  --out receives summary.json, the curves
 (loss.png) and the adapter.
 """
@@ -79,10 +79,11 @@ U_BF16 = 2.0 ** -8
 # output gradient and the gate/up gradient (before the transposed base GEMMs)
 ROUNDINGS_PER_LAYER = 4
 # ktsft's bf16 gradient error may be at most this multiple of the measured
-# sensitivity (the largest error of eager bf16 PyTorch and of PERTURBED_TRIALS
-# bf16-sized random perturbations of the fp32 oracle, on the same step)
+# sensitivity: the median error of PERTURBED_TRIALS bf16-sized random
+# perturbations of the fp32 oracle on the same step (the median: one trial in
+# a few lands on an ill-conditioned direction and is off by 10x)
 SENSITIVITY_FACTOR = 2.0
-PERTURBED_TRIALS = 3
+PERTURBED_TRIALS = 5
 FP32_BAR = 1e-5
 
 
@@ -711,10 +712,10 @@ class Demo:
         a router).
 
         The bf16 bar comes from the bf16 error model, measured on this step:
-        the gradient's sensitivity is the largest error of (a) eager bf16
-        PyTorch and (b) the fp32 oracle with every experts layer's input and
-        output multiplied by 1 + U_BF16 * xi (xi uniform in [-1, 1]: one
-        bf16 rounding each), PERTURBED_TRIALS times.  ktsft may be off by at
+        the gradient's sensitivity is the median error of the fp32 oracle
+        with every experts layer's input and output multiplied by
+        1 + U_BF16 * xi (xi uniform in [-1, 1]: one bf16 rounding each),
+        over PERTURBED_TRIALS trials.  ktsft may be off by at
         most SENSITIVITY_FACTOR times that, and never needs to beat the
         first-order floor ROUNDINGS_PER_LAYER * layers * U_BF16.  A short
         run's gradients are larger and less cancelled than a long run's, so a
@@ -785,7 +786,7 @@ class Demo:
             l16, g_16 = replay(self._eager_twin("bf16"))
             err_e = _rel(flat(g_16), flat(g_32))
             floor = ROUNDINGS_PER_LAYER * L * U_BF16
-            sens = max([err_e] + trials)
+            sens = statistics.median(trials)
             res.update(eager_bf16_grad_rel_err=err_e, eager_bf16_loss_rel_err=_rel(l16, l32),
                        perturbed_grad_rel_err=trials, sensitivity=sens,
                        bar_floor=floor, bar=max(SENSITIVITY_FACTOR * sens, floor))
@@ -1016,9 +1017,9 @@ def report(s, say=print):
     if s["dtype"] == "bf16":
         say(f"gradient check, one step of the whole model vs the fp32 eager oracle (same "
             f"weights, LoRA and routing), {gc['tensors']} LoRA gradients: ktsft bf16 "
-            f"{gc['grad_rel_err']:.1e}; bf16 sensitivity of this step "
-            f"{gc['sensitivity']:.1e} (eager bf16 PyTorch {gc['eager_bf16_grad_rel_err']:.1e}, "
-            f"bf16-sized perturbations up to {max(gc['perturbed_grad_rel_err']):.1e}); bar "
+            f"{gc['grad_rel_err']:.1e} (eager bf16 PyTorch {gc['eager_bf16_grad_rel_err']:.1e}); "
+            f"bf16 sensitivity of this step {gc['sensitivity']:.1e} (median of "
+            f"{len(gc['perturbed_grad_rel_err'])} bf16-sized perturbations); bar "
             f"max({SENSITIVITY_FACTOR:g} x sensitivity, {ROUNDINGS_PER_LAYER} x "
             f"{gc['layers']} layers x 2^-8) = {gc['bar']:.1e}: {'ok' if gc['ok'] else 'FAIL'}")
     else:

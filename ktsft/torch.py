@@ -19,6 +19,7 @@ import weakref
 import numpy as np
 import torch
 
+from . import _grads
 from .buffers import LORA_GRAD_NAMES, lora_shapes
 from .wrapper import SFTMoEWrapper
 
@@ -60,16 +61,17 @@ def _run_forward(module, hidden, ids, weights, cache, dropout):
                                           save_for_backward=cache, return_handle=True, **drop)
 
 
-def _run_backward(module, grad_out, handle, grads_out):
+def _run_backward(module, grad_out, handle, grads_out, accumulate=False):
     g = _kernel_dtype(grad_out.detach())
+    kw = dict(handle=handle, grads_out=grads_out, accumulate=accumulate)
     if g.device.type == "cpu":
-        return module.wrapper.backward(g.contiguous(), handle=handle, grads_out=grads_out)
+        return module.wrapper.backward(g.contiguous(), **kw)
     buf = _staging(module, g.shape[0], g.dtype)
     with buf.lock:
         staged = buf.tensors["grad_output_cpu"]
         staged.copy_(g, non_blocking=True)
         torch.cuda.current_stream(g.device).synchronize()
-        return module.wrapper.backward(staged, handle=handle, grads_out=grads_out)
+        return module.wrapper.backward(staged, **kw)
 
 
 class _ExpertsFunction(torch.autograd.Function):
@@ -109,16 +111,21 @@ class _ExpertsFunction(torch.autograd.Function):
             _, handle = _run_forward(module, hidden, ids, weights, True, ctx.dropout)
         shapes = lora_shapes(module.num_experts, module.hidden_size, module.intermediate_size,
                              module.r)
-        # fresh tensors that autograd will own: the kernels write into them
-        outs = {n: torch.empty(shapes[n], dtype=torch.float32) for n in LORA_GRAD_NAMES}
+        need = ctx.needs_input_grad
+        params = module.lora_parameters()
+        # the LoRA gradients go straight into the parameters' .grad where
+        # autograd would only store or add them there (ktsft/_grads.py)
+        outs, accumulate, install, returned = _grads.plan(
+            module, LORA_GRAD_NAMES, params, [shapes[n] for n in LORA_GRAD_NAMES], need[4:10])
         dx, grads = _run_backward(module, grad_out, handle,
-                                  {n: t.numpy() for n, t in outs.items()})
+                                  {n: t.detach().numpy() for n, t in outs.items()}, accumulate)
         ctx.release.detach()
         ctx.release = _Spent()
+        for i, buf in install.items():
+            params[i].grad = buf
         dx = dx.to(device=dev, dtype=h_dtype)
         dw = torch.as_tensor(grads["grad_routing_weights"]).to(device=dev, dtype=w_dtype)
-        need = ctx.needs_input_grad
-        pgrads = [outs[n] if need[4 + i] else None for i, n in enumerate(LORA_GRAD_NAMES)]
+        pgrads = [returned.get(i) for i in range(len(LORA_GRAD_NAMES))]
         return (None, dx if need[1] else None, None, dw if need[3] else None, *pgrads, None)
 
 

@@ -233,9 +233,12 @@ def save_layer(path, arrays, scales, dtype: str, group: int, slot) -> None:
         for n, sc in zip(NAMES, scales):
             tensors[n + "_scale"] = np.ascontiguousarray(sc[order])
     meta = {"format": KTSFT_FORMAT, "dtype": dtype, "quant_group": str(group)}
+    from .adapters import _set_mode_like_open
+
     path = os.fspath(path)
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata=meta)
+    _set_mode_like_open(tmp, path)  # safetensors creates 0600; give it open()'s mode
     os.replace(tmp, path)
 
 

@@ -549,7 +549,7 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
         return CacheEntry(T, self.num_experts, self.hidden_size, self.moe_intermediate_size,
                           self.num_experts_per_tok, self.lora_rank)
 
-    def backward(self, grad_output, *, handle=None, grads_out=None):
+    def backward(self, grad_output, *, handle=None, grads_out=None, accumulate=False):
         """Gradients of a cached forward: the most recent one (LIFO), or the
         one forward_sft(..., return_handle=True) named.
 
@@ -558,7 +558,10 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
         ``grad_routing_weights`` [T, k] float32.  The LoRA gradients are
         written into ``grads_out`` (a dict of C-contiguous float32 arrays of
         the LoRA shapes) when given, else into this wrapper's buffers, which
-        its next backward overwrites."""
+        its next backward overwrites.  accumulate=True adds them to what
+        those arrays hold instead (gradient accumulation in place: each
+        gradient is summed first, then added, so the result is bitwise the
+        sum of separately computed gradients)."""
         self._ready("backward")
         with self._lock:
             if not self._cache:
@@ -593,7 +596,7 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
                                           ws["do_act"] if self.dtype == "bf16" else do32,
                                           ws, out_grads, grad_w, dx,
                                           effective_threads(self.cpuinfer_threads),
-                                          *entry.dropout)
+                                          *entry.dropout, bool(accumulate))
             finally:
                 self._spare.append(entry)
         grads = {n: wrap_like(out_grads[n], grad_output) if grads_out is None else grads_out[n]

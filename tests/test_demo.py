@@ -40,7 +40,10 @@ def test_gradient_check_steps_20_seeds_0_9(seed):
     g = d.check_gradients()
     assert g["ok"] and g["layers_ok"], g
     # the bar is the bf16 error model's, measured on this step, not a loose constant
-    sens = max([g["eager_bf16_grad_rel_err"]] + g["perturbed_grad_rel_err"])
+    import statistics
+
+    assert len(g["perturbed_grad_rel_err"]) == demo.PERTURBED_TRIALS
+    sens = statistics.median(g["perturbed_grad_rel_err"])
     assert g["sensitivity"] == sens
     assert g["bar"] == max(demo.SENSITIVITY_FACTOR * sens,
                            demo.ROUNDINGS_PER_LAYER * g["layers"] * demo.U_BF16)
@@ -184,3 +187,50 @@ def test_cipher_task():
     assert x.shape == (4, 16) and y.shape == (4, 15) and bool((x[:, 0] == demo.BOS).all())
     assert bool((y == t.key_b[x[:, 1:]]).all())
     assert demo.decode(demo.encode("def f(x):\n\treturn 1")) == "def f(x):| return 1"
+
+
+@needs_hf
+def test_notebook_does_the_same_job(tmp_path, monkeypatch):
+    """examples/finetune_experts.ipynb, its code cells run in order on the tiny
+    size, ends at the numbers of demo.run with the same settings."""
+    import types
+
+    nb_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(demo.__file__))),
+                           "examples", "finetune_experts.ipynb")
+    cells = [c for c in json.load(open(nb_path))["cells"] if c["cell_type"] == "code"]
+    src = "\n".join("".join(c["source"]) for c in cells)
+    settings = {'MODEL_SIZE = "small"': 'MODEL_SIZE = "tiny"',
+                "STEPS = demo.DEFAULT_STEPS": "STEPS = 30",
+                "PRETRAIN_STEPS = demo.DEFAULT_PRETRAIN_STEPS": "PRETRAIN_STEPS = 30",
+                'OUT = "ktsft-demo-out"': f"OUT = {str(tmp_path / 'nb')!r}"}
+    for a, b in settings.items():
+        assert a in src, a
+        src = src.replace(a, b)
+    shown = []
+    try:
+        import IPython.display as display
+    except ImportError:  # a stand-in: the notebook only shows the plot with it
+        ipy = types.ModuleType("IPython")
+        ipy.get_ipython = lambda: None
+        display = types.ModuleType("IPython.display")
+        display.Image = lambda path: ("image", path)
+        monkeypatch.setitem(sys.modules, "IPython", ipy)
+        monkeypatch.setitem(sys.modules, "IPython.display", display)
+    monkeypatch.setattr(display, "display", shown.append)
+    ns = {}
+    prev = torch.get_num_threads()
+    try:
+        exec(compile(src, nb_path, "exec"), ns)
+    finally:
+        torch.set_num_threads(prev)
+    s = ns["s"]
+    ref = demo.run(model_size="tiny", steps=30, pretrain_steps=30, threads=2, seed=0,
+                   out=str(tmp_path / "cli"), progress=False, verbose=False)
+    for key in ("heldout_accuracy_before", "heldout_accuracy_after", "heldout_loss_before",
+                "heldout_loss_after"):
+        assert s[key] == ref[key], key
+    assert s["finetune"]["curve"]["train_loss"] == ref["finetune"]["curve"]["train_loss"]
+    assert (tmp_path / "nb" / "summary.json").is_file()
+    assert (tmp_path / "nb" / "peft_adapter" / "adapter_config.json").is_file()
+    assert len(shown) == (1 if s["outputs"].get("loss_png") else 0)
+

@@ -69,6 +69,18 @@ def test_existing_modes_are_kept(tmp_path, umask):
     assert _mode(d / "adapter_config.json") == 0o666 & ~umask
 
 
+def test_save_weights_mode(tmp_path, umask):
+    p = Problem(T=6, H=24, I=16, E=4, k=2, r=3, seed=31)
+    m = p.wrapper(dtype="bf16")
+    f = tmp_path / "layer.safetensors"
+    m.save_weights(f)
+    assert _mode(f) == 0o666 & ~umask
+    os.chmod(f, 0o640)
+    m.save_weights(f)  # replaces it, keeping its mode
+    assert _mode(f) == 0o640
+    assert os.listdir(tmp_path) == ["layer.safetensors"]
+
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 

@@ -42,7 +42,7 @@ cdef extern from "ktsft/kernels.h" nogil:
                                          int64_t) noexcept nogil
     ctypedef void (*ktsft_outer_f32_fn)(int64_t, int64_t, int64_t, const float*, int64_t,
                                         const int32_t*, const float*, const float*, int64_t,
-                                        const int32_t*, float*, int64_t) noexcept nogil
+                                        const int32_t*, float*, int64_t, int) noexcept nogil
     ctypedef void (*ktsft_swiglu_forward_fn)(int64_t, const float*, const float*, float*,
                                              ktsft_bf16*) noexcept nogil
     ctypedef float (*ktsft_swiglu_backward_fn)(int64_t, float, float*, float*,
@@ -52,6 +52,18 @@ cdef extern from "ktsft/kernels.h" nogil:
                                       const float*, float*) noexcept nogil
     ctypedef void (*ktsft_dropout_f32_fn)(int64_t, uint64_t, int32_t, int64_t, int64_t, uint32_t,
                                           float, const float*, float*, int) noexcept nogil
+
+    ctypedef struct ktsft_adamw_hp:
+        float decay
+        float lerp_weight
+        float beta2
+        float one_minus_beta2
+        float neg_step_size
+        float bc2_sqrt
+        float eps
+        int maximize
+    ctypedef void (*ktsft_adamw_f32_fn)(int64_t, float*, const float*, float*, float*, float*,
+                                        const ktsft_adamw_hp*) noexcept nogil
 
     ctypedef struct ktsft_kernels:
         const char *name
@@ -69,6 +81,7 @@ cdef extern from "ktsft/kernels.h" nogil:
         ktsft_round_bf16_fn round_bf16
         ktsft_combine_fn combine
         ktsft_dropout_f32_fn dropout_f32
+        ktsft_adamw_f32_fn adamw_f32
 
     const ktsft_kernels *ktsft_kernels_by_name(const char *name)
     int ktsft_amx_build()

@@ -191,6 +191,7 @@ cdef struct Step:
     float *g_bu
     float *g_ad
     float *g_bd
+    bint accum               # add the LoRA gradients to g_* (gradient accumulation)
     # LoRA dropout (docs/derivation.md): masks regenerated from the seed
     bint drop                # on for this call (training, p > 0)
     uint64_t drop_seed
@@ -559,30 +560,30 @@ cdef void _b_lora_grads(const Layer *L, const Step *S, const Task *t, float *scr
             _drop(L, S, PROJ_GATE if t.part == 0 else PROJ_UP, off + q, lo, nb,
                   S.x32 + S.pair_tok[off + q] * H + lo, scr + q * nb, 0)
         L.kern.outer_f32(n, r, nb, (S.gbs_g if t.part == 0 else S.gbs_u) + off * r, r, NULL, NULL,
-                         scr, nb, NULL, (S.g_ag if t.part == 0 else S.g_au) + e * r * H + lo, H)
+                         scr, nb, NULL, (S.g_ag if t.part == 0 else S.g_au) + e * r * H + lo, H, S.accum)
     elif S.drop and t.part == 4:   # grad A_down[:, lo:hi] = sum_p w_p bds[p] (x) m_d h_p
         for q in range(n):
             _drop(L, S, PROJ_DOWN, off + q, lo, nb, S.h32 + (off + q) * I + lo, scr + q * nb, 0)
         L.kern.outer_f32(n, r, nb, S.bds + off * r, r, NULL, S.pair_w + off, scr, nb, NULL,
-                         S.g_ad + e * r * I + lo, I)
+                         S.g_ad + e * r * I + lo, I, S.accum)
     elif t.part == 0:      # grad A_gate[:, lo:hi] = sum_p gbs_g[p] (x) x_p
         L.kern.outer_f32(n, r, nb, S.gbs_g + off * r, r, NULL, NULL, S.x32 + lo, H,
-                         S.pair_tok + off, S.g_ag + e * r * H + lo, H)
+                         S.pair_tok + off, S.g_ag + e * r * H + lo, H, S.accum)
     elif t.part == 1:    # grad A_up
         L.kern.outer_f32(n, r, nb, S.gbs_u + off * r, r, NULL, NULL, S.x32 + lo, H,
-                         S.pair_tok + off, S.g_au + e * r * H + lo, H)
+                         S.pair_tok + off, S.g_au + e * r * H + lo, H, S.accum)
     elif t.part == 2:    # grad B_gate[lo:hi] = sum_p dG_p (x) xs_g[p]
         L.kern.outer_f32(n, nb, r, S.G + off * I + lo, I, NULL, NULL, S.xs_g + off * r, r,
-                         NULL, S.g_bg + e * I * r + lo * r, r)
+                         NULL, S.g_bg + e * I * r + lo * r, r, S.accum)
     elif t.part == 3:    # grad B_up
         L.kern.outer_f32(n, nb, r, S.U + off * I + lo, I, NULL, NULL, S.xs_u + off * r, r,
-                         NULL, S.g_bu + e * I * r + lo * r, r)
+                         NULL, S.g_bu + e * I * r + lo * r, r, S.accum)
     elif t.part == 4:    # grad A_down[:, lo:hi] = sum_p w_p bds[p] (x) h_p
         L.kern.outer_f32(n, r, nb, S.bds + off * r, r, NULL, S.pair_w + off,
-                         S.h32 + off * I + lo, I, NULL, S.g_ad + e * r * I + lo, I)
+                         S.h32 + off * I + lo, I, NULL, S.g_ad + e * r * I + lo, I, S.accum)
     else:                # grad B_down[lo:hi] = sum_p w_p dO_t (x) hs[p]
         L.kern.outer_f32(n, nb, r, S.do32 + lo, H, S.pair_tok + off, S.pair_w + off,
-                         S.hs + off * r, r, NULL, S.g_bd + e * H * r + lo * r, r)
+                         S.hs + off * r, r, NULL, S.g_bd + e * H * r + lo * r, r, S.accum)
 
 
 cdef void _zero_expert_grads(const Layer *L, const Step *S, int64_t e) noexcept nogil:
@@ -924,10 +925,12 @@ cdef class MoEKernel:
             raise MemoryError("ktsft forward: cannot allocate a task list or dropout scratch")
 
     def backward(self, cache, do32, do_act, ws, grads, grad_w, dx, int n_threads,
-                 double lora_dropout=0.0, uint64_t dropout_seed=0):
+                 double lora_dropout=0.0, uint64_t dropout_seed=0, bint accumulate=False):
         """dx, grad_w and the six LoRA gradients from dO and a cache entry.
         Consumes the entry: G/U become dG/dU.  lora_dropout, dropout_seed:
-        those of the entry's forward."""
+        those of the entry's forward.  accumulate: add the LoRA gradients to
+        `grads` instead of overwriting them (experts without tokens then
+        leave theirs as they are)."""
         cdef Step S
         cdef int64_t T = do32.shape[0], P = T * self.L.k, t, n_exp, i
         cdef int64_t dims[6]
@@ -948,6 +951,7 @@ cdef class MoEKernel:
         S.gbs_g = <float *>_ptr(ws["gbs_gate"])
         S.gbs_u = <float *>_ptr(ws["gbs_up"])
         S.grad_w = <float *>_ptr(grad_w)
+        S.accum = accumulate
         S.g_ag = <float *>_ptr(grads["grad_gate_lora_a"])
         S.g_bg = <float *>_ptr(grads["grad_gate_lora_b"])
         S.g_au = <float *>_ptr(grads["grad_up_lora_a"])
@@ -999,9 +1003,10 @@ cdef class MoEKernel:
                 blocks[i] = GRAD_BLOCK
             if rc == 0:
                 rc = _run(PH_LORA_GRADS, L, &S, n_exp, order, 6, dims, blocks, False, n_threads)
-                for i in prange(L.E, schedule="static", num_threads=n_threads):
-                    if S.offs[i + 1] == S.offs[i]:
-                        _zero_expert_grads(L, &S, i)
+                if not S.accum:
+                    for i in prange(L.E, schedule="static", num_threads=n_threads):
+                        if S.offs[i + 1] == S.offs[i]:
+                            _zero_expert_grads(L, &S, i)
             tb[6] = _now()
             if rc == 0:
                 for t in prange(T, schedule="static", num_threads=n_threads):
@@ -1016,3 +1021,6 @@ cdef class MoEKernel:
         fwd = {n: self._tf[i + 1] - self._tf[i] for i, n in enumerate(FORWARD_PHASES)}
         bwd = {n: self._tb[i + 1] - self._tb[i] for i, n in enumerate(BACKWARD_PHASES)}
         return {"forward": fwd, "backward": bwd}
+
+
+include "adamw.pxi"

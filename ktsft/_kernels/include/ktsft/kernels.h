@@ -102,12 +102,13 @@ typedef void (*ktsft_gemm_nn_q4_fn)(
     float *C__mn, int64_t ldc, int accumulate, const float *wscale, int64_t group, int64_t sld);
 
 /* Sum of outer products, one owner per output, pairs in order:
- *   C[a, b] = sum_p coef[p] * U[urow(p), a] * V[vrow(p), b]   (coef NULL = 1) */
+ *   C[a, b] (+)= sum_p coef[p] * U[urow(p), a] * V[vrow(p), b]   (coef NULL = 1)
+ * accumulate != 0 adds the finished sum to C (gradient accumulation). */
 typedef void (*ktsft_outer_f32_fn)(
     int64_t P, int64_t NA, int64_t NB,
     const float *U__pa, int64_t ldu, const int32_t *urows, const float *coef__p,
     const float *V__pb, int64_t ldv, const int32_t *vrows,
-    float *C__ab, int64_t ldc);
+    float *C__ab, int64_t ldc, int accumulate);
 
 /* h = silu(g) * u; h_bf16 (optional) gets h rounded to nearest even. */
 typedef void (*ktsft_swiglu_forward_fn)(
@@ -134,6 +135,23 @@ typedef void (*ktsft_dropout_f32_fn)(
     int64_t n, uint64_t seed, int32_t proj, int64_t tj, int64_t i0, uint32_t threshold,
     float inv_keep, const float *x__i, float *out__i, int accumulate);
 
+/* One AdamW step (torch.optim.AdamW's math: decoupled weight decay, bias
+ * correction), element by element over n fp32 values; each array read once
+ * and written once.  vmax__i: the AMSGrad running maximum, or NULL. */
+typedef struct ktsft_adamw_hp {
+    float decay;        /* 1 - lr * weight_decay, applied to the parameter first */
+    float lerp_weight;  /* 1 - beta1: exp_avg.lerp_(grad, 1 - beta1) */
+    float beta2;
+    float one_minus_beta2;
+    float neg_step_size; /* -lr / (1 - beta1^step) */
+    float bc2_sqrt;     /* sqrt(1 - beta2^step) */
+    float eps;
+    int maximize;
+} ktsft_adamw_hp;
+typedef void (*ktsft_adamw_f32_fn)(
+    int64_t n, float *p__i, const float *g__i, float *m__i, float *v__i, float *vmax__i,
+    const ktsft_adamw_hp *hp);
+
 typedef struct ktsft_kernels {
     const char *name;
     ktsft_gemm_nt_f32_fn gemm_nt_f32;
@@ -150,6 +168,7 @@ typedef struct ktsft_kernels {
     ktsft_round_bf16_fn round_bf16;
     ktsft_combine_fn combine;
     ktsft_dropout_f32_fn dropout_f32;
+    ktsft_adamw_f32_fn adamw_f32;
 } ktsft_kernels;
 
 KTSFT_HIDDEN const ktsft_kernels *ktsft_kernels_scalar(void);
