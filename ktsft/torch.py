@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import _grads
+from . import profile as _profile
 from .buffers import LORA_GRAD_NAMES, lora_shapes
 from .wrapper import SFTMoEWrapper
 
@@ -40,6 +41,16 @@ def _staging(module, T, dtype):
                                         "bf16" if dtype == torch.bfloat16 else "fp32")
 
 
+def _sync(device, prof):
+    """Wait for the stream's queued work; with a profiler, the wait for GPU
+    work queued before the copies is split off as gpu_wait."""
+    stream = torch.cuda.current_stream(device)
+    if prof is not None:
+        with prof.timer("gpu_wait"):
+            stream.synchronize()
+    return stream
+
+
 def _run_forward(module, hidden, ids, weights, cache, dropout):
     """forward_sft on CPU tensors; device tensors are copied in and out
     through pinned KExpertsSFTBuffer staging buffers.  dropout: (p, seed)."""
@@ -47,31 +58,43 @@ def _run_forward(module, hidden, ids, weights, cache, dropout):
     w = weights.detach()
     p, seed = dropout
     drop = dict(lora_dropout=p, dropout_seed=seed if p > 0 else None)
+    prof = _profile.active()
     if x.device.type == "cpu":
-        return module.wrapper.forward_sft(x.contiguous(), ids.contiguous(), w.contiguous(),
-                                          save_for_backward=cache, return_handle=True, **drop)
+        with _profile.timer("kernel_fwd"):
+            return module.wrapper.forward_sft(x.contiguous(), ids.contiguous(), w.contiguous(),
+                                              save_for_backward=cache, return_handle=True,
+                                              **drop)
     buf = _staging(module, x.shape[0], x.dtype)
     with buf.lock:  # the forward copies what it keeps: the buffers are free again after it
         t = buf.tensors
-        t["input_cpu"].copy_(x, non_blocking=True)
-        t["expert_ids_cpu"].copy_(ids, non_blocking=True)
-        t["weights_cpu"].copy_(w, non_blocking=True)
-        torch.cuda.current_stream(x.device).synchronize()
-        return module.wrapper.forward_sft(t["input_cpu"], t["expert_ids_cpu"], t["weights_cpu"],
-                                          save_for_backward=cache, return_handle=True, **drop)
+        stream = _sync(x.device, prof)
+        with _profile.timer("d2h"):
+            t["input_cpu"].copy_(x, non_blocking=True)
+            t["expert_ids_cpu"].copy_(ids, non_blocking=True)
+            t["weights_cpu"].copy_(w, non_blocking=True)
+            stream.synchronize()
+        with _profile.timer("kernel_fwd"):
+            return module.wrapper.forward_sft(t["input_cpu"], t["expert_ids_cpu"],
+                                              t["weights_cpu"], save_for_backward=cache,
+                                              return_handle=True, **drop)
 
 
 def _run_backward(module, grad_out, handle, grads_out, accumulate=False):
     g = _kernel_dtype(grad_out.detach())
     kw = dict(handle=handle, grads_out=grads_out, accumulate=accumulate)
+    prof = _profile.active()
     if g.device.type == "cpu":
-        return module.wrapper.backward(g.contiguous(), **kw)
+        with _profile.timer("kernel_bwd"):
+            return module.wrapper.backward(g.contiguous(), **kw)
     buf = _staging(module, g.shape[0], g.dtype)
     with buf.lock:
         staged = buf.tensors["grad_output_cpu"]
-        staged.copy_(g, non_blocking=True)
-        torch.cuda.current_stream(g.device).synchronize()
-        return module.wrapper.backward(staged, **kw)
+        stream = _sync(g.device, prof)
+        with _profile.timer("d2h"):
+            staged.copy_(g, non_blocking=True)
+            stream.synchronize()
+        with _profile.timer("kernel_bwd"):
+            return module.wrapper.backward(staged, **kw)
 
 
 class _ExpertsFunction(torch.autograd.Function):
@@ -98,7 +121,8 @@ class _ExpertsFunction(torch.autograd.Function):
         ctx.handle = handle
         if save:
             ctx.save_for_backward(hidden, ids, weights)
-        return out.to(device=hidden.device, dtype=hidden.dtype)
+        with _profile.timer("h2d"):
+            return out.to(device=hidden.device, dtype=hidden.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -123,8 +147,9 @@ class _ExpertsFunction(torch.autograd.Function):
         ctx.release = _Spent()
         for i, buf in install.items():
             params[i].grad = buf
-        dx = dx.to(device=dev, dtype=h_dtype)
-        dw = torch.as_tensor(grads["grad_routing_weights"]).to(device=dev, dtype=w_dtype)
+        with _profile.timer("h2d"):
+            dx = dx.to(device=dev, dtype=h_dtype)
+            dw = torch.as_tensor(grads["grad_routing_weights"]).to(device=dev, dtype=w_dtype)
         pgrads = [returned.get(i) for i in range(len(LORA_GRAD_NAMES))]
         return (None, dx if need[1] else None, None, dw if need[3] else None, *pgrads, None)
 

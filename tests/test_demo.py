@@ -226,10 +226,15 @@ def test_notebook_does_the_same_job(tmp_path, monkeypatch):
     s = ns["s"]
     ref = demo.run(model_size="tiny", steps=30, pretrain_steps=30, threads=2, seed=0,
                    out=str(tmp_path / "cli"), progress=False, verbose=False)
-    for key in ("heldout_accuracy_before", "heldout_accuracy_after", "heldout_loss_before",
-                "heldout_loss_after"):
-        assert s[key] == ref[key], key
-    assert s["finetune"]["curve"]["train_loss"] == ref["finetune"]["curve"]["train_loss"]
+    # the same steps give the same numbers; the base model trains in plain
+    # PyTorch, whose CPU GEMMs need not be bitwise reproducible run to run
+    for key in ("heldout_accuracy_before", "heldout_accuracy_after"):
+        assert s[key] == pytest.approx(ref[key], abs=0.01), key
+    for key in ("heldout_loss_before", "heldout_loss_after"):
+        assert s[key] == pytest.approx(ref[key], rel=0.02), key
+    np = pytest.importorskip("numpy")
+    np.testing.assert_allclose(s["finetune"]["curve"]["train_loss"],
+                               ref["finetune"]["curve"]["train_loss"], rtol=0.02)
     assert (tmp_path / "nb" / "summary.json").is_file()
     assert (tmp_path / "nb" / "peft_adapter" / "adapter_config.json").is_file()
     assert len(shown) == (1 if s["outputs"].get("loss_png") else 0)

@@ -437,15 +437,18 @@ class _Call:
 
     @contextlib.contextmanager
     def staged(self):
+        from .. import profile
+
         with self.staging.lock:
-            arrays = self.staging.lora_arrays(*self.lora)
-            ptrs = tuple(a.data_ptr() for a in arrays)
-            reg = self.binding.registered
-            if reg.get(id(self.wrapper)) != ptrs:  # new memory: validated whole (finite, shapes)
-                self.wrapper.init_lora_weights(*arrays)
-                reg[id(self.wrapper)] = ptrs
-            else:  # same memory, new values: the kernels read it in place
-                self.wrapper.update_lora_weights()
+            with profile.timer("staging"):
+                arrays = self.staging.lora_arrays(*self.lora)
+                ptrs = tuple(a.data_ptr() for a in arrays)
+                reg = self.binding.registered
+                if reg.get(id(self.wrapper)) != ptrs:  # new memory: validated whole
+                    self.wrapper.init_lora_weights(*arrays)
+                    reg[id(self.wrapper)] = ptrs
+                else:  # same memory, new values: the kernels read it in place
+                    self.wrapper.update_lora_weights()
             yield
 
 

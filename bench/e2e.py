@@ -1,0 +1,373 @@
+"""python -m bench.e2e: whole-model training steps with the routed experts on
+ktsft (host memory) and everything else on the GPU, beside the same model
+entirely on the GPU with PEFT LoRA on its experts, in one run.
+
+A MoE model of a named preset is built with random weights (on the GPU when
+there is one), trained a few steps with LoRA r=16 on every routed expert,
+and each step is broken down:
+
+- ``kernel_fwd`` / ``kernel_bwd``: ktsft's native forward and backward;
+- ``gpu_wait``: the experts calls waiting for GPU work queued before them
+  (attention, router: the GPU's compute that nothing overlaps);
+- ``transfers``: host<->device copies of activations and gradients;
+- ``optimizer``: ktsft.optim.CPUAdamW over the expert LoRA (host) and
+  torch's AdamW over any GPU parameters;
+- ``other``: the rest of the step (Python, kernel launches, the loss,
+  zero_grad).
+
+Beside it, the GPU baseline: the same model on the GPU, PEFT
+``target_parameters`` LoRA on the experts (transformers' experts kernels),
+where it fits.  Printed per step and written as JSON.
+
+    python -m bench.e2e --preset qwen3-30b-a3b --tokens 512,2048      # a GPU machine
+    python -m bench.e2e --preset tiny --device cpu --steps 2           # anywhere (a test runs it)
+    python -m bench.e2e --help                                         # presets and their memory
+"""
+if not __package__:  # run as a file: python path/to/bench/e2e.py
+    import os as _os, sys as _sys
+    _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+    from bench.paths import as_package
+    __package__ = as_package(__file__)
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import time
+
+from .paths import add_out_argument, resolve_out
+
+RANK = 16
+GB = 1e9
+
+# name: (model_type, layers (None: as many as host memory allows), config kwargs)
+PRESETS = {
+    "qwen3-30b-a3b": ("qwen3_moe", 48, dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True, rope_theta=1e6, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, max_position_embeddings=40960)),
+    "deepseek-v3": ("deepseek_v3", None, dict(
+        vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+        num_attention_heads=128, num_key_value_heads=128, n_shared_experts=1,
+        n_routed_experts=256, num_experts_per_tok=8, routed_scaling_factor=2.5,
+        kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128,
+        qk_nope_head_dim=128, n_group=8, topk_group=4, first_k_dense_replace=0,
+        norm_topk_prob=True, tie_word_embeddings=False, max_position_embeddings=4096)),
+    "tiny": ("qwen3_moe", 2, dict(
+        vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=16,
+        num_experts_per_tok=4, norm_topk_prob=True, tie_word_embeddings=False)),
+}
+
+
+def _shape(preset):
+    kind, layers, kw = PRESETS[preset]
+    E = kw.get("num_experts") or kw.get("n_routed_experts")
+    return kind, layers, kw, E, kw["hidden_size"], kw["moe_intermediate_size"], kw[
+        "num_experts_per_tok"]
+
+
+def memory_per_layer(preset):
+    """Host bytes per MoE layer on ktsft: bf16 expert weights, and the fp32
+    LoRA with its gradient and two AdamW moments."""
+    _, _, _, E, H, I, _ = _shape(preset)
+    experts = 3 * E * H * I * 2
+    lora = E * RANK * 3 * (H + I) * 4 * 4
+    return experts, lora
+
+
+def _help_presets():
+    out = []
+    for name in PRESETS:
+        _, layers, _, E, H, I, k = _shape(name)
+        ex, lo = memory_per_layer(name)
+        depth = f"{layers} layers" if layers else "as many layers as host memory allows"
+        total = f", {(ex + lo) * layers / GB:.0f} GB host" if layers else ""
+        out.append(f"{name}: H={H}, I={I}, E={E}, k={k}, {depth}; per layer {ex / GB:.2f} GB "
+                   f"experts (bf16) + {lo / GB:.2f} GB LoRA/grad/AdamW{total}; the GPU baseline "
+                   f"holds the experts on the GPU")
+    return "\n".join(out)
+
+
+def _vm(key):
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _mem_available():
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def auto_layers(preset, budget_fraction=0.8, reserve=12 * GB):
+    ex, lo = memory_per_layer(preset)
+    avail = _mem_available()
+    if avail is None:
+        return 1
+    return max(1, int((budget_fraction * avail - reserve) // (ex + lo)))
+
+
+def build(preset, layers, device, seed=0):
+    """The model, random init, bf16, on `device`."""
+    import torch
+    import transformers
+
+    kind, _, kw, *_ = _shape(preset)
+    cfg = transformers.AutoConfig.for_model(kind, num_hidden_layers=layers, **kw)
+    cfg.use_cache = False
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    return model.train()
+
+
+class Clock:
+    def __init__(self, device):
+        import torch
+
+        self.cuda = device != "cpu"
+        self.torch = torch
+
+    def now(self):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+def _batches(vocab, T, n, device, seed=1):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (1, T), generator=g).to(device) for _ in range(n)]
+
+
+def train_ktsft(model, args, T, device):
+    """Steps with the experts on ktsft; per-step breakdown."""
+    import torch
+
+    from ktsft.optim import CPUAdamW
+    from ktsft.profile import StepProfile
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    cpu = [p for p in params if p.device.type == "cpu"]
+    other = [p for p in params if p.device.type != "cpu"]
+    opt = CPUAdamW(cpu, lr=1e-4, weight_decay=0.0, threads=args.threads)
+    opt_g = torch.optim.AdamW(other, lr=1e-4, weight_decay=0.0) if other else None
+    clock = Clock(device)
+    rows = []
+    for i, ids in enumerate(_batches(model.config.vocab_size, T, args.steps + 1, device)):
+        t0 = clock.now()
+        with StepProfile() as prof:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        t1 = clock.now()
+        opt.step()
+        if opt_g is not None:
+            opt_g.step()
+        t2 = clock.now()
+        opt.zero_grad(set_to_none=True)
+        if opt_g is not None:
+            opt_g.zero_grad(set_to_none=True)
+        t3 = clock.now()
+        s = prof.seconds
+        row = dict(step=i, tokens=T, step_s=t3 - t0, fwd_bwd_s=t1 - t0, optimizer_s=t2 - t1,
+                   zero_grad_s=t3 - t2, kernel_fwd_s=s["kernel_fwd"], kernel_bwd_s=s["kernel_bwd"],
+                   gpu_wait_s=s["gpu_wait"], transfers_s=s["d2h"] + s["h2d"],
+                   staging_s=s["staging"], loss=float(loss.item()),
+                   rss=_vm("VmRSS"), peak_rss=_vm("VmHWM"))
+        row["other_s"] = row["step_s"] - sum(row[k] for k in (
+            "kernel_fwd_s", "kernel_bwd_s", "gpu_wait_s", "transfers_s", "staging_s",
+            "optimizer_s"))
+        row["outside_kernels"] = 1 - (row["kernel_fwd_s"] + row["kernel_bwd_s"]) / row["step_s"]
+        rows.append(row)
+        print(f"  ktsft T={T} step {i}{' (warm-up)' if i == 0 else ''}: {row['step_s']:.2f} s, "
+              f"{T / row['step_s']:.0f} tok/s | kernels fwd {row['kernel_fwd_s']:.2f} bwd "
+              f"{row['kernel_bwd_s']:.2f} | gpu wait {row['gpu_wait_s']:.2f} | transfers "
+              f"{row['transfers_s']:.2f} | optimizer {row['optimizer_s']:.2f} | other "
+              f"{row['other_s']:.2f} | outside kernels {100 * row['outside_kernels']:.1f}% | "
+              f"RSS {row['rss'] / GB:.1f} GB", flush=True)
+    del opt, opt_g
+    return rows
+
+
+def train_gpu_peft(model, args, T, device):
+    """The baseline: everything on the GPU, PEFT target_parameters LoRA on
+    the experts; steps with torch's AdamW (fused)."""
+    import torch
+
+    clock = Clock(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0,
+                            fused=device != "cpu")
+    rows = []
+    for i, ids in enumerate(_batches(model.config.vocab_size, T, args.steps + 1, device)):
+        t0 = clock.now()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        t1 = clock.now()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t2 = clock.now()
+        rows.append(dict(step=i, tokens=T, step_s=t2 - t0, fwd_bwd_s=t1 - t0,
+                         optimizer_s=t2 - t1, loss=float(loss.item())))
+        print(f"  GPU+PEFT T={T} step {i}{' (warm-up)' if i == 0 else ''}: {t2 - t0:.2f} s, "
+              f"{T / (t2 - t0):.0f} tok/s", flush=True)
+    return rows
+
+
+def _summary(rows, T):
+    steady = rows[1:] or rows
+    med = {k: statistics.median(r[k] for r in steady) for k in steady[0]
+           if isinstance(steady[0][k], float)}
+    med["tokens_per_s"] = T / med["step_s"]
+    return med
+
+
+def run(args):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    import ktsft
+    from ktsft.integrations.transformers import apply_lora_experts
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kind, layers, *_ = _shape(args.preset)
+    layers = args.layers or layers or auto_layers(args.preset)
+    ex, lo = memory_per_layer(args.preset)
+    res = dict(when=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               preset=args.preset, layers=layers, device=device, threads=args.threads,
+               cpu=ktsft.cpu_info()["selected_isa"], rank=RANK,
+               gpu=torch.cuda.get_device_name() if device != "cpu" else None,
+               expert_bytes=ex * layers, lora_optimizer_bytes=lo * layers, runs={})
+    print(f"bench.e2e: {args.preset}, {layers} layers, device {device}, {args.threads} threads, "
+          f"ISA {res['cpu']}; experts {ex * layers / GB:.1f} GB + LoRA/grad/AdamW "
+          f"{lo * layers / GB:.1f} GB on the host", flush=True)
+    tokens = [int(t) for t in args.tokens.split(",")]
+    if args.gpu_baseline and device != "cpu":
+        t0 = time.time()
+        try:
+            model = build(args.preset, layers, device)
+            res["gpu_build_s"] = time.time() - t0
+            model = get_peft_model(model, LoraConfig(
+                r=RANK, lora_alpha=2 * RANK,
+                target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+            impl = getattr(model.config, "_experts_implementation", None)
+            for T in tokens:
+                torch.cuda.reset_peak_memory_stats()
+                try:
+                    rows = train_gpu_peft(model, args, T, device)
+                    res["runs"][f"gpu_peft_T{T}"] = dict(
+                        rows=rows, median=_summary(rows, T), experts_implementation=impl,
+                        peak_gpu_bytes=torch.cuda.max_memory_allocated())
+                except torch.OutOfMemoryError as e:
+                    res["runs"][f"gpu_peft_T{T}"] = dict(error=f"out of GPU memory: {e}"[:300])
+                    print(f"  GPU+PEFT T={T}: out of GPU memory", flush=True)
+        except torch.OutOfMemoryError as e:
+            res["gpu_baseline_error"] = f"the model does not fit on the GPU: {e}"[:300]
+            print("  GPU+PEFT: the model does not fit on the GPU", flush=True)
+        model = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    t0 = time.time()
+    model = build(args.preset, layers, device)
+    apply_lora_experts(model, r=RANK, alpha=2 * RANK, dtype="bf16", threads=args.threads)
+    gc.collect()
+    if device != "cpu":
+        torch.cuda.empty_cache()
+    res["ktsft_build_s"] = time.time() - t0
+    res["rss_after_build"] = _vm("VmRSS")
+    print(f"  built and moved the experts to ktsft in {res['ktsft_build_s']:.0f} s, RSS "
+          f"{res['rss_after_build'] / GB:.1f} GB", flush=True)
+    for T in tokens:
+        if device != "cpu":
+            torch.cuda.reset_peak_memory_stats()
+        rows = train_ktsft(model, args, T, device)
+        # the activation cache of one step: one forward per layer awaits its backward
+        cache = T * sum(m.wrapper.bytes_per_token() for m in model.modules()
+                        if hasattr(m, "wrapper") and hasattr(m.wrapper, "bytes_per_token"))
+        res["runs"][f"ktsft_T{T}"] = dict(
+            rows=rows, median=_summary(rows, T),
+            peak_gpu_bytes=torch.cuda.max_memory_allocated() if device != "cpu" else 0,
+            peak_rss=_vm("VmHWM"), cache_bytes=cache)
+    res["peak_rss"] = _vm("VmHWM")
+    _report(res, tokens)
+    out = resolve_out(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"e2e_{args.preset}_L{layers}_{device}.json"
+    path.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {path}")
+    return res
+
+
+def _report(res, tokens):
+    print(f"\n{'run':18s} {'tok/s':>7s} {'step s':>7s} {'kern fwd':>8s} {'kern bwd':>8s} "
+          f"{'gpu wait':>8s} {'xfer':>6s} {'optim':>6s} {'other':>6s} {'outside':>8s} "
+          f"{'GPU GB':>7s}")
+    for T in tokens:
+        for name in (f"ktsft_T{T}", f"gpu_peft_T{T}"):
+            r = res["runs"].get(name)
+            if not r:
+                continue
+            if "error" in r:
+                print(f"{name:18s} {r['error'][:60]}")
+                continue
+            m = r["median"]
+            g = r.get("peak_gpu_bytes", 0) / GB
+            if name.startswith("ktsft"):
+                print(f"{name:18s} {m['tokens_per_s']:7.0f} {m['step_s']:7.2f} "
+                      f"{m['kernel_fwd_s']:8.2f} {m['kernel_bwd_s']:8.2f} {m['gpu_wait_s']:8.2f} "
+                      f"{m['transfers_s']:6.2f} {m['optimizer_s']:6.2f} {m['other_s']:6.2f} "
+                      f"{100 * m['outside_kernels']:7.1f}% {g:7.1f}")
+            else:
+                print(f"{name:18s} {m['tokens_per_s']:7.0f} {m['step_s']:7.2f} "
+                      f"{'':8s} {'':8s} {'':8s} {'':6s} {m['optimizer_s']:6.2f} {'':6s} "
+                      f"{'':8s} {g:7.1f}")
+    bound = 1.15 * (res["expert_bytes"] + res["lora_optimizer_bytes"] + max(
+        (r.get("cache_bytes", 0) for r in res["runs"].values() if isinstance(r, dict)),
+        default=0))
+    res["rss_bound"] = bound
+    print(f"peak host RSS {res['peak_rss'] / GB:.1f} GB; bound 1.15 x (experts + LoRA/grad/"
+          f"AdamW + activation cache) = {bound / GB:.1f} GB")
+
+
+def main(argv=None):
+    from ktsft._contention import usable_cores
+
+    ap = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__,
+                                 epilog="presets:\n" + _help_presets(),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="qwen3-30b-a3b", choices=sorted(PRESETS))
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder layers (default: the preset's; deepseek-v3: as many as host "
+                         "memory allows)")
+    ap.add_argument("--tokens", default="512,2048",
+                    help="tokens per step, comma-separated (one sequence each)")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps after one warm-up")
+    ap.add_argument("--threads", type=int, default=usable_cores(),
+                    help="ktsft's threads (the kernels and CPUAdamW)")
+    ap.add_argument("--device", default=None, help="for the non-expert part (default: cuda "
+                                                   "when there is one, else cpu)")
+    ap.add_argument("--no-gpu-baseline", dest="gpu_baseline", action="store_false",
+                    help="skip the all-on-GPU PEFT run")
+    add_out_argument(ap)
+    args = ap.parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()
