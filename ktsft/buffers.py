@@ -231,6 +231,9 @@ class Workspace:
             "h32": np.empty((P, I), np.float32), "ybuf": np.empty((P, H), np.float32),
             "bds": np.empty((P, r), np.float32), "gbs_gate": np.empty((P, r), np.float32),
             "gbs_up": np.empty((P, r), np.float32),
+            # the caller's bf16 tensors pass through these in fp32: the
+            # forward's output (and backward's grad_input), backward's dO
+            "y32": np.empty((T, H), np.float32), "do32": np.empty((T, H), np.float32),
         }
         if self.bf16:
             a.update({"x_act": np.empty((T, H), act), "h_act": np.empty((P, I), act),
@@ -247,13 +250,13 @@ class Workspace:
         k = self.k
         out = {}
         for name, arr in self.ensure(T).items():
-            rows = T if name in ("x_act", "do_act") else T * k
+            rows = T if name in ("x_act", "do_act", "y32", "do32") else T * k
             out[name] = arr[:rows]
         return out
 
     @staticmethod
     def bytes_per_token(H: int, I: int, k: int, r: int, bf16: bool) -> int:
-        n = 4 * (k * I + k * H + 3 * k * r)
+        n = 4 * (k * I + k * H + 3 * k * r + 2 * H)
         if bf16:
             n += 2 * (2 * H + 3 * k * I)
         return n

@@ -10,9 +10,10 @@ both moments once and writes the parameter and the moments once: 28 bytes
 per element, the least AdamW can move.
 
 - The math is torch.optim.AdamW's (decoupled weight decay, bias correction,
-  `amsgrad`, `maximize`): the same operations in the same order, so results
-  agree with torch to fp32 rounding, and are bitwise identical for any
-  thread count and every ISA build.
+  `amsgrad`, `maximize`): torch's operations in torch's order, but for one
+  division by a constant done as a multiplication by its reciprocal, so
+  results agree with torch to fp32 rounding; they are bitwise identical for
+  any thread count and every ISA build.
 - The state and `state_dict()` are torch's (`step`, `exp_avg`,
   `exp_avg_sq`, `max_exp_avg_sq`; the same param-group keys): a torch AdamW
   checkpoint resumes here and the other way round (Trainer's

@@ -51,9 +51,31 @@ def _sync(device, prof):
     return stream
 
 
+def _free_staging(buf):
+    """Wait until the copies that read `buf`'s outputs last time are done
+    (they run on the GPU's copy engine after the call that queued them
+    returned)."""
+    ev = getattr(buf, "copied", None)
+    if ev is not None:
+        ev.synchronize()
+        buf.copied = None
+
+
+def _copy_back(buf, src, device, dtype):
+    """src (a pinned staging tensor) to the device without blocking; the
+    event guards the buffer until the copy has read it."""
+    with _profile.timer("h2d"):
+        out = src.to(device=device, dtype=dtype, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(device))
+        buf.copied = ev
+    return out
+
+
 def _run_forward(module, hidden, ids, weights, cache, dropout):
-    """forward_sft on CPU tensors; device tensors are copied in and out
-    through pinned KExpertsSFTBuffer staging buffers.  dropout: (p, seed)."""
+    """forward_sft on CPU tensors: returns (out, handle).  Device tensors
+    are copied in and out through pinned KExpertsSFTBuffer staging buffers
+    (the result goes back to the device without blocking).  dropout: (p, seed)."""
     x = _kernel_dtype(hidden.detach())
     w = weights.detach()
     p, seed = dropout
@@ -61,12 +83,14 @@ def _run_forward(module, hidden, ids, weights, cache, dropout):
     prof = _profile.active()
     if x.device.type == "cpu":
         with _profile.timer("kernel_fwd"):
-            return module.wrapper.forward_sft(x.contiguous(), ids.contiguous(), w.contiguous(),
-                                              save_for_backward=cache, return_handle=True,
-                                              **drop)
+            out, handle = module.wrapper.forward_sft(
+                x.contiguous(), ids.contiguous(), w.contiguous(), save_for_backward=cache,
+                return_handle=True, **drop)
+        return out.to(dtype=hidden.dtype), handle
     buf = _staging(module, x.shape[0], x.dtype)
     with buf.lock:  # the forward copies what it keeps: the buffers are free again after it
         t = buf.tensors
+        _free_staging(buf)
         stream = _sync(x.device, prof)
         with _profile.timer("d2h"):
             t["input_cpu"].copy_(x, non_blocking=True)
@@ -74,27 +98,36 @@ def _run_forward(module, hidden, ids, weights, cache, dropout):
             t["weights_cpu"].copy_(w, non_blocking=True)
             stream.synchronize()
         with _profile.timer("kernel_fwd"):
-            return module.wrapper.forward_sft(t["input_cpu"], t["expert_ids_cpu"],
-                                              t["weights_cpu"], save_for_backward=cache,
-                                              return_handle=True, **drop)
+            _, handle = module.wrapper.forward_sft(
+                t["input_cpu"], t["expert_ids_cpu"], t["weights_cpu"], save_for_backward=cache,
+                return_handle=True, out=t["output_cpu"], **drop)
+        return _copy_back(buf, t["output_cpu"], hidden.device, hidden.dtype), handle
 
 
-def _run_backward(module, grad_out, handle, grads_out, accumulate=False):
+def _run_backward(module, grad_out, handle, grads_out, accumulate=False, dtype=None):
+    """backward on CPU tensors: returns (grad_input in `dtype` on
+    grad_out's device, grads); device tensors go through the staging
+    buffers as in _run_forward."""
     g = _kernel_dtype(grad_out.detach())
+    dtype = grad_out.dtype if dtype is None else dtype
     kw = dict(handle=handle, grads_out=grads_out, accumulate=accumulate)
     prof = _profile.active()
     if g.device.type == "cpu":
         with _profile.timer("kernel_bwd"):
-            return module.wrapper.backward(g.contiguous(), **kw)
+            dx, grads = module.wrapper.backward(g.contiguous(), **kw)
+        return dx.to(dtype=dtype), grads
     buf = _staging(module, g.shape[0], g.dtype)
     with buf.lock:
-        staged = buf.tensors["grad_output_cpu"]
+        t = buf.tensors
+        _free_staging(buf)
         stream = _sync(g.device, prof)
         with _profile.timer("d2h"):
-            staged.copy_(g, non_blocking=True)
+            t["grad_output_cpu"].copy_(g, non_blocking=True)
             stream.synchronize()
         with _profile.timer("kernel_bwd"):
-            return module.wrapper.backward(staged, **kw)
+            _, grads = module.wrapper.backward(t["grad_output_cpu"],
+                                               grad_input_out=t["grad_input_cpu"], **kw)
+        return _copy_back(buf, t["grad_input_cpu"], grad_out.device, dtype), grads
 
 
 class _ExpertsFunction(torch.autograd.Function):
@@ -121,8 +154,7 @@ class _ExpertsFunction(torch.autograd.Function):
         ctx.handle = handle
         if save:
             ctx.save_for_backward(hidden, ids, weights)
-        with _profile.timer("h2d"):
-            return out.to(device=hidden.device, dtype=hidden.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -142,13 +174,13 @@ class _ExpertsFunction(torch.autograd.Function):
         outs, accumulate, install, returned = _grads.plan(
             module, LORA_GRAD_NAMES, params, [shapes[n] for n in LORA_GRAD_NAMES], need[4:10])
         dx, grads = _run_backward(module, grad_out, handle,
-                                  {n: t.detach().numpy() for n, t in outs.items()}, accumulate)
+                                  {n: t.detach().numpy() for n, t in outs.items()}, accumulate,
+                                  dtype=h_dtype)
         ctx.release.detach()
         ctx.release = _Spent()
         for i, buf in install.items():
             params[i].grad = buf
         with _profile.timer("h2d"):
-            dx = dx.to(device=dev, dtype=h_dtype)
             dw = torch.as_tensor(grads["grad_routing_weights"]).to(device=dev, dtype=w_dtype)
         pgrads = [returned.get(i) for i in range(len(LORA_GRAD_NAMES))]
         return (None, dx if need[1] else None, None, dw if need[3] else None, *pgrads, None)

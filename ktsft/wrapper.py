@@ -11,7 +11,7 @@ import numpy as np
 from . import validation as V
 from ._arrays import BF16, as_numpy, is_torch_tensor, to_like, wrap_like
 from ._dispatch import resolve_isa
-from ._kernels.moe_sft import MoEKernel
+from ._kernels.moe_sft import MoEKernel, cast_checked
 from .buffers import LORA_GRAD_NAMES, CacheEntry, Workspace, lora_shapes
 from .quantize import quantize_int4, quantize_int8
 
@@ -31,6 +31,48 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _out_array(out, name, shape, like):
+    """The caller's output buffer `out` (CPU, C-contiguous, float32 or
+    bfloat16, of `shape`) as numpy, or None for a new one like `like`."""
+    if out is None:
+        return None
+    a = V.array(out, name, shape, contiguous=True, writable=True)
+    return a
+
+
+def _is_f32(x) -> bool:
+    """Whether the caller's array is float32 (its result is then returned
+    as the kernels' own fp32 array, no conversion)."""
+    if isinstance(x, np.ndarray):
+        return x.dtype == np.float32
+    return str(getattr(x, "dtype", "")) == "torch.float32"
+
+
+def _cast_like(y, like, threads, isa):
+    """y (float32 numpy) in the array type and dtype of `like`: a bf16
+    result is rounded by the native cast (multi-threaded), others as
+    _arrays.to_like."""
+    if is_torch_tensor(like) and like.device.type == "cpu":
+        from ._arrays import torch_module
+
+        torch = torch_module()
+        if like.dtype == torch.bfloat16:
+            t = torch.empty(y.shape, dtype=torch.bfloat16)
+            cast_checked(y, t.view(torch.int16).numpy(), threads, isa, False)
+            return t
+    elif isinstance(like, np.ndarray) and like.dtype == BF16:
+        a = np.empty(y.shape, BF16)
+        cast_checked(y, a.view(np.uint16), threads, isa, False)
+        return a
+    return to_like(y, like)
+
+
+def _nonfinite(name, bad, shape):
+    idx = np.unravel_index(bad, shape)
+    return ValueError(f"{name}: contains a non-finite value at index "
+                      f"{tuple(int(i) for i in idx)}")
 
 
 def effective_threads(requested: int) -> int:
@@ -472,7 +514,7 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
             raise RuntimeError(f"{op}: call init_lora_weights() first")
 
     def forward_sft(self, hidden_states, expert_ids, weights, save_for_backward=True, *,
-                    return_handle=False, lora_dropout=None, dropout_seed=None):
+                    return_handle=False, lora_dropout=None, dropout_seed=None, out=None):
         """out[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x_t), LoRA applied.
 
         Returns the same array type and dtype as hidden_states.  With
@@ -486,7 +528,11 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
         integer in [0, 2**64)) fixes the masks, else a seed is drawn from
         the wrapper's Generator.  The seed used is kept with the cache entry
         (backward applies the same masks) and in ``last_dropout_seed``
-        (None when no dropout ran): passing it again reproduces the call."""
+        (None when no dropout ran): passing it again reproduces the call.
+
+        out: a C-contiguous float32 or bfloat16 CPU array/tensor of shape
+        (tokens, hidden_size) to write the result into (then returned), e.g.
+        a pinned staging buffer; the conversion runs multi-threaded."""
         self._ready("forward_sft")
         H, k = self.hidden_size, self.num_experts_per_tok
         x = as_numpy(hidden_states, "hidden_states")
@@ -496,7 +542,10 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
         if T > self.chunked_prefill_size:
             raise ValueError(f"hidden_states: {T} tokens exceed chunked_prefill_size="
                              f"{self.chunked_prefill_size}; split the batch or raise the limit")
-        x = V.array(x, "hidden_states", (T, H), finite=True)
+        x = V.array(x, "hidden_states", (T, H))  # finite: checked natively below
+        if not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x)
+        out_a = _out_array(out, "out", (T, H), hidden_states)
         ids = V.expert_ids(expert_ids, "expert_ids", T, k, self.num_experts)
         rw = V.routing_weights(weights, "weights", T, k)
         if not isinstance(save_for_backward, (bool, np.bool_)):
@@ -514,15 +563,30 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
             if p == 0.0:
                 seed = None
             entry = self._take_entry(T)
+            threads = effective_threads(self.cpuinfer_threads)
+            # x into the cache (fp32), the finite check in the same parallel pass
+            bad = cast_checked(x, entry["x"], threads, self.isa)
+            if bad >= 0:
+                self._spare.append(entry)  # the cache is as it was
+                raise _nonfinite("hidden_states", bad, (T, H))
             entry.dropout = (p, 0 if seed is None else seed)
-            np.copyto(entry["x"], x, casting="unsafe")
-            out = np.empty((T, H), np.float32)
             with self._ws.lock:  # shared by the layers of this shape
                 ws = self._ws.view(T)
+                if out_a is not None:  # the caller's buffer, directly or through y32
+                    y = out_a if out_a.dtype == np.float32 else ws["y32"]
+                elif _is_f32(hidden_states):
+                    y = np.empty((T, H), np.float32)  # returned as it is
+                else:
+                    y = ws["y32"]
                 self._kernel.forward(entry["x"],
                                      ws["x_act"] if self.dtype == "bf16" else entry["x"],
-                                     ids, rw, entry.arrays, ws, out,
-                                     effective_threads(self.cpuinfer_threads), *entry.dropout)
+                                     ids, rw, entry.arrays, ws, y, threads, *entry.dropout)
+                if out_a is not None:
+                    if out_a is not y:
+                        cast_checked(y, out_a, threads, self.isa, False)
+                    result = out
+                else:
+                    result = _cast_like(y, hidden_states, threads, self.isa)
             self.last_dropout_seed = seed
             handle = None
             if save_for_backward:
@@ -532,8 +596,7 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
                 self._handles.append(handle)
             else:
                 self._spare.append(entry)
-        out = to_like(out, hidden_states)
-        return (out, handle) if return_handle else out
+        return (result, handle) if return_handle else result
 
     def _take_entry(self, T: int) -> CacheEntry:
         """A released entry large enough for T tokens, else a new one.  At
@@ -549,7 +612,8 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
         return CacheEntry(T, self.num_experts, self.hidden_size, self.moe_intermediate_size,
                           self.num_experts_per_tok, self.lora_rank)
 
-    def backward(self, grad_output, *, handle=None, grads_out=None, accumulate=False):
+    def backward(self, grad_output, *, handle=None, grads_out=None, accumulate=False,
+                 grad_input_out=None):
         """Gradients of a cached forward: the most recent one (LIFO), or the
         one forward_sft(..., return_handle=True) named.
 
@@ -561,7 +625,8 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
         its next backward overwrites.  accumulate=True adds them to what
         those arrays hold instead (gradient accumulation in place: each
         gradient is summed first, then added, so the result is bitwise the
-        sum of separately computed gradients)."""
+        sum of separately computed gradients).  grad_input_out: a buffer for
+        grad_input, as forward_sft's ``out``."""
         self._ready("backward")
         with self._lock:
             if not self._cache:
@@ -576,7 +641,8 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
                                    "already used by a backward, released, or never cached)")
             entry = self._cache[idx]
             T, H = entry.T, self.hidden_size
-            g = V.array(grad_output, "grad_output", (T, H), finite=True)
+            g = V.array(grad_output, "grad_output", (T, H))  # finite: checked natively
+            dx_out = _out_array(grad_input_out, "grad_input_out", (T, H), grad_output)
             out_grads = self._grads
             if grads_out is not None:
                 shapes = lora_shapes(self.num_experts, H, self.moe_intermediate_size, self.lora_rank)
@@ -585,24 +651,42 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
                 out_grads = {n: V.array(grads_out[n], f"grads_out[{n!r}]", shapes[n],
                                         (np.dtype(np.float32),), contiguous=True, writable=True)
                              for n in LORA_GRAD_NAMES}
-            do32 = np.ascontiguousarray(g, dtype=np.float32)
-            dx = np.empty((T, H), np.float32)
+            threads = effective_threads(self.cpuinfer_threads)
             grad_w = np.empty((T, self.num_experts_per_tok), np.float32)
-            del self._cache[idx], self._handles[idx]
-            try:
-                with self._ws.lock:
-                    ws = self._ws.view(T)
+            with self._ws.lock:
+                ws = self._ws.view(T)
+                if g.dtype == np.float32 and g.flags.c_contiguous:
+                    do32 = g
+                    bad = cast_checked(g, None, threads, self.isa)
+                else:
+                    do32 = ws["do32"]
+                    bad = cast_checked(np.ascontiguousarray(g), do32, threads, self.isa)
+                if bad >= 0:  # before anything changed: the cache entry stays
+                    raise _nonfinite("grad_output", bad, (T, H))
+                if dx_out is not None:
+                    dx = dx_out if dx_out.dtype == np.float32 else ws["y32"]
+                elif _is_f32(grad_output):
+                    dx = np.empty((T, H), np.float32)  # returned as it is
+                else:
+                    dx = ws["y32"]
+                del self._cache[idx], self._handles[idx]
+                try:
                     self._kernel.backward(entry.arrays, do32,
                                           ws["do_act"] if self.dtype == "bf16" else do32,
-                                          ws, out_grads, grad_w, dx,
-                                          effective_threads(self.cpuinfer_threads),
+                                          ws, out_grads, grad_w, dx, threads,
                                           *entry.dropout, bool(accumulate))
-            finally:
-                self._spare.append(entry)
+                    if dx_out is not None:
+                        if dx_out is not dx:
+                            cast_checked(dx, dx_out, threads, self.isa, False)
+                        grad_input = grad_input_out
+                    else:
+                        grad_input = _cast_like(dx, grad_output, threads, self.isa)
+                finally:
+                    self._spare.append(entry)
         grads = {n: wrap_like(out_grads[n], grad_output) if grads_out is None else grads_out[n]
                  for n in LORA_GRAD_NAMES}
         grads["grad_routing_weights"] = wrap_like(grad_w, grad_output)
-        return to_like(dx, grad_output), grads
+        return grad_input, grads
 
     def release(self, handle) -> bool:
         """Drop the cached forward `handle` without running its backward

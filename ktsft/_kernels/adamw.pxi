@@ -28,7 +28,7 @@ def adamw_step(float[::1] param, const float[::1] grad, float[::1] exp_avg,
     hp.beta2 = <float>beta2
     hp.one_minus_beta2 = <float>(1.0 - beta2)
     hp.neg_step_size = <float>(-(lr / bc1))
-    hp.bc2_sqrt = <float>c_sqrt(1.0 - c_pow(beta2, step))
+    hp.inv_bc2_sqrt = <float>(1.0 / c_sqrt(1.0 - c_pow(beta2, step)))
     hp.eps = <float>eps
     hp.maximize = maximize
     cdef int64_t n = param.shape[0]

@@ -59,7 +59,7 @@ cdef extern from "ktsft/kernels.h" nogil:
         float beta2
         float one_minus_beta2
         float neg_step_size
-        float bc2_sqrt
+        float inv_bc2_sqrt
         float eps
         int maximize
     ctypedef void (*ktsft_adamw_f32_fn)(int64_t, float*, const float*, float*, float*, float*,

@@ -1024,3 +1024,4 @@ cdef class MoEKernel:
 
 
 include "adamw.pxi"
+include "convert.pxi"

@@ -144,7 +144,7 @@ typedef struct ktsft_adamw_hp {
     float beta2;
     float one_minus_beta2;
     float neg_step_size; /* -lr / (1 - beta1^step) */
-    float bc2_sqrt;     /* sqrt(1 - beta2^step) */
+    float inv_bc2_sqrt; /* 1 / sqrt(1 - beta2^step) */
     float eps;
     int maximize;
 } ktsft_adamw_hp;
