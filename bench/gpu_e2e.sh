@@ -14,6 +14,8 @@ python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 
 python3 setup.py build_ext --inplace -q >/dev/null 2>&1 || { echo "build failed"; exit 1; }
 python3 -c "import ktsft; print('isa', ktsft.cpu_info()['selected_isa'])"
 echo "== built at $(( $(date +%s) - t0 )) s"
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_optim.py tests/test_grads_in_place.py 2>&1 | tail -3
+echo "== cuda tests done at $(( $(date +%s) - t0 )) s"
 timeout 60 python3 -m bench.step --threads 16 --repeats 5 --out "$OUT" 2>&1 | tail -12
 echo "== step done at $(( $(date +%s) - t0 )) s"
 timeout ${QWEN_S:-270} python3 -m bench.e2e --preset qwen3-30b-a3b --tokens 512,2048 --steps 3 --threads 16 --out "$OUT" 2>&1 | grep -v Warning
