@@ -22,6 +22,7 @@ where it fits.  Printed per step and written as JSON.
     python -m bench.e2e --preset qwen3-30b-a3b --tokens 512,2048      # a GPU machine
     python -m bench.e2e --preset tiny --device cpu --steps 2           # anywhere (a test runs it)
     python -m bench.e2e --help                                         # presets and their memory
+    python -m bench.e2e plot RUN.json [RUN.json ...] --png OUT.png     # the breakdown figure
 """
 if not __package__:  # run as a file: python path/to/bench/e2e.py
     import os as _os, sys as _sys
@@ -345,8 +346,62 @@ def _report(res, tokens):
           f"AdamW + activation cache) = {bound / GB:.1f} GB")
 
 
+PARTS = (("kernel_fwd_s", "ktsft kernels, forward"), ("kernel_bwd_s", "ktsft kernels, backward"),
+         ("gpu_wait_s", "waiting for the GPU"), ("transfers_s", "host<->GPU copies"),
+         ("staging_s", "LoRA staging"), ("optimizer_s", "optimizer (CPUAdamW)"),
+         ("other_s", "other (Python, launches, loss)"))
+
+
+def plot(results, path):
+    """Stacked bars of the median step's breakdown, one per (preset,
+    tokens) of the ktsft runs in `results` (bench.e2e JSON dicts), with
+    tokens/s and the all-on-GPU baseline's tokens/s above each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = []
+    for res in results:
+        for name, run in res["runs"].items():
+            if not name.startswith("ktsft_T") or "median" not in run:
+                continue
+            T = int(name[len("ktsft_T"):])
+            gpu = res["runs"].get(f"gpu_peft_T{T}", {}).get("median")
+            bars.append((f"{res['preset']}\n{res['layers']} layers, {T} tok", run["median"], gpu))
+    fig, ax = plt.subplots(figsize=(1.9 * len(bars) + 2, 4.6))
+    for i, (label, m, gpu) in enumerate(bars):
+        bottom = 0.0
+        for j, (key, text) in enumerate(PARTS):
+            v = max(m.get(key, 0.0), 0.0)
+            ax.bar(i, v, bottom=bottom, color=f"C{j}", label=text if i == 0 else None, width=0.6)
+            bottom += v
+        note = f"{m['tokens_per_s']:.0f} tok/s\n{100 * m['outside_kernels']:.0f}% outside kernels"
+        if gpu:
+            note += f"\n(all on GPU: {gpu['tokens_per_s']:.0f})"
+        ax.text(i, bottom * 1.02, note, ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
+    ax.set_ylabel("seconds per step (median)")
+    ax.set_ylim(0, max(sum(max(m.get(k, 0), 0) for k, _ in PARTS) for _, m, _ in bars) * 1.35)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title("A training step with the routed experts on ktsft (host), the rest on the GPU",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None):
+    import sys
+
     from ktsft._contention import usable_cores
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plot"]:  # python -m bench.e2e plot RUN.json ... --png OUT.png
+        i = argv.index("--png")
+        files, png = argv[1:i], argv[i + 1]
+        return plot([json.loads(open(f).read()) for f in files], png)
 
     ap = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__,
                                  epilog="presets:\n" + _help_presets(),

@@ -100,12 +100,17 @@ class CPUAdamW(torch.optim.Optimizer):
                     raise ValueError(f"CPUAdamW: {where} is not contiguous; the fused step "
                                      "runs over its memory in one pass")
 
+    def __getstate__(self):
+        # torch's Optimizer pickles defaults, state and param_groups only
+        state = super().__getstate__()
+        state["_ktsft"] = {"threads": self._threads, "isa": self.isa}
+        return state
+
     def __setstate__(self, state):
+        own = state.pop("_ktsft", {})
         super().__setstate__(state)
-        if not hasattr(self, "_threads"):
-            self.threads = None
-        if not hasattr(self, "isa"):
-            self.isa = _dispatch.resolve_isa(None)
+        self.threads = own.get("threads")
+        self.isa = _dispatch.resolve_isa(own.get("isa"))
 
     # ---- the step ------------------------------------------------------
     def _state_of(self, p: torch.Tensor, amsgrad: bool) -> dict:

@@ -173,3 +173,46 @@ def test_trl_sft_trainer_and_reference_model(tmp_path):
             assert not any(p.requires_grad for p in ref.parameters())
     for s in losses["eager"]:
         assert abs(losses["ktsft"][s] - losses["eager"][s]) <= 1e-5 * abs(losses["eager"][s])
+
+
+def _cpu_adamw(model):
+    from ktsft.optim import CPUAdamW
+
+    return CPUAdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3,
+                    weight_decay=0.0, threads=2)
+
+
+def test_trainer_with_cpu_adamw_matches_torch_adamw_and_resumes(tmp_path):
+    """Trainer(optimizers=(CPUAdamW(...), None)): the losses of torch's AdamW
+    (to fp32 rounding), and a run resumed from a checkpoint (optimizer.pt
+    written by CPUAdamW.state_dict) gives the uninterrupted run's losses."""
+    def run(out, opt_fn, stop_at=None, resume=None, **kw):
+        model = peft_model("ktsft")
+        cb = Losses()
+        cbs = [cb]
+        if stop_at:
+            class Stop(transformers.TrainerCallback):
+                def on_step_end(self, a, state, control, **k):
+                    if state.global_step == stop_at:
+                        control.should_training_stop = True
+            cbs.append(Stop())
+        tr = transformers.Trainer(model=model, args=args(out, weight_decay=0.0, **kw),
+                                  train_dataset=Bigrams(), callbacks=cbs,
+                                  optimizers=(opt_fn(model), None))
+        tr.train(resume_from_checkpoint=resume)
+        return cb.losses
+
+    ref = run(tmp_path / "torch", lambda m: torch.optim.AdamW(
+        [p for p in m.parameters() if p.requires_grad], lr=5e-3, weight_decay=0.0))
+    full = run(tmp_path / "full", _cpu_adamw)
+    assert sorted(full) == sorted(ref)
+    for s in ref:
+        assert abs(full[s] - ref[s]) <= 1e-4 * abs(ref[s]), (s, full, ref)
+    part = tmp_path / "part"
+    first = run(part, _cpu_adamw, stop_at=3, save_strategy="steps", save_steps=3)
+    assert (part / "checkpoint-3" / "optimizer.pt").is_file()
+    rest = run(part, _cpu_adamw, resume=str(part / "checkpoint-3"), save_strategy="steps",
+               save_steps=3)
+    got = {**first, **rest}
+    for s in full:
+        assert abs(got[s] - full[s]) <= 1e-5 * abs(full[s]), (s, got, full)

@@ -146,10 +146,13 @@ def test_pickles_and_deepcopies():
     import pickle
 
     ps = _params(7, [(10,)])
-    o = _run(CPUAdamW, ps, 2, threads=2)
-    o2 = pickle.loads(pickle.dumps(o))
-    assert o2.threads == 2 and o2.isa == o.isa
-    copy.deepcopy(o)
+    import os
+
+    threads = (os.cpu_count() or 2) + 3  # never the default: the setting must travel
+    o = _run(CPUAdamW, ps, 2, threads=threads)
+    for o2 in (pickle.loads(pickle.dumps(o)), copy.deepcopy(o)):
+        assert o2.threads == threads and o2.isa == o.isa
+        assert torch.equal(o2.state_dict()["state"][0]["exp_avg"], o.state[ps[0]]["exp_avg"])
 
 
 @pytest.mark.parametrize("kw, match", [
