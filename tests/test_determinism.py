@@ -24,3 +24,20 @@ def test_run_to_run(isa):
         again = p.run(m)
         for name in first:
             assert np.array_equal(first[name], again[name]), name
+
+
+def test_hot_experts_split_over_pairs(isa, dtype):
+    """Experts with more than PAIR_SPLIT (256) pairs run their base GEMMs as
+    several tasks over chunks of their pairs (a skewed router would otherwise
+    leave one core with a tenth of the layer): still bitwise the same for any
+    thread count, and within the reference's tolerance."""
+    from conftest import check_against_reference
+
+    # 2 experts take all 2 x 611 pairs: 3 chunks each; T odd, sizes odd
+    p = Problem(T=611, H=67, I=45, E=5, k=2, r=3, seed=21, routing="two_experts")
+    base = p.run(p.wrapper(dtype=dtype, isa=isa, threads=1))
+    check_against_reference(p, base, dtype)
+    for threads in (2, 5):
+        got = p.run(p.wrapper(dtype=dtype, isa=isa, threads=threads))
+        for name, ref in base.items():
+            assert np.array_equal(got[name], ref), f"{name} differs with {threads} threads"

@@ -32,6 +32,9 @@ cdef enum:
     PAIR_BLOCK = 32     # (token, slot) pairs per task
     GRAD_BLOCK = 256    # LoRA-gradient rows/columns per task
     FEW_TOKENS = 8      # experts with at most this many pairs: NN tasks span whole rows
+    PAIR_SPLIT = 256    # base-GEMM tasks of an expert with more pairs take them in chunks
+                        # (a skewed router sends a tenth of all pairs to one expert: as one
+                        # task per weight block it would run alone on one core)
 
 
 # --------------------------------------------------------------------------
@@ -204,6 +207,8 @@ cdef struct Task:
     int32_t part
     int64_t lo
     int64_t hi
+    int64_t p0   # the pairs this task covers: the expert's own [offs[e], offs[e+1])
+    int64_t p1   # or, for an expert with many pairs, one chunk of them
 
 
 cdef inline const void *_expert_w(const Layer *L, const void *base, int64_t e,
@@ -347,40 +352,64 @@ cdef inline int64_t _block(int64_t blk, int64_t d, int64_t count, int64_t whole_
     return d if count <= whole_upto else blk
 
 
+cdef inline int64_t _pair_chunks(int64_t count, int64_t split) noexcept nogil:
+    """How many near-equal chunks an expert's `count` pairs are taken in."""
+    if split <= 0 or count <= split:
+        return 1
+    return (count + split - 1) // split
+
+
 cdef Task *_blocks(int64_t n_exp, const int32_t *order, const int32_t *offs, int nparts,
                    const int64_t *dims, const int64_t *blocks, bint over_pairs,
-                   int64_t *ntasks, int64_t whole_upto=0) noexcept nogil:
-    """Tasks (expert, part, [lo, hi)) over each part's dimension in fixed blocks;
-    over_pairs: the dimension is the expert's own pair range; experts with
-    at most whole_upto pairs get one task spanning the dimension.  Block sizes
-    depend only on the routing, never on the thread count."""
-    cdef int64_t cap = 0, i, e, d, lo, hi, n = 0, base, blk
+                   int64_t *ntasks, int64_t whole_upto=0, int64_t pair_split=0) noexcept nogil:
+    """Tasks (expert, part, [lo, hi), pairs [p0, p1)) over each part's
+    dimension in fixed blocks; over_pairs: the dimension is the expert's own
+    pair range; experts with at most whole_upto pairs get one task spanning
+    the dimension; pair_split > 0: an expert with more pairs is also split
+    over its pairs, in near-equal chunks of at most pair_split rounded up to
+    16 (each output element is still computed whole by one task, so the
+    split changes no bits).  Block sizes depend only on the routing, never on
+    the thread count."""
+    cdef int64_t cap = 0, i, e, d, lo, hi, n = 0, base, blk, cnt, nch, c, q0, q1, csz
     cdef int part
     for i in range(n_exp):
         e = order[i]
+        cnt = offs[e + 1] - offs[e]
+        nch = 1 if over_pairs else _pair_chunks(cnt, pair_split)
         for part in range(nparts):
-            d = (offs[e + 1] - offs[e]) if over_pairs else dims[part]
-            blk = _block(blocks[part], d, offs[e + 1] - offs[e], whole_upto)
-            cap += (d + blk - 1) // blk
+            d = cnt if over_pairs else dims[part]
+            blk = _block(blocks[part], d, cnt, whole_upto)
+            cap += nch * ((d + blk - 1) // blk)
     cdef Task *tasks = <Task *>malloc(max(cap, 1) * sizeof(Task))
     if tasks == NULL:
         ntasks[0] = -1
         return NULL
     for i in range(n_exp):
         e = order[i]
-        for part in range(nparts):
-            base = offs[e] if over_pairs else 0
-            d = (offs[e + 1] - offs[e]) if over_pairs else dims[part]
-            blk = _block(blocks[part], d, offs[e + 1] - offs[e], whole_upto)
-            lo = 0
-            while lo < d:
-                hi = min(lo + blk, d)
-                tasks[n].e = <int32_t>e
-                tasks[n].part = part
-                tasks[n].lo = base + lo
-                tasks[n].hi = base + hi
-                n += 1
-                lo = hi
+        cnt = offs[e + 1] - offs[e]
+        nch = 1 if over_pairs else _pair_chunks(cnt, pair_split)
+        csz = (cnt + nch - 1) // nch
+        csz = (csz + 15) // 16 * 16
+        for c in range(nch):
+            q0 = offs[e] + min(c * csz, cnt)
+            q1 = offs[e] + min((c + 1) * csz, cnt)
+            if q1 <= q0:
+                continue
+            for part in range(nparts):
+                base = offs[e] if over_pairs else 0
+                d = cnt if over_pairs else dims[part]
+                blk = _block(blocks[part], d, cnt, whole_upto)
+                lo = 0
+                while lo < d:
+                    hi = min(lo + blk, d)
+                    tasks[n].e = <int32_t>e
+                    tasks[n].part = part
+                    tasks[n].lo = base + lo
+                    tasks[n].hi = base + hi
+                    tasks[n].p0 = q0
+                    tasks[n].p1 = q1
+                    n += 1
+                    lo = hi
     ntasks[0] = n
     return tasks
 
@@ -412,7 +441,7 @@ cdef void _f_lora_a_in(const Layer *L, const Step *S, const Task *t, float *scr)
 
 cdef void _f_gate_up(const Layer *L, const Step *S, const Task *t) noexcept nogil:
     """G or U rows [lo, hi) of one expert: W x + B (s A x)."""
-    cdef int64_t e = t.e, off = S.offs[t.e], n = S.offs[t.e + 1] - off
+    cdef int64_t e = t.e, off = t.p0, n = t.p1 - t.p0
     cdef int64_t H = L.H, I = L.I, r = L.r, lo = t.lo, nb = t.hi - t.lo
     cdef const void *W = L.w_gate if t.part == 0 else L.w_up
     cdef const float *B = L.b_gate if t.part == 0 else L.b_up
@@ -444,7 +473,7 @@ cdef void _f_swiglu(const Layer *L, const Step *S, const Task *t, float *scr) no
 
 cdef void _f_down(const Layer *L, const Step *S, const Task *t) noexcept nogil:
     """y rows [lo, hi) of H for one expert: W_down h + B_down hs."""
-    cdef int64_t e = t.e, off = S.offs[t.e], n = S.offs[t.e + 1] - off
+    cdef int64_t e = t.e, off = t.p0, n = t.p1 - t.p0
     cdef int64_t H = L.H, I = L.I, r = L.r, lo = t.lo, nb = t.hi - t.lo
     cdef const float *ws = _scales(L, L.s_down, e, H, L.ng_in_i)
     _nt(L, n, nb, I, _off(L, S.h_act, off * I), I, NULL,
@@ -485,7 +514,7 @@ cdef void _lora_nn_masked(const Layer *L, const Step *S, int32_t proj, int64_t o
 cdef void _b_down(const Layer *L, const Step *S, const Task *t, float *scr) noexcept nogil:
     """dh (unweighted) columns [lo, hi) of I: W_down^T dO + A_down^T bds
     (with dropout: + m_d * A_down^T bds, added after the base product)."""
-    cdef int64_t e = t.e, off = S.offs[t.e], n = S.offs[t.e + 1] - off
+    cdef int64_t e = t.e, off = t.p0, n = t.p1 - t.p0
     cdef int64_t H = L.H, I = L.I, r = L.r, lo = t.lo, nb = t.hi - t.lo
     if S.drop:
         _nn(L, n, nb, H, S.do_act, H, S.pair_tok + off,
@@ -523,7 +552,7 @@ cdef void _b_input(const Layer *L, const Step *S, const Task *t, float *scr) noe
     """dx per pair, columns [lo, hi) of H: W_gate^T dG + W_up^T dU + LoRA terms
     (with dropout: base products first, then m_g * A_gate^T gbs_g, then
     m_u * A_up^T gbs_u)."""
-    cdef int64_t e = t.e, off = S.offs[t.e], n = S.offs[t.e + 1] - off
+    cdef int64_t e = t.e, off = t.p0, n = t.p1 - t.p0
     cdef int64_t H = L.H, I = L.I, r = L.r, lo = t.lo, nb = t.hi - t.lo
     if S.drop:
         _nn(L, n, nb, I, _off(L, S.dg_act, off * I), I, NULL,
@@ -640,8 +669,10 @@ cdef int _run(int phase, const Layer *L, const Step *S, int64_t n_exp, const int
     cdef int nslots = n_threads
     cdef float *scratch = NULL
     cdef int64_t whole_upto = L.nn_whole_upto if (phase == PH_BDOWN or phase == PH_BINPUT) else 0
+    cdef int64_t split = PAIR_SPLIT if (phase == PH_GATE_UP or phase == PH_DOWN or
+                                         phase == PH_BDOWN or phase == PH_BINPUT) else 0
     cdef Task *tasks = _blocks(n_exp, order, S.offs, nparts, dims, blocks, over_pairs, &ntasks,
-                               whole_upto)
+                               whole_upto, split)
     if ntasks < 0:
         return -1
     if S.drop and (phase == PH_LORA_A_IN or phase == PH_SWIGLU or phase == PH_BDOWN or
