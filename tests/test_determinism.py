@@ -27,11 +27,10 @@ def test_run_to_run(isa):
 
 
 def test_hot_experts_split_over_pairs(isa, dtype):
-    """An expert whose base-GEMM task would outweigh half a thread's share
-    runs it as tasks over chunks of its pairs (a skewed router would leave
-    one core with a tenth of the layer). One thread splits nothing, 2 and 5
-    threads split (4 chunks at 5): the bits must be the same, and within the
-    reference's tolerance."""
+    """Experts with more than PAIR_SPLIT (256) pairs run their base GEMMs as
+    several tasks over chunks of their pairs (a skewed router would otherwise
+    leave one core with a tenth of the layer): still bitwise the same for any
+    thread count, and within the reference's tolerance."""
     from conftest import check_against_reference
 
     # 2 experts take all 2 x 611 pairs: 3 chunks each; T odd, sizes odd

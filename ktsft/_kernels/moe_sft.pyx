@@ -32,18 +32,16 @@ cdef enum:
     PAIR_BLOCK = 32     # (token, slot) pairs per task
     GRAD_BLOCK = 256    # LoRA-gradient rows/columns per task
     FEW_TOKENS = 8      # experts with at most this many pairs: NN tasks span whole rows
-    # Load balance of the base GEMMs under a skewed router (a random-init
-    # Qwen3-MoE sends a tenth of a layer's pairs to one expert, whose tasks
-    # then run alone on one core for most of the phase): a task costs about
-    # max(its pairs, KNEE_PAIRS) (below the knee it streams its weights at
-    # the same cost whatever its pairs), and an expert whose task would cost
-    # more than half a thread's share of the phase takes its pairs in chunks
-    # of at least MIN_CHUNK_PAIRS.  Splitting re-streams (and re-packs) that
-    # expert's weights once per chunk, so it is done only where balance
-    # needs it.  Each output element is still computed whole by one task:
-    # the split changes no bits, so it may follow the thread count.
-    KNEE_PAIRS = 128
-    MIN_CHUNK_PAIRS = 128
+    # Base-GEMM tasks of an expert with more pairs take them in near-equal
+    # chunks of at most this many: a skewed router (a random-init Qwen3-MoE
+    # sends a tenth of a layer's pairs to one expert) would otherwise leave
+    # that expert's few tasks running alone on a core for most of the phase
+    # (on AMX, dx was one task per expert).  Measured on the 16-core Xeon in
+    # the whole model (docs/performance.md): Qwen3-30B-A3B 157 -> 224 tok/s
+    # at 512 tokens, 228 -> 344 at 2048; a split only as deep as a per-thread
+    # share needs gained less (185, 251).  Each output element is still
+    # computed whole by one task, and the chunks depend only on the routing.
+    PAIR_SPLIT = 256
 
 
 # --------------------------------------------------------------------------
@@ -361,43 +359,30 @@ cdef inline int64_t _block(int64_t blk, int64_t d, int64_t count, int64_t whole_
     return d if count <= whole_upto else blk
 
 
-cdef inline int64_t _pair_chunks(int64_t count, int64_t half_share) noexcept nogil:
-    """How many near-equal chunks an expert's `count` pairs are taken in
-    (half_share: half a thread's share of the phase, in pairs; 0: no split)."""
-    cdef int64_t cost = count if count > KNEE_PAIRS else KNEE_PAIRS
-    if half_share <= 0 or count <= MIN_CHUNK_PAIRS or cost <= half_share:
+cdef inline int64_t _pair_chunks(int64_t count, int64_t split) noexcept nogil:
+    """How many near-equal chunks an expert's `count` pairs are taken in."""
+    if split <= 0 or count <= split:
         return 1
-    cdef int64_t n = (cost + half_share - 1) // half_share
-    cdef int64_t most = count // MIN_CHUNK_PAIRS
-    return n if n < most else most
+    return (count + split - 1) // split
 
 
 cdef Task *_blocks(int64_t n_exp, const int32_t *order, const int32_t *offs, int nparts,
                    const int64_t *dims, const int64_t *blocks, bint over_pairs,
-                   int64_t *ntasks, int64_t whole_upto=0, int n_threads=0) noexcept nogil:
+                   int64_t *ntasks, int64_t whole_upto=0, int64_t pair_split=0) noexcept nogil:
     """Tasks (expert, part, [lo, hi), pairs [p0, p1)) over each part's
     dimension in fixed blocks; over_pairs: the dimension is the expert's own
     pair range; experts with at most whole_upto pairs get one task spanning
-    the dimension; n_threads > 1 (not over_pairs): an expert whose task would
-    cost more than half a thread's share is also split over its pairs, in
-    near-equal chunks rounded up to 16 (KNEE_PAIRS above; no bits change).
-    Column and row blocks depend only on the routing."""
+    the dimension; pair_split > 0: an expert with more pairs is also split
+    over its pairs, in near-equal chunks of at most pair_split rounded up to
+    16 (each output element is still computed whole by one task, so the
+    split changes no bits).  Block sizes depend only on the routing, never on
+    the thread count."""
     cdef int64_t cap = 0, i, e, d, lo, hi, n = 0, base, blk, cnt, nch, c, q0, q1, csz
-    cdef int64_t total = 0, half = 0
     cdef int part
-    if n_threads > 1 and not over_pairs:  # the phase's cost in pair units, per thread
-        for i in range(n_exp):
-            cnt = offs[order[i] + 1] - offs[order[i]]
-            if cnt > 0:
-                for part in range(nparts):
-                    blk = _block(blocks[part], dims[part], cnt, whole_upto)
-                    total += (cnt if cnt > KNEE_PAIRS else KNEE_PAIRS) * (
-                        (dims[part] + blk - 1) // blk)
-        half = total // (2 * n_threads)
     for i in range(n_exp):
         e = order[i]
         cnt = offs[e + 1] - offs[e]
-        nch = 1 if over_pairs else _pair_chunks(cnt, half)
+        nch = 1 if over_pairs else _pair_chunks(cnt, pair_split)
         for part in range(nparts):
             d = cnt if over_pairs else dims[part]
             blk = _block(blocks[part], d, cnt, whole_upto)
@@ -409,7 +394,7 @@ cdef Task *_blocks(int64_t n_exp, const int32_t *order, const int32_t *offs, int
     for i in range(n_exp):
         e = order[i]
         cnt = offs[e + 1] - offs[e]
-        nch = 1 if over_pairs else _pair_chunks(cnt, half)
+        nch = 1 if over_pairs else _pair_chunks(cnt, pair_split)
         csz = (cnt + nch - 1) // nch
         csz = (csz + 15) // 16 * 16
         for c in range(nch):
@@ -691,10 +676,10 @@ cdef int _run(int phase, const Layer *L, const Step *S, int64_t n_exp, const int
     cdef int nslots = n_threads
     cdef float *scratch = NULL
     cdef int64_t whole_upto = L.nn_whole_upto if (phase == PH_BDOWN or phase == PH_BINPUT) else 0
-    cdef int split_threads = n_threads if (phase == PH_GATE_UP or phase == PH_DOWN or
-                                           phase == PH_BDOWN or phase == PH_BINPUT) else 0
+    cdef int64_t split = PAIR_SPLIT if (phase == PH_GATE_UP or phase == PH_DOWN or
+                                         phase == PH_BDOWN or phase == PH_BINPUT) else 0
     cdef Task *tasks = _blocks(n_exp, order, S.offs, nparts, dims, blocks, over_pairs, &ntasks,
-                               whole_upto, split_threads)
+                               whole_upto, split)
     if ntasks < 0:
         return -1
     if S.drop and (phase == PH_LORA_A_IN or phase == PH_SWIGLU or phase == PH_BDOWN or
