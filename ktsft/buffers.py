@@ -3,6 +3,7 @@ entry (what backward needs, nothing more) and the per-wrapper workspace."""
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 import weakref
 from typing import ClassVar, Dict
 
@@ -116,6 +117,53 @@ class KExpertsSFTBuffer:
     @classmethod
     def clear_cache(cls) -> None:
         cls.capture_buffers.clear()
+        with cls._staging_lock:
+            cls._staging.clear()
+
+    # ---- the experts modules' device staging: bucketed and bounded ----------
+    #: token counts are rounded up to a power of two (at least STAGING_MIN), and
+    #: at most STAGING_KEEP buckets are kept (least recently used first out), so
+    #: training on sequences of many lengths holds a bounded amount of pinned
+    #: memory and pins none per step once its buckets exist
+    STAGING_MIN = 64
+    STAGING_KEEP = 4
+    _staging: ClassVar["OrderedDict"] = OrderedDict()
+    _staging_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    @classmethod
+    def staging(cls, qlen, hidden_size, moe_intermediate_size, num_experts,
+                num_experts_per_tok, lora_rank, dtype="bf16") -> "KExpertsSFTBuffer":
+        """A shared buffer of at least `qlen` tokens (``view(qlen)`` trims
+        its token buffers), from a bounded pool of power-of-two buckets."""
+        cap = max(cls.STAGING_MIN, 1 << max(int(qlen) - 1, 0).bit_length())
+        key = (cap, hidden_size, moe_intermediate_size, num_experts, num_experts_per_tok,
+               lora_rank, str(_act_dtype(dtype)))
+        with cls._staging_lock:
+            buf = cls._staging.get(key)
+            if buf is not None:
+                cls._staging.move_to_end(key)
+                return buf
+            buf = cls(cap, hidden_size, moe_intermediate_size, num_experts,
+                      num_experts_per_tok, lora_rank, dtype)
+            cls._staging[key] = buf
+            # evict the least recently used buckets no call is using
+            for old in list(cls._staging):
+                if len(cls._staging) <= cls.STAGING_KEEP:
+                    break
+                ob = cls._staging[old]
+                if old != key and not ob.lock.locked():
+                    del cls._staging[old]
+            return buf
+
+    _TOKEN_BUFFERS = ("input_cpu", "output_cpu", "grad_output_cpu", "grad_input_cpu",
+                      "expert_ids_cpu", "weights_cpu")
+
+    def view(self, qlen: int) -> dict:
+        """The token buffers' torch tensors trimmed to `qlen` rows (views:
+        rows stay contiguous)."""
+        if qlen > self.qlen:
+            raise ValueError(f"view({qlen}): this buffer holds {self.qlen} tokens")
+        return {n: self.tensors[n][:qlen] for n in self._TOKEN_BUFFERS}
 
     def get_lora_grads(self, as_torch: bool = False) -> dict:
         """The six LoRA-gradient arrays (torch tensors with as_torch=True)."""

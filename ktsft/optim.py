@@ -32,7 +32,7 @@ import math
 import torch
 
 from . import _dispatch
-from .wrapper import default_threads
+from .wrapper import MAX_THREADS, default_threads
 
 __all__ = ["CPUAdamW"]
 
@@ -78,9 +78,10 @@ class CPUAdamW(torch.optim.Optimizer):
 
     @threads.setter
     def threads(self, n) -> None:
-        n = default_threads() if n is None else n
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"CPUAdamW: threads must be a positive int or None, got {n!r}")
+        n = min(default_threads(), MAX_THREADS) if n is None else n
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_THREADS:
+            raise ValueError(f"CPUAdamW: threads must be an int in [1, {MAX_THREADS}] or None, "
+                             f"got {n!r}")
         self._threads = n
 
     def add_param_group(self, param_group: dict) -> None:

@@ -33,12 +33,13 @@ def _kernel_dtype(t):
 
 
 def _staging(module, T, dtype):
-    """The pinned host buffers for T tokens of this layer's shape."""
+    """The pinned host buffers for at least T tokens of this layer's shape
+    (a bounded pool of power-of-two buckets: KExpertsSFTBuffer.staging)."""
     from .buffers import KExpertsSFTBuffer
 
-    return KExpertsSFTBuffer.get_buffer(T, module.hidden_size, module.intermediate_size,
-                                        module.num_experts, module.top_k, module.r,
-                                        "bf16" if dtype == torch.bfloat16 else "fp32")
+    return KExpertsSFTBuffer.staging(T, module.hidden_size, module.intermediate_size,
+                                     module.num_experts, module.top_k, module.r,
+                                     "bf16" if dtype == torch.bfloat16 else "fp32")
 
 
 def _sync(device, prof):
@@ -89,7 +90,7 @@ def _run_forward(module, hidden, ids, weights, cache, dropout):
         return out.to(dtype=hidden.dtype), handle
     buf = _staging(module, x.shape[0], x.dtype)
     with buf.lock:  # the forward copies what it keeps: the buffers are free again after it
-        t = buf.tensors
+        t = buf.view(x.shape[0])
         _free_staging(buf)
         stream = _sync(x.device, prof)
         with _profile.timer("d2h"):
@@ -118,7 +119,7 @@ def _run_backward(module, grad_out, handle, grads_out, accumulate=False, dtype=N
         return dx.to(dtype=dtype), grads
     buf = _staging(module, g.shape[0], g.dtype)
     with buf.lock:
-        t = buf.tensors
+        t = buf.view(g.shape[0])
         _free_staging(buf)
         stream = _sync(g.device, prof)
         with _profile.timer("d2h"):

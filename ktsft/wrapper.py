@@ -118,6 +118,45 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
+# Attributes the native layer is built from: fixed once set (a new size in
+# Python would disagree with the buffers and shapes the kernels hold)
+_FIXED = frozenset({"layer_idx", "num_experts", "num_experts_per_tok", "hidden_size",
+                    "moe_intermediate_size", "num_gpu_experts", "threadpool_count", "lora_rank",
+                    "lora_alpha", "lora_scaling", "dtype", "isa", "quant_group"})
+
+
+def _check_threads(self, n):
+    if n is None:
+        return min(default_threads(), MAX_THREADS)
+    return V.check_int(n, "cpuinfer_threads", maximum=MAX_THREADS)
+
+
+def _check_prefill(self, n):
+    n = V.check_int(n, "chunked_prefill_size")
+    k = self.__dict__.get("num_experts_per_tok", 1)
+    if n * k > INT32_MAX:
+        raise ValueError(f"chunked_prefill_size={n} x num_experts_per_tok={k} (token, slot) pairs "
+                         "exceed 2^31 - 1, the native index range; split batches into smaller "
+                         "chunks")
+    return n
+
+
+def _check_path(self, p):
+    if p is not None and not isinstance(p, (str, os.PathLike)):
+        raise TypeError(f"weight_path must be a path or None, got {type(p).__name__}")
+    return p
+
+
+# Tunables: validated whenever they are set, as in the constructor
+_TUNABLE = {
+    "cpuinfer_threads": _check_threads,
+    "chunked_prefill_size": _check_prefill,
+    "max_cache_depth": lambda self, n: V.check_int(n, "max_cache_depth"),
+    "lora_dropout": lambda self, p: V.check_dropout(p, "lora_dropout"),
+    "weight_path": _check_path,
+}
+
+
 class BaseSFTMoEWrapper(ABC):
     """One MoE layer's routed experts on the CPU, for LoRA fine-tuning.
 
@@ -125,7 +164,21 @@ class BaseSFTMoEWrapper(ABC):
     (``lora_scaling = lora_alpha / lora_rank``).  The inference entry points
     of an inference wrapper raise RuntimeError: training needs the
     synchronous, cached ``forward_sft`` and its ``backward``.
+
+    The sizes, the LoRA rank and alpha, the dtype and the ISA are fixed at
+    construction (assigning one raises AttributeError: the native layer was
+    built with them); ``cpuinfer_threads``, ``lora_dropout``,
+    ``max_cache_depth``, ``chunked_prefill_size`` and ``weight_path`` may be
+    changed and are validated as the constructor validates them.
     """
+
+    def __setattr__(self, name, value):
+        if name in _FIXED and name in self.__dict__:
+            raise AttributeError(
+                f"{type(self).__name__}.{name} is fixed when the layer is built (the native layer "
+                f"holds {self.__dict__[name]!r}); build a new wrapper for another value")
+        check = _TUNABLE.get(name)
+        object.__setattr__(self, name, value if check is None else check(self, value))
 
     def __init__(self, layer_idx, num_experts, num_experts_per_tok, hidden_size,
                  moe_intermediate_size, num_gpu_experts=0, cpuinfer_threads=None,
@@ -142,20 +195,12 @@ class BaseSFTMoEWrapper(ABC):
             raise NotImplementedError(
                 f"num_gpu_experts={num_gpu_experts}: only 0 is supported (all routed experts on the CPU)")
         self.num_gpu_experts = 0
-        self.cpuinfer_threads = (min(default_threads(), MAX_THREADS) if cpuinfer_threads is None
-                                 else V.check_int(cpuinfer_threads, "cpuinfer_threads",
-                                                  maximum=MAX_THREADS))
+        self.cpuinfer_threads = cpuinfer_threads  # validated by the setter (_TUNABLE)
         # Accepted for interface compatibility: one pool of cpuinfer_threads
         # serves the layer; NUMA sub-pools are not implemented yet.
         self.threadpool_count = V.check_int(threadpool_count, "threadpool_count")
-        if weight_path is not None and not isinstance(weight_path, (str, os.PathLike)):
-            raise TypeError(f"weight_path must be a path or None, got {type(weight_path).__name__}")
         self.weight_path = weight_path
-        self.chunked_prefill_size = V.check_int(chunked_prefill_size, "chunked_prefill_size")
-        if self.chunked_prefill_size * self.num_experts_per_tok > INT32_MAX:
-            raise ValueError(f"chunked_prefill_size={self.chunked_prefill_size} x num_experts_per_tok="
-                             f"{self.num_experts_per_tok} (token, slot) pairs exceed 2^31 - 1, the "
-                             "native index range; split batches into smaller chunks")
+        self.chunked_prefill_size = chunked_prefill_size
         self.lora_rank = V.check_int(lora_rank, "lora_rank")
         self.lora_alpha = V.check_positive_float(lora_alpha, "lora_alpha")
         self.lora_scaling = self.lora_alpha / self.lora_rank
@@ -163,7 +208,7 @@ class BaseSFTMoEWrapper(ABC):
             # the kernels scale in fp32: beyond this the LoRA term is lost or overflows
             raise ValueError(f"lora_alpha={lora_alpha!r}: lora_alpha / lora_rank = "
                              f"{self.lora_scaling:g} is outside [1e-30, 1e30]")
-        self.max_cache_depth = V.check_int(max_cache_depth, "max_cache_depth")
+        self.max_cache_depth = max_cache_depth
 
     @abstractmethod
     def load_weights(self, physical_to_logical_map_cpu=None, *, gate_proj=None, up_proj=None,
@@ -235,7 +280,7 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
                              f"hidden_size={hidden_size} and moe_intermediate_size="
                              f"{moe_intermediate_size}")
         self.dtype = dtype
-        self.lora_dropout = V.check_dropout(lora_dropout, "lora_dropout")
+        self.lora_dropout = lora_dropout
         if dropout_seed is not None:
             V.check_seed(dropout_seed, "dropout_seed")
         self._dropout_rng = np.random.default_rng(dropout_seed)

@@ -197,3 +197,25 @@ def test_default_threads_follow_omp_num_threads():
     r = _run_py("import ktsft; print(ktsft.SFTMoEWrapper(0, 4, 2, 16, 8).cpuinfer_threads)",
                 OMP_NUM_THREADS="3")
     assert r.stdout.strip() == "3", r.stderr
+
+
+def test_staging_pool_is_bucketed_and_bounded():
+    """The experts modules' device staging: token counts share power-of-two
+    buckets, and at most STAGING_KEEP buckets stay alive (training on many
+    sequence lengths must not keep a pinned buffer per length)."""
+    pytest.importorskip("torch")
+    B = ktsft.KExpertsSFTBuffer
+    B.clear_cache()
+    a = B.staging(100, 16, 8, 3, 2, 2, dtype="bf16")
+    assert a.qlen == 128 and B.staging(128, 16, 8, 3, 2, 2, dtype="bf16") is a
+    assert B.staging(65, 16, 8, 3, 2, 2, dtype="bf16") is a
+    assert B.staging(1, 16, 8, 3, 2, 2, dtype="bf16").qlen == B.STAGING_MIN
+    v = a.view(100)
+    assert v["input_cpu"].shape == (100, 16) and v["input_cpu"].is_contiguous()
+    assert v["expert_ids_cpu"].shape == (100, 2)
+    for T in range(1, 5000, 37):
+        B.staging(T, 16, 8, 3, 2, 2, dtype="bf16")
+        assert len(B._staging) <= B.STAGING_KEEP
+    with pytest.raises(ValueError, match="holds 128 tokens"):
+        a.view(129)
+    B.clear_cache()

@@ -159,7 +159,8 @@ def test_pickles_and_deepcopies():
     (dict(lr=-1.0), "lr"), (dict(lr=float("nan")), "lr"), (dict(eps=-1e-8), "eps"),
     (dict(betas=(1.0, 0.9)), r"betas\[0\]"), (dict(betas=(0.9, -0.1)), r"betas\[1\]"),
     (dict(betas=0.9), "betas"), (dict(weight_decay=-0.1), "weight_decay"),
-    (dict(threads=0), "threads"), (dict(threads=1.5), "threads"), (dict(isa="nope"), "isa"),
+    (dict(threads=0), "threads"), (dict(threads=1.5), "threads"), (dict(threads=100_000), "threads"),
+    (dict(isa="nope"), "isa"),
     (dict(capturable=True), "capturable"),
 ])
 def test_bad_arguments(kw, match):

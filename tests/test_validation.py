@@ -156,3 +156,58 @@ def test_bf16_lora_only_in_bf16_mode():
         m.init_lora_weights(*bf)
     m16 = p.wrapper(dtype="bf16")
     m16.init_lora_weights(*bf)  # accepted: fp32 working copy
+
+
+# ---- the configuration cannot change behind the native layer's back ----
+FIXED = ["layer_idx", "num_experts", "num_experts_per_tok", "hidden_size",
+         "moe_intermediate_size", "num_gpu_experts", "threadpool_count", "lora_rank",
+         "lora_alpha", "lora_scaling", "dtype", "isa", "quant_group"]
+
+
+@pytest.mark.parametrize("name", FIXED)
+def test_size_attributes_are_fixed(name):
+    from conftest import Problem
+
+    p = Problem()
+    m = p.wrapper(dtype="bf16")
+    before = p.run(m)
+    old = getattr(m, name)
+    with pytest.raises(AttributeError, match=f"{name} is fixed when the layer is built"):
+        setattr(m, name, 2 * old if isinstance(old, (int, float)) else "fp32")
+    assert getattr(m, name) == old
+    after = p.run(m)  # still the layer it was
+    for k in before:
+        assert np.array_equal(before[k], after[k]), k
+
+
+@pytest.mark.parametrize("name, bad, err", [
+    ("cpuinfer_threads", 100_000, ValueError), ("cpuinfer_threads", 0, ValueError),
+    ("cpuinfer_threads", 2.5, TypeError), ("lora_dropout", 1.0, ValueError),
+    ("lora_dropout", float("nan"), ValueError), ("max_cache_depth", 0, ValueError),
+    ("chunked_prefill_size", 2 ** 31, ValueError), ("weight_path", 3, TypeError),
+])
+def test_tunables_are_validated_when_set(name, bad, err):
+    from conftest import Problem
+
+    p = Problem()
+    m = p.wrapper()
+    old = getattr(m, name)
+    with pytest.raises(err, match=name):
+        setattr(m, name, bad)
+    assert getattr(m, name) == old
+    p.run(m)  # the layer still works: nothing reached the native code
+
+
+def test_tunables_can_change():
+    from conftest import Problem
+
+    p = Problem(T=20)
+    m = p.wrapper(threads=1)
+    ref = p.run(m)
+    m.cpuinfer_threads = 3
+    m.max_cache_depth = 4
+    m.chunked_prefill_size = 64
+    m.cpuinfer_threads = None  # back to the default
+    got = p.run(m)
+    for k in ref:
+        assert np.array_equal(ref[k], got[k]), k
