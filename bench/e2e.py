@@ -34,7 +34,6 @@ import argparse
 import datetime
 import gc
 import json
-import os
 import statistics
 import time
 

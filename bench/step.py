@@ -30,7 +30,6 @@ import math
 import statistics
 import time
 
-import numpy as np
 import torch
 
 import ktsft
