@@ -120,7 +120,7 @@ def default_threads() -> int:
 
 # Attributes the native layer is built from: fixed once set (a new size in
 # Python would disagree with the buffers and shapes the kernels hold)
-_FIXED = frozenset({"layer_idx", "num_experts", "num_experts_per_tok", "hidden_size",
+_FIXED = frozenset({"num_experts", "num_experts_per_tok", "hidden_size",
                     "moe_intermediate_size", "num_gpu_experts", "threadpool_count", "lora_rank",
                     "lora_alpha", "lora_scaling", "dtype", "isa", "quant_group"})
 
@@ -149,6 +149,7 @@ def _check_path(self, p):
 
 # Tunables: validated whenever they are set, as in the constructor
 _TUNABLE = {
+    "layer_idx": lambda self, i: V.check_int(i, "layer_idx", minimum=0),  # a label (adapter keys)
     "cpuinfer_threads": _check_threads,
     "chunked_prefill_size": _check_prefill,
     "max_cache_depth": lambda self, n: V.check_int(n, "max_cache_depth"),
@@ -168,7 +169,8 @@ class BaseSFTMoEWrapper(ABC):
     The sizes, the LoRA rank and alpha, the dtype and the ISA are fixed at
     construction (assigning one raises AttributeError: the native layer was
     built with them); ``cpuinfer_threads``, ``lora_dropout``,
-    ``max_cache_depth``, ``chunked_prefill_size`` and ``weight_path`` may be
+    ``max_cache_depth``, ``chunked_prefill_size``, ``weight_path`` and
+    ``layer_idx`` (a label: the layer's adapter keys) may be
     changed and are validated as the constructor validates them.
     """
 
@@ -184,7 +186,7 @@ class BaseSFTMoEWrapper(ABC):
                  moe_intermediate_size, num_gpu_experts=0, cpuinfer_threads=None,
                  threadpool_count=1, weight_path=None, chunked_prefill_size=8192,
                  lora_rank=16, lora_alpha=32.0, max_cache_depth=1):
-        self.layer_idx = V.check_int(layer_idx, "layer_idx", minimum=0)
+        self.layer_idx = layer_idx
         self.num_experts = V.check_int(num_experts, "num_experts", maximum=INT32_MAX - 1)
         self.num_experts_per_tok = V.check_int(num_experts_per_tok, "num_experts_per_tok",
                                                maximum=self.num_experts)

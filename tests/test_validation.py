@@ -159,7 +159,7 @@ def test_bf16_lora_only_in_bf16_mode():
 
 
 # ---- the configuration cannot change behind the native layer's back ----
-FIXED = ["layer_idx", "num_experts", "num_experts_per_tok", "hidden_size",
+FIXED = ["num_experts", "num_experts_per_tok", "hidden_size",
          "moe_intermediate_size", "num_gpu_experts", "threadpool_count", "lora_rank",
          "lora_alpha", "lora_scaling", "dtype", "isa", "quant_group"]
 
@@ -185,6 +185,7 @@ def test_size_attributes_are_fixed(name):
     ("cpuinfer_threads", 2.5, TypeError), ("lora_dropout", 1.0, ValueError),
     ("lora_dropout", float("nan"), ValueError), ("max_cache_depth", 0, ValueError),
     ("chunked_prefill_size", 2 ** 31, ValueError), ("weight_path", 3, TypeError),
+    ("layer_idx", -1, ValueError),
 ])
 def test_tunables_are_validated_when_set(name, bad, err):
     from conftest import Problem
