@@ -37,7 +37,10 @@ import json
 import statistics
 import time
 
-from .paths import add_out_argument, resolve_out
+from ktsft.__main__ import _available_memory
+
+from . import memory
+from .paths import add_out_argument, write_result
 
 RANK = 16
 GB = 1e9
@@ -92,31 +95,9 @@ def _help_presets():
     return "\n".join(out)
 
 
-def _vm(key):
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _mem_available():
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def auto_layers(preset, budget_fraction=0.8, reserve=12 * GB):
     ex, lo = memory_per_layer(preset)
-    avail = _mem_available()
+    avail = _available_memory()
     if avail is None:
         return 1
     return max(1, int((budget_fraction * avail - reserve) // (ex + lo)))
@@ -189,7 +170,7 @@ def train_ktsft(model, args, T, device):
                    zero_grad_s=t3 - t2, kernel_fwd_s=s["kernel_fwd"], kernel_bwd_s=s["kernel_bwd"],
                    gpu_wait_s=s["gpu_wait"], transfers_s=s["d2h"] + s["h2d"],
                    staging_s=s["staging"], loss=float(loss.item()),
-                   rss=_vm("VmRSS"), peak_rss=_vm("VmHWM"))
+                   rss=memory.rss(), peak_rss=memory.peak_rss())
         row["other_s"] = row["step_s"] - sum(row[k] for k in (
             "kernel_fwd_s", "kernel_bwd_s", "gpu_wait_s", "transfers_s", "staging_s",
             "optimizer_s"))
@@ -290,7 +271,7 @@ def run(args):
     if device != "cpu":
         torch.cuda.empty_cache()
     res["ktsft_build_s"] = time.time() - t0
-    res["rss_after_build"] = _vm("VmRSS")
+    res["rss_after_build"] = memory.rss()
     print(f"  built and moved the experts to ktsft in {res['ktsft_build_s']:.0f} s, RSS "
           f"{res['rss_after_build'] / GB:.1f} GB", flush=True)
     for T in tokens:
@@ -303,14 +284,10 @@ def run(args):
         res["runs"][f"ktsft_T{T}"] = dict(
             rows=rows, median=_summary(rows, T),
             peak_gpu_bytes=torch.cuda.max_memory_allocated() if device != "cpu" else 0,
-            peak_rss=_vm("VmHWM"), cache_bytes=cache)
-    res["peak_rss"] = _vm("VmHWM")
+            peak_rss=memory.peak_rss(), cache_bytes=cache)
+    res["peak_rss"] = memory.peak_rss()
     _report(res, tokens)
-    out = resolve_out(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"e2e_{args.preset}_L{layers}_{device}.json"
-    path.write_text(json.dumps(res, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_result(args.out, f"e2e_{args.preset}_L{layers}_{device}.json", res)
     return res
 
 

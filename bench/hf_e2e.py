@@ -28,6 +28,8 @@ import os
 import sys
 import time
 
+from . import memory
+
 
 def qwen3_30b_config(layers):
     import transformers
@@ -98,14 +100,6 @@ def write(args):
     print(f"checkpoint: {size / 1e9:.1f} GB in {time.time() - t0:.0f} s", flush=True)
 
 
-def _vm(key):
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _instrument():
     """Wall time per step in ktsft's forward and backward calls (staging
     copies included) and in the LoRA staging of the 'ktsft' experts."""
@@ -140,7 +134,7 @@ def train(args):
 
     res = {"cpu": ktsft.cpu_info()["selected_isa"], "threads": args.threads,
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    rss0 = _vm("VmRSS")
+    rss0 = memory.rss()
     t0 = time.time()
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_moe_checkpoint(args.dir, dtype=torch.bfloat16, device=dev)
@@ -149,8 +143,8 @@ def train(args):
     ebytes = sum(m.gate_up_proj.numel() * m.gate_up_proj.element_size()
                  + m.down_proj.numel() * m.down_proj.element_size() for m in experts)
     res["expert_bytes"] = ebytes
-    res["rss_after_load"] = _vm("VmRSS")
-    res["peak_rss_load"] = _vm("VmHWM")
+    res["rss_after_load"] = memory.rss()
+    res["peak_rss_load"] = memory.peak_rss()
     print(f"loaded in {res['load_s']:.0f} s: experts {ebytes / 2**30:.1f} GiB on "
           f"{experts[0].gate_up_proj.device}, RSS {res['rss_after_load'] / 2**30:.1f} GiB, "
           f"peak {res['peak_rss_load'] / 2**30:.1f} GiB", flush=True)
@@ -160,7 +154,7 @@ def train(args):
     model = get_peft_model(model, LoraConfig(
         r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
-    res["rss_after_peft"], res["peak_rss_peft"] = _vm("VmRSS"), _vm("VmHWM")
+    res["rss_after_peft"], res["peak_rss_peft"] = memory.rss(), memory.peak_rss()
     cpu_lora = sum(p.numel() for p in model.parameters() if p.requires_grad and p.device.type == "cpu")
     gpu_lora = sum(p.numel() for p in model.parameters() if p.requires_grad and p.device.type != "cpu")
     res["lora_params_cpu"], res["lora_params_gpu"] = cpu_lora, gpu_lora
@@ -202,8 +196,8 @@ def train(args):
         def on_step_end(self, a, state, control, **k):
             sync()
             times.append(time.time() - self.t)
-            stages.append({"step_s": times[-1], **dict(timing), "rss": _vm("VmRSS"),
-                           "peak_rss": _vm("VmHWM")})
+            stages.append({"step_s": times[-1], **dict(timing), "rss": memory.rss(),
+                           "peak_rss": memory.peak_rss()})
             print(f"step {state.global_step}: {times[-1]:.2f} s  " + "  ".join(
                 f"{k} {v:.2f}" for k, v in timing.items()) +
                 f"  RSS {stages[-1]['rss'] / 2**30:.1f} GiB (peak "
@@ -233,7 +227,7 @@ def train(args):
                tokens_per_s=tok / (sum(steady) / len(steady)), losses=losses,
                peak_gpu_alloc=torch.cuda.max_memory_allocated() if cuda else 0,
                peak_gpu_reserved=torch.cuda.max_memory_reserved() if cuda else 0,
-               peak_rss=_vm("VmHWM"), rss_start=rss0, stages=stages)
+               peak_rss=memory.peak_rss(), rss_start=rss0, stages=stages)
     bound = 1.15 * ebytes + res["lora_opt_bytes_cpu"]
     res["rss_bound"] = bound
     res["rss_ok"] = res["peak_rss"] <= bound

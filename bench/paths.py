@@ -47,6 +47,19 @@ def resolve_out(out) -> Path:
     return Path(out) if out is not None else default_out()
 
 
+def write_result(out, name: str, result) -> Path:
+    """`result` as indented JSON in resolve_out(out)/name (made if missing);
+    prints and returns the path."""
+    import json
+
+    d = resolve_out(out)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / name
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
 def as_package(file: str) -> str:
     """For a script run as a file: drop its own directory from sys.path
     (bench's modules are not top-level modules: bench/data.py must not

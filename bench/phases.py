@@ -11,14 +11,13 @@ if not __package__:  # run as a file: python path/to/bench/phases.py
     __package__ = as_package(__file__)
 
 import argparse
-import json
 import statistics
 
 import torch
 
 import ktsft
 
-from .paths import add_out_argument, resolve_out
+from .paths import add_out_argument, write_result
 from .presets import PRESETS, get
 from .step import _inputs, _layer
 
@@ -61,11 +60,7 @@ def main(argv=None):
                   + " ".join(f"{k} {v:.1f}" for k, v in f.items()), flush=True)
             print(f"{'':19s} bwd {sum(b.values()):7.1f} ms "
                   + " ".join(f"{k} {v:.1f}" for k, v in b.items()), flush=True)
-    out = resolve_out(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"phases_{shape.name}.json"
-    path.write_text(json.dumps(res, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_result(args.out, f"phases_{shape.name}.json", res)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ if not __package__:  # run as a file (python path/to/bench/run.py): the package'
 
 import argparse
 import gc
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,19 +19,14 @@ from tqdm import tqdm
 import ktsft
 
 from . import check, data, machine, memory, metrics, paths, peers, presets, report, subject
+from ktsft._contention import usable_cores
+
 from .contention import wait_for_quiet
 from .timing import settle
 
 REAL_PRESETS = [n for n in presets.PRESETS if n != "tiny"]
 QUICK = {"preset": ["qwen3-30b-a3b"], "qlen": [128, 512], "repeats": 3, "peer_repeats": 1,
          "quiet_wait": 2.0}
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -25,7 +25,6 @@ if not __package__:  # run as a file: python path/to/bench/step.py
 
 import argparse
 import datetime
-import json
 import math
 import statistics
 import time
@@ -37,7 +36,7 @@ from ktsft._contention import OtherLoad, loadavg, usable_cores, verdict
 from ktsft.optim import CPUAdamW
 from ktsft.torch import LoRAExperts
 
-from .paths import add_out_argument, resolve_out
+from .paths import add_out_argument, write_result
 from .presets import PRESETS, get
 from .timing import best_time, torch_threads
 
@@ -213,11 +212,8 @@ def main(argv=None):
           f"{100 * res['optimizer_share']:.1f}%")
     print("machine: " + (f"BUSY ({res['load']['note']}): ratios are suspect" if reasons
                          else f"quiet (other processes {others or 0:.2f} cores)"))
-    out = resolve_out(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"step_{shape.name}_T{args.tokens}_{args.dtype}_t{args.threads}.json"
-    path.write_text(json.dumps(res, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_result(args.out, f"step_{shape.name}_T{args.tokens}_{args.dtype}_t{args.threads}.json",
+                 res)
     return res
 
 

@@ -33,13 +33,31 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _out_array(out, name, shape, like):
+def _out_array(out, name, shape):
     """The caller's output buffer `out` (CPU, C-contiguous, float32 or
-    bfloat16, of `shape`) as numpy, or None for a new one like `like`."""
+    bfloat16, of `shape`) as numpy, or None when none was given."""
     if out is None:
         return None
-    a = V.array(out, name, shape, contiguous=True, writable=True)
-    return a
+    return V.array(out, name, shape, contiguous=True, writable=True)
+
+
+def _result_target(out_a, like, scratch):
+    """Where the kernels write a [T, H] float32 result: the caller's fp32
+    buffer; else a fresh array, returned as it is, for a float32 caller;
+    else `scratch` (the workspace's y32), cast to the caller's form after."""
+    if out_a is not None:
+        return out_a if out_a.dtype == np.float32 else scratch
+    return np.empty(scratch.shape, np.float32) if _is_f32(like) else scratch
+
+
+def _deliver(y, out_a, out, like, threads, isa):
+    """The kernels' float32 result `y` in the caller's form: written into
+    its buffer `out` (validated as `out_a`), or a new array like `like`."""
+    if out_a is None:
+        return _cast_like(y, like, threads, isa)
+    if out_a is not y:
+        cast_checked(y, out_a, threads, isa, False)
+    return out
 
 
 def _is_f32(x) -> bool:
@@ -592,7 +610,7 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
         x = V.array(x, "hidden_states", (T, H))  # finite: checked natively below
         if not x.flags.c_contiguous:
             x = np.ascontiguousarray(x)
-        out_a = _out_array(out, "out", (T, H), hidden_states)
+        out_a = _out_array(out, "out", (T, H))
         ids = V.expert_ids(expert_ids, "expert_ids", T, k, self.num_experts)
         rw = V.routing_weights(weights, "weights", T, k)
         if not isinstance(save_for_backward, (bool, np.bool_)):
@@ -619,21 +637,11 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
             entry.dropout = (p, 0 if seed is None else seed)
             with self._ws.lock:  # shared by the layers of this shape
                 ws = self._ws.view(T)
-                if out_a is not None:  # the caller's buffer, directly or through y32
-                    y = out_a if out_a.dtype == np.float32 else ws["y32"]
-                elif _is_f32(hidden_states):
-                    y = np.empty((T, H), np.float32)  # returned as it is
-                else:
-                    y = ws["y32"]
+                y = _result_target(out_a, hidden_states, ws["y32"])
                 self._kernel.forward(entry["x"],
                                      ws["x_act"] if self.dtype == "bf16" else entry["x"],
                                      ids, rw, entry.arrays, ws, y, threads, *entry.dropout)
-                if out_a is not None:
-                    if out_a is not y:
-                        cast_checked(y, out_a, threads, self.isa, False)
-                    result = out
-                else:
-                    result = _cast_like(y, hidden_states, threads, self.isa)
+                result = _deliver(y, out_a, out, hidden_states, threads, self.isa)
             self.last_dropout_seed = seed
             handle = None
             if save_for_backward:
@@ -689,7 +697,7 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
             entry = self._cache[idx]
             T, H = entry.T, self.hidden_size
             g = V.array(grad_output, "grad_output", (T, H))  # finite: checked natively
-            dx_out = _out_array(grad_input_out, "grad_input_out", (T, H), grad_output)
+            dx_out = _out_array(grad_input_out, "grad_input_out", (T, H))
             out_grads = self._grads
             if grads_out is not None:
                 shapes = lora_shapes(self.num_experts, H, self.moe_intermediate_size, self.lora_rank)
@@ -710,24 +718,15 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
                     bad = cast_checked(np.ascontiguousarray(g), do32, threads, self.isa)
                 if bad >= 0:  # before anything changed: the cache entry stays
                     raise _nonfinite("grad_output", bad, (T, H))
-                if dx_out is not None:
-                    dx = dx_out if dx_out.dtype == np.float32 else ws["y32"]
-                elif _is_f32(grad_output):
-                    dx = np.empty((T, H), np.float32)  # returned as it is
-                else:
-                    dx = ws["y32"]
+                dx = _result_target(dx_out, grad_output, ws["y32"])
                 del self._cache[idx], self._handles[idx]
                 try:
                     self._kernel.backward(entry.arrays, do32,
                                           ws["do_act"] if self.dtype == "bf16" else do32,
                                           ws, out_grads, grad_w, dx, threads,
                                           *entry.dropout, bool(accumulate))
-                    if dx_out is not None:
-                        if dx_out is not dx:
-                            cast_checked(dx, dx_out, threads, self.isa, False)
-                        grad_input = grad_input_out
-                    else:
-                        grad_input = _cast_like(dx, grad_output, threads, self.isa)
+                    grad_input = _deliver(dx, dx_out, grad_input_out, grad_output, threads,
+                                          self.isa)
                 finally:
                     self._spare.append(entry)
         grads = {n: wrap_like(out_grads[n], grad_output) if grads_out is None else grads_out[n]

@@ -68,6 +68,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from .. import profile
 from ..buffers import LORA_GRAD_NAMES, lora_shapes
 from ..wrapper import SFTMoEWrapper
 
@@ -437,8 +438,6 @@ class _Call:
 
     @contextlib.contextmanager
     def staged(self):
-        from .. import profile
-
         with self.staging.lock:
             with profile.timer("staging"):
                 arrays = self.staging.lora_arrays(*self.lora)
