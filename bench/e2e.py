@@ -10,6 +10,11 @@ and each step is broken down:
 - ``gpu_wait``: the experts calls waiting for GPU work queued before them
   (attention, router: the GPU's compute that nothing overlaps);
 - ``transfers``: host<->device copies of activations and gradients;
+- ``hidden``: in models with shared experts, the time the step's own thread
+  spent on other work (the shared experts' Python and GPU kernels) while
+  the routed experts' native forward ran on ktsft's worker thread: counted
+  in ``kernel_fwd``, not in the step's wall time (``--overlap both`` runs
+  the same steps without it beside, as ``..._serial``);
 - ``optimizer``: ktsft.optim.CPUAdamW over the expert LoRA (host) and
   torch's AdamW over any GPU parameters;
 - ``other``: the rest of the step (Python, kernel launches, the loss,
@@ -63,6 +68,12 @@ PRESETS = {
         vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=16,
         num_experts_per_tok=4, norm_topk_prob=True, tie_word_embeddings=False)),
+    "tiny-deepseek": ("deepseek_v3", 2, dict(  # with a shared expert (the overlap's test)
+        vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=16,
+        num_experts_per_tok=4, routed_scaling_factor=2.5, kv_lora_rank=32, q_lora_rank=48,
+        qk_rope_head_dim=16, v_head_dim=32, qk_nope_head_dim=16, n_group=4, topk_group=2,
+        first_k_dense_replace=0, norm_topk_prob=True, tie_word_embeddings=False)),
 }
 
 
@@ -169,17 +180,21 @@ def train_ktsft(model, args, T, device):
         row = dict(step=i, tokens=T, step_s=t3 - t0, fwd_bwd_s=t1 - t0, optimizer_s=t2 - t1,
                    zero_grad_s=t3 - t2, kernel_fwd_s=s["kernel_fwd"], kernel_bwd_s=s["kernel_bwd"],
                    gpu_wait_s=s["gpu_wait"], transfers_s=s["d2h"] + s["h2d"],
-                   staging_s=s["staging"], loss=float(loss.item()),
+                   staging_s=s["staging"], hidden_s=s["overlap"],
+                   join_wait_s=s["join_wait"], loss=float(loss.item()),
                    rss=memory.rss(), peak_rss=memory.peak_rss())
+        # the rest of the wall time; what ran hidden under the kernels is in
+        # kernel_fwd already
         row["other_s"] = row["step_s"] - sum(row[k] for k in (
             "kernel_fwd_s", "kernel_bwd_s", "gpu_wait_s", "transfers_s", "staging_s",
-            "optimizer_s"))
+            "optimizer_s")) + row["hidden_s"]
         row["outside_kernels"] = 1 - (row["kernel_fwd_s"] + row["kernel_bwd_s"]) / row["step_s"]
         rows.append(row)
         print(f"  ktsft T={T} step {i}{' (warm-up)' if i == 0 else ''}: {row['step_s']:.2f} s, "
               f"{T / row['step_s']:.0f} tok/s | kernels fwd {row['kernel_fwd_s']:.2f} bwd "
               f"{row['kernel_bwd_s']:.2f} | gpu wait {row['gpu_wait_s']:.2f} | transfers "
-              f"{row['transfers_s']:.2f} | optimizer {row['optimizer_s']:.2f} | other "
+              f"{row['transfers_s']:.2f} | hidden {row['hidden_s']:.3f} | optimizer "
+              f"{row['optimizer_s']:.2f} | other "
               f"{row['other_s']:.2f} | outside kernels {100 * row['outside_kernels']:.1f}% | "
               f"RSS {row['rss'] / GB:.1f} GB", flush=True)
     del opt, opt_g
@@ -224,6 +239,7 @@ def run(args):
     from peft import LoraConfig, get_peft_model
 
     import ktsft
+    from ktsft.integrations.shared_experts import overlap_shared_experts
     from ktsft.integrations.transformers import apply_lora_experts
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -274,17 +290,27 @@ def run(args):
     res["rss_after_build"] = memory.rss()
     print(f"  built and moved the experts to ktsft in {res['ktsft_build_s']:.0f} s, RSS "
           f"{res['rss_after_build'] / GB:.1f} GB", flush=True)
+    shared = overlap_shared_experts(model, enabled=args.overlap != "off")
+    res["shared_expert_blocks"] = shared
+    modes = [("", args.overlap != "off")]
+    if args.overlap == "both" and shared:
+        modes.append(("_serial", False))
     for T in tokens:
-        if device != "cpu":
-            torch.cuda.reset_peak_memory_stats()
-        rows = train_ktsft(model, args, T, device)
-        # the activation cache of one step: one forward per layer awaits its backward
-        cache = T * sum(m.wrapper.bytes_per_token() for m in model.modules()
-                        if hasattr(m, "wrapper") and hasattr(m.wrapper, "bytes_per_token"))
-        res["runs"][f"ktsft_T{T}"] = dict(
-            rows=rows, median=_summary(rows, T),
-            peak_gpu_bytes=torch.cuda.max_memory_allocated() if device != "cpu" else 0,
-            peak_rss=memory.peak_rss(), cache_bytes=cache)
+        for suffix, on in modes:
+            overlap_shared_experts(model, enabled=on)
+            if shared:
+                print(f"  shared experts overlapped with the routed ones: {'yes' if on else 'no'}",
+                      flush=True)
+            if device != "cpu":
+                torch.cuda.reset_peak_memory_stats()
+            rows = train_ktsft(model, args, T, device)
+            # the activation cache of one step: one forward per layer awaits its backward
+            cache = T * sum(m.wrapper.bytes_per_token() for m in model.modules()
+                            if hasattr(m, "wrapper") and hasattr(m.wrapper, "bytes_per_token"))
+            res["runs"][f"ktsft_T{T}{suffix}"] = dict(
+                rows=rows, median=_summary(rows, T), overlap=bool(on and shared),
+                peak_gpu_bytes=torch.cuda.max_memory_allocated() if device != "cpu" else 0,
+                peak_rss=memory.peak_rss(), cache_bytes=cache)
     res["peak_rss"] = memory.peak_rss()
     _report(res, tokens)
     write_result(args.out, f"e2e_{args.preset}_L{layers}_{device}.json", res)
@@ -293,10 +319,10 @@ def run(args):
 
 def _report(res, tokens):
     print(f"\n{'run':18s} {'tok/s':>7s} {'step s':>7s} {'kern fwd':>8s} {'kern bwd':>8s} "
-          f"{'gpu wait':>8s} {'xfer':>6s} {'optim':>6s} {'other':>6s} {'outside':>8s} "
-          f"{'GPU GB':>7s}")
+          f"{'gpu wait':>8s} {'xfer':>6s} {'hidden':>6s} {'optim':>6s} {'other':>6s} "
+          f"{'outside':>8s} {'GPU GB':>7s}")
     for T in tokens:
-        for name in (f"ktsft_T{T}", f"gpu_peft_T{T}"):
+        for name in (f"ktsft_T{T}", f"ktsft_T{T}_serial", f"gpu_peft_T{T}"):
             r = res["runs"].get(name)
             if not r:
                 continue
@@ -308,11 +334,12 @@ def _report(res, tokens):
             if name.startswith("ktsft"):
                 print(f"{name:18s} {m['tokens_per_s']:7.0f} {m['step_s']:7.2f} "
                       f"{m['kernel_fwd_s']:8.2f} {m['kernel_bwd_s']:8.2f} {m['gpu_wait_s']:8.2f} "
-                      f"{m['transfers_s']:6.2f} {m['optimizer_s']:6.2f} {m['other_s']:6.2f} "
+                      f"{m['transfers_s']:6.2f} {m.get('hidden_s', 0):6.3f} "
+                      f"{m['optimizer_s']:6.2f} {m['other_s']:6.2f} "
                       f"{100 * m['outside_kernels']:7.1f}% {g:7.1f}")
             else:
                 print(f"{name:18s} {m['tokens_per_s']:7.0f} {m['step_s']:7.2f} "
-                      f"{'':8s} {'':8s} {'':8s} {'':6s} {m['optimizer_s']:6.2f} {'':6s} "
+                      f"{'':8s} {'':8s} {'':8s} {'':6s} {'':6s} {m['optimizer_s']:6.2f} {'':6s} "
                       f"{'':8s} {g:7.1f}")
     bound = 1.15 * (res["expert_bytes"] + res["lora_optimizer_bytes"] + max(
         (r.get("cache_bytes", 0) for r in res["runs"].values() if isinstance(r, dict)),
@@ -325,7 +352,7 @@ def _report(res, tokens):
 PARTS = (("kernel_fwd_s", "ktsft kernels, forward"), ("kernel_bwd_s", "ktsft kernels, backward"),
          ("gpu_wait_s", "waiting for the GPU"), ("transfers_s", "host<->GPU copies"),
          ("staging_s", "LoRA staging"), ("optimizer_s", "optimizer (CPUAdamW)"),
-         ("other_s", "other (Python, launches, loss)"))
+         ("other_s", "other (Python, launches, loss), not hidden under the kernels"))
 
 
 def plot(results, path):
@@ -342,14 +369,18 @@ def plot(results, path):
         for name, run in res["runs"].items():
             if not name.startswith("ktsft_T") or "median" not in run:
                 continue
-            T = int(name[len("ktsft_T"):])
+            T, _, serial = name[len("ktsft_T"):].partition("_")
             gpu = res["runs"].get(f"gpu_peft_T{T}", {}).get("median")
-            bars.append((f"{res['preset']}\n{res['layers']} layers, {T} tok", run["median"], gpu))
+            label = f"{res['preset']}\n{res['layers']} layers, {T} tok"
+            if run.get("overlap") or serial:
+                label += "\nshared overlapped" if run.get("overlap") else "\nshared serial"
+            bars.append((label, run["median"], gpu))
     fig, ax = plt.subplots(figsize=(1.9 * len(bars) + 2, 4.6))
     for i, (label, m, gpu) in enumerate(bars):
         bottom = 0.0
         for j, (key, text) in enumerate(PARTS):
-            v = max(m.get(key, 0.0), 0.0)
+            v = m.get(key, 0.0) - (m.get("hidden_s", 0.0) if key == "other_s" else 0.0)
+            v = max(v, 0.0)
             ax.bar(i, v, bottom=bottom, color=f"C{j}", label=text if i == 0 else None, width=0.6)
             bottom += v
         note = f"{m['tokens_per_s']:.0f} tok/s\n{100 * m['outside_kernels']:.0f}% outside kernels"
@@ -358,7 +389,7 @@ def plot(results, path):
         ax.text(i, bottom * 1.02, note, ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
     ax.set_ylabel("seconds per step (median)")
-    ax.set_ylim(0, max(sum(max(m.get(k, 0), 0) for k, _ in PARTS) for _, m, _ in bars) * 1.35)
+    ax.set_ylim(0, max(m["step_s"] for _, m, _ in bars) * 1.35)
     ax.legend(fontsize=7, loc="upper left")
     ax.set_title("A training step with the routed experts on ktsft (host), the rest on the GPU",
                  fontsize=9)
@@ -395,6 +426,10 @@ def main(argv=None):
                                                    "when there is one, else cpu)")
     ap.add_argument("--no-gpu-baseline", dest="gpu_baseline", action="store_false",
                     help="skip the all-on-GPU PEFT run")
+    ap.add_argument("--overlap", choices=("on", "off", "both"), default="on",
+                    help="shared experts on the GPU while the CPU computes the routed ones "
+                         "(models with shared experts); both: the same steps without it "
+                         "beside, as ktsft_T<tokens>_serial")
     add_out_argument(ap)
     args = ap.parse_args(argv)
     return run(args)

@@ -16,18 +16,26 @@ Categories (seconds, summed over every experts layer of the block):
 - ``d2h`` / ``h2d``: the copies through the staging buffers and their
   synchronisation;
 - ``staging``: other host work of the experts call (LoRA staging of the
-  PEFT path, gradient bookkeeping).
+  PEFT path, gradient bookkeeping);
+- ``join_wait``: a block forward with shared experts waiting for its routed
+  experts' native forward, which ran on the worker thread (ktsft/_overlap.py);
+- ``overlap``: the part of those native forwards during which the block's
+  own thread did other work (the shared experts' Python and GPU launches):
+  time counted in ``kernel_fwd`` that the step did not wait for.  Not
+  additive: the step's wall time is the sum of the others minus this one.
 
-Off (no profiler active) the hooks cost one global read per call.  Not
-thread-safe across concurrent profilers: one at a time per process.
+Off (no profiler active) the hooks cost one global read per call.  One
+profiler at a time per process; the worker thread reports into it too.
 """
 from __future__ import annotations
 
+import threading
 import time
 
 _ACTIVE = None
 
-CATEGORIES = ("kernel_fwd", "kernel_bwd", "gpu_wait", "d2h", "h2d", "staging")
+CATEGORIES = ("kernel_fwd", "kernel_bwd", "gpu_wait", "d2h", "h2d", "staging", "join_wait",
+              "overlap")
 
 
 def active():
@@ -39,10 +47,12 @@ class StepProfile:
     def __init__(self):
         self.seconds = {k: 0.0 for k in CATEGORIES}
         self.calls = {k: 0 for k in CATEGORIES}
+        self._lock = threading.Lock()  # the worker thread adds too
 
     def add(self, key: str, seconds: float) -> None:
-        self.seconds[key] += seconds
-        self.calls[key] += 1
+        with self._lock:
+            self.seconds[key] += seconds
+            self.calls[key] += 1
 
     def timer(self, key: str):
         return _Timer(self, key)

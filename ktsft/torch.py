@@ -14,12 +14,13 @@ optimizer step is seen by the next forward without a copy.  Imported lazily
 from __future__ import annotations
 
 import math
+import time
 import weakref
 
 import numpy as np
 import torch
 
-from . import _grads
+from . import _grads, _overlap
 from . import profile as _profile
 from .buffers import LORA_GRAD_NAMES, lora_shapes
 from .wrapper import SFTMoEWrapper
@@ -62,11 +63,16 @@ def _free_staging(buf):
         buf.copied = None
 
 
-def _copy_back(buf, src, device, dtype):
-    """src (a pinned staging tensor) to the device without blocking; the
-    event guards the buffer until the copy has read it."""
+def _copy_back(buf, src, device, dtype, into=None):
+    """src (a pinned staging tensor) to the device without blocking (into
+    `into`, where given); the event guards the buffer until the copy has
+    read it."""
     with _profile.timer("h2d"):
-        out = src.to(device=device, dtype=dtype, non_blocking=True)
+        if into is None:
+            out = src.to(device=device, dtype=dtype, non_blocking=True)
+        else:
+            out = into.copy_(src, non_blocking=True)
+            device = out.device
         ev = torch.cuda.Event()
         ev.record(torch.cuda.current_stream(device))
         buf.copied = ev
@@ -105,10 +111,90 @@ def _run_forward(module, hidden, ids, weights, cache, dropout):
         return _copy_back(buf, t["output_cpu"], hidden.device, hidden.dtype), handle
 
 
-def _run_backward(module, grad_out, handle, grads_out, accumulate=False, dtype=None):
+def _start_forward(module, hidden, ids, weights, cache, dropout, hold=None):
+    """_run_forward with the native call on the worker thread (the shared
+    experts overlap, ktsft/_overlap.py): the inputs are copied to the host
+    now, and a placeholder for the result is returned at once as
+    ``pending.out`` (hidden's dtype: the callers defer bf16 and fp32 only);
+    the block joins it (fills the placeholder) before anything reads it.  hold: a context exited when the native call is done
+    (the PEFT path's LoRA staging)."""
+    x = _kernel_dtype(hidden.detach())
+    w = weights.detach()
+    p, seed = dropout
+    drop = dict(lora_dropout=p, dropout_seed=seed if p > 0 else None)
+    prof = _profile.active()
+    wrapper = module.wrapper
+    if x.device.type == "cpu":  # the tests' path (_overlap.FORCE_CPU)
+        args = (x.contiguous(), ids.contiguous(), w.contiguous())
+        buf = t = None
+        out = torch.empty(x.shape, dtype=x.dtype)
+    else:
+        buf = _staging(module, x.shape[0], x.dtype)
+        buf.lock.acquire()  # released by finish(): the worker reads and writes them until then
+        try:
+            t = buf.view(x.shape[0])
+            _free_staging(buf)
+            stream = _sync(x.device, prof)
+            with _profile.timer("d2h"):
+                t["input_cpu"].copy_(x, non_blocking=True)
+                t["expert_ids_cpu"].copy_(ids, non_blocking=True)
+                t["weights_cpu"].copy_(w, non_blocking=True)
+                stream.synchronize()
+        except BaseException:
+            buf.lock.release()
+            raise
+        args = (t["input_cpu"], t["expert_ids_cpu"], t["weights_cpu"])
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    span = {}
+
+    def native():
+        t0 = time.perf_counter()
+        try:
+            with _profile.timer("kernel_fwd"):
+                kw = {} if t is None else dict(out=t["output_cpu"])
+                return wrapper.forward_sft(*args, save_for_backward=cache, return_handle=True,
+                                           **drop, **kw)
+        finally:
+            span["native"] = (t0, time.perf_counter())
+
+    try:
+        fut = _overlap.submit(native)
+    except BaseException:
+        if buf is not None:
+            buf.lock.release()
+        raise
+
+    def finish(t_submit):
+        try:
+            t_join = time.perf_counter()
+            with _profile.timer("join_wait"):
+                res, handle = fut.result()
+            if prof is not None:  # the native call's time the caller spent elsewhere
+                a, b = span["native"]
+                prof.add("overlap", max(0.0, min(b, t_join) - a))
+            # into the placeholder's memory, outside autograd: `out` is the
+            # Function's output by now, and a recorded copy_ would replace
+            # its history (its gradient would stop at the copy)
+            with torch.no_grad():
+                if buf is None:
+                    out.detach().copy_(res)
+                else:
+                    _copy_back(buf, t["output_cpu"], None, None, into=out.detach())
+        finally:
+            if buf is not None:
+                buf.lock.release()
+            if hold is not None:
+                hold.close()
+        return handle
+
+    return _overlap.Pending(out, finish)
+
+
+def _run_backward(module, grad_out, handle, grads_out, accumulate=False, dtype=None, ready=None):
     """backward on CPU tensors: returns (grad_input in `dtype` on
     grad_out's device, grads); device tensors go through the staging
-    buffers as in _run_forward."""
+    buffers as in _run_forward.  ready: the overlapped block whose output's
+    gradient event lets the copy skip the GPU work queued after it."""
     g = _kernel_dtype(grad_out.detach())
     dtype = grad_out.dtype if dtype is None else dtype
     kw = dict(handle=handle, grads_out=grads_out, accumulate=accumulate)
@@ -121,10 +207,18 @@ def _run_backward(module, grad_out, handle, grads_out, accumulate=False, dtype=N
     with buf.lock:
         t = buf.view(g.shape[0])
         _free_staging(buf)
-        stream = _sync(g.device, prof)
-        with _profile.timer("d2h"):
-            t["grad_output_cpu"].copy_(g, non_blocking=True)
-            stream.synchronize()
+        ev = ready.ready_event(g) if ready is not None else None
+        if ev is None:
+            stream = _sync(g.device, prof)
+            with _profile.timer("d2h"):
+                t["grad_output_cpu"].copy_(g, non_blocking=True)
+                stream.synchronize()
+        else:  # the shared experts' backward, queued after ev, runs on meanwhile
+            side = _overlap.copy_stream(g.device)
+            side.wait_event(ev)
+            with _profile.timer("d2h"), torch.cuda.stream(side):
+                t["grad_output_cpu"].copy_(g, non_blocking=True)
+                side.synchronize()
         with _profile.timer("kernel_bwd"):
             _, grads = module.wrapper.backward(t["grad_output_cpu"],
                                                grad_input_out=t["grad_input_cpu"], **kw)
@@ -142,25 +236,42 @@ class _ExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, module, hidden, ids, weights, *params_and_dropout):
-        wrapper = module.wrapper
         dropout = params_and_dropout[-1]
         module._sync_lora()
         save = any(ctx.needs_input_grad[1:])
         cache = save and not module.recompute
-        out, handle = _run_forward(module, hidden, ids, weights, cache, dropout)
         ctx.dropout = dropout
         ctx.meta = (hidden.dtype, weights.dtype, hidden.device)
         ctx.module = module
-        ctx.release = weakref.finalize(ctx, wrapper.release, handle) if cache else _Spent()
-        ctx.handle = handle
         if save:
             ctx.save_for_backward(hidden, ids, weights)
+        blk = _overlap.current(hidden) if hidden.dtype in (torch.float32, torch.bfloat16) else None
+        ctx.block = blk
+        if blk is not None:  # shared experts overlap: the native call runs on the worker
+            pending = _start_forward(module, hidden, ids, weights, cache, dropout)
+            ctx.handle, ctx.release, ctx.pending = None, _Spent(), pending
+            pending.then(lambda handle: _ExpertsFunction._bind(ctx, handle, cache))
+            blk.defer(pending)
+            return pending.out
+        out, handle = _run_forward(module, hidden, ids, weights, cache, dropout)
+        _ExpertsFunction._bind(ctx, handle, cache)
         return out
+
+    @staticmethod
+    def _bind(ctx, handle, cache):
+        ctx.release = weakref.finalize(ctx, ctx.module.wrapper.release, handle) if cache \
+            else _Spent()
+        ctx.handle, ctx.pending = handle, None
 
     @staticmethod
     def backward(ctx, grad_out):
         h_dtype, w_dtype, dev = ctx.meta
         module = ctx.module
+        if ctx.pending is not None:  # never joined (the block raised): wait for it now
+            ctx.pending.join()
+            if ctx.pending is not None:
+                raise RuntimeError("ktsft: this experts call's forward failed; its backward "
+                                   "cannot run")
         handle = ctx.handle
         if not ctx.release.alive:  # recompute mode, or the cache was spent
             hidden, ids, weights = ctx.saved_tensors
@@ -176,7 +287,8 @@ class _ExpertsFunction(torch.autograd.Function):
             module, LORA_GRAD_NAMES, params, [shapes[n] for n in LORA_GRAD_NAMES], need[4:10])
         dx, grads = _run_backward(module, grad_out, handle,
                                   {n: t.detach().numpy() for n, t in outs.items()}, accumulate,
-                                  dtype=h_dtype)
+                                  dtype=h_dtype, ready=ctx.block)
+        ctx.block = None
         ctx.release.detach()
         ctx.release = _Spent()
         for i, buf in install.items():
@@ -316,6 +428,11 @@ class LoRAExperts(torch.nn.Module):
     def __getstate__(self):
         state = super().__getstate__()
         w = state.pop("wrapper")
+        # the gradient bookkeeping of ktsft/_grads.py (autograd nodes, the
+        # persistent buffers) belongs to this module's parameters: a copy
+        # makes its own
+        state.pop("_ktsft_acc_nodes", None)
+        state.pop("_ktsft_grad_bufs", None)
         req = state.get("_requested", {})
         state["_registered"] = None
         state["_ktsft_wrapper"] = {

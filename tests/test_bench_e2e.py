@@ -53,3 +53,27 @@ def test_step_tiny(tmp_path):
     assert "ktsft CPUAdamW" in names and "torch AdamW (for-loop)" in names
     assert res["triad_gbs"] > 0 and res["module_ms"] > 0 and res["wrapper_ms"] > 0
     assert (tmp_path / "step_tiny_T16_bf16_t2.json").is_file()
+
+
+def test_e2e_overlap_both(tmp_path, capsys):
+    """--overlap both: the overlapped steps and the serial ones in one run
+    (deferral forced on CPU here: tests/test_shared_overlap.py)."""
+    from bench import e2e
+    from ktsft import _overlap
+
+    _overlap.FORCE_CPU = True
+    try:
+        e2e.main(["--preset", "tiny-deepseek", "--device", "cpu", "--steps", "1", "--tokens",
+                  "24", "--threads", "2", "--overlap", "both", "--out", str(tmp_path)])
+    finally:
+        _overlap.FORCE_CPU = False
+    out = capsys.readouterr().out
+    assert "ktsft_T24_serial" in out and "hidden" in out
+    saved = json.loads((tmp_path / "e2e_tiny-deepseek_L2_cpu.json").read_text())
+    assert saved["shared_expert_blocks"] == 2
+    on, off = saved["runs"]["ktsft_T24"], saved["runs"]["ktsft_T24_serial"]
+    assert on["overlap"] and not off["overlap"]
+    assert all(r["join_wait_s"] > 0 for r in on["rows"])
+    assert all(r["join_wait_s"] == 0 and r["hidden_s"] == 0 for r in off["rows"])
+    png = e2e.plot([saved], str(tmp_path / "b.png"))
+    assert (tmp_path / "b.png").stat().st_size > 1000 and png

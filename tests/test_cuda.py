@@ -32,8 +32,8 @@ def test_cuda_inputs_round_trip(dtype):
     # the copies went through pinned KExpertsSFTBuffer staging buffers
     from ktsft import KExpertsSFTBuffer
 
-    staged = [b for b in KExpertsSFTBuffer.capture_buffers.values() if b.qlen == 10]
-    assert staged and all(b.tensors["input_cpu"].is_pinned() for b in staged)
+    staged = KExpertsSFTBuffer.staging(10, H, I, E, K, 4, dtype)  # the pool's bucket for T=10
+    assert staged.tensors["input_cpu"].is_pinned() and staged.qlen == 64
     # the same step on CPU tensors gives the same numbers
     g_lora = [p.grad.clone() for p in m.lora_parameters()]
     m.zero_grad()
@@ -101,3 +101,66 @@ def test_cpu_adamw_steps_gpu_parameters_with_torch():
     for pa, pb in zip(a, b):
         torch.testing.assert_close(pb.detach().cpu(), pa.detach().cpu(), rtol=1e-5, atol=1e-6)
     assert ob.state[b[0]]["exp_avg"].device.type == "cuda"
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe"])
+def test_shared_experts_overlap_on_the_gpu(family):
+    """Shared experts on the GPU while the CPU computes the routed ones
+    (ktsft/_overlap.py): the same step as transformers' own block forward,
+    with the routed forward deferred to the worker in every block and the
+    backward's gradient copy waiting only for the watched event."""
+    import sys
+    import os
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from hf_tiny import build, rel, tokens
+
+    import ktsft.integrations.transformers as kti
+    from ktsft import _overlap
+    from ktsft.integrations.shared_experts import overlap_shared_experts
+    from ktsft.profile import StepProfile
+
+    model = build(family)
+    kti.apply_lora_experts(model, r=4, alpha=8, dtype="fp32", threads=2)
+    for m in model.modules():
+        if isinstance(m, kti.LoRAExperts):
+            with torch.no_grad():
+                for n in ("gate_lora_b", "up_lora_b", "down_lora_b"):
+                    getattr(m, n).normal_(0, 0.05)
+    model = model.cuda().train()
+    ids = tokens(S=37).cuda()
+
+    def run():
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        out = model(inputs_embeds=emb, labels=ids)
+        out.loss.backward()
+        g = {n: p.grad.detach().cpu().clone() for n, p in model.named_parameters()
+             if p.grad is not None}
+        g["inputs_embeds"] = emb.grad.cpu()
+        model.zero_grad(set_to_none=True)
+        return out.logits.detach().cpu(), g
+
+    overlap_shared_experts(model, enabled=False)
+    ref_logits, ref = run()
+    n_blocks = overlap_shared_experts(model)
+    assert n_blocks > 0
+    used = []
+    real = _overlap.Block.ready_event
+
+    def spy(self, g):
+        ev = real(self, g)
+        used.append(ev is not None)
+        return ev
+
+    _overlap.Block.ready_event = spy
+    try:
+        with StepProfile() as prof:
+            logits, got = run()
+    finally:
+        _overlap.Block.ready_event = real
+    assert prof.calls["join_wait"] == n_blocks
+    assert used == [True] * n_blocks  # every backward copied on the side stream
+    assert rel(logits, ref_logits) <= 1e-5
+    assert sorted(got) == sorted(ref)
+    for n in ref:
+        assert rel(got[n], ref[n]) <= 1e-5, n

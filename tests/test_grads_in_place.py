@@ -135,3 +135,23 @@ def test_numpy_backward_accumulate():
     wr.backward(dO, grads_out=outs, accumulate=True)
     for n in outs:
         np.testing.assert_array_equal(outs[n], once[n] + once[n])
+
+
+def test_copy_and_pickle_after_a_step():
+    """The bookkeeping (autograd nodes, buffers) stays with the original:
+    a deep copy or a pickle taken after a backward works and trains its
+    own parameters into its own buffers."""
+    import copy
+    import pickle
+
+    m, _ = make("fp32")
+    _step(m, 1)
+    ref = _grads(m)
+    for twin in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        for p in twin.lora_parameters():
+            p.grad = None
+        _step(twin, 1)
+        for a, b in zip(ref, _grads(twin)):
+            assert torch.equal(a, b)
+        ptrs = {q.grad.data_ptr() for q in twin.lora_parameters()}
+        assert not ptrs & {p.grad.data_ptr() for p in m.lora_parameters()}

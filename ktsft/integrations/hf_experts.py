@@ -461,22 +461,42 @@ class _ExpertsFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, b, call, r, ratio, hidden, ids, weights, b_gu, a_gu, b_d, a_d):
-        from ..torch import _run_forward
+        from .. import _overlap
+        from ..torch import _run_forward, _start_forward
 
         save = any(ctx.needs_input_grad[4:])
         cache = save and not _saved_tensor_hooks_active()
-        with call.staged():
-            out, handle = _run_forward(call, hidden, ids, weights, cache, (0.0, 0))
         ctx.b, ctx.call, ctx.r, ctx.ratio = b, call, r, ratio
         ctx.meta = (hidden.dtype, weights.dtype, hidden.device)
         ctx.has = (b_gu is not None, b_d is not None)
         ctx.lora_dtypes = tuple(t.dtype if t is not None else None for t in (b_gu, a_gu, b_d, a_d))
         ctx.shapes = tuple(tuple(t.shape) if t is not None else None for t in (b_gu, b_d))
-        ctx.handle = handle
-        ctx.release = weakref.finalize(ctx, call.wrapper.release, handle) if cache else None
         if save:
             ctx.save_for_backward(hidden, ids, weights)
+        blk = _overlap.current(hidden)  # hidden is bf16 or fp32 here
+        ctx.block = blk
+        if blk is not None:  # shared experts overlap: the native call runs on the worker
+            hold = contextlib.ExitStack()
+            hold.enter_context(call.staged())  # the staged LoRA is read until the join
+            try:
+                pending = _start_forward(call, hidden, ids, weights, cache, (0.0, 0), hold)
+            except BaseException:
+                hold.close()
+                raise
+            ctx.handle = ctx.release = None
+            ctx.pending = pending
+            pending.then(lambda handle: _ExpertsFn._bind(ctx, handle, cache))
+            blk.defer(pending)
+            return pending.out
+        with call.staged():
+            out, handle = _run_forward(call, hidden, ids, weights, cache, (0.0, 0))
+        _ExpertsFn._bind(ctx, handle, cache)
         return out.to(device=hidden.device, dtype=hidden.dtype)
+
+    @staticmethod
+    def _bind(ctx, handle, cache):
+        ctx.handle, ctx.pending = handle, None
+        ctx.release = weakref.finalize(ctx, ctx.call.wrapper.release, handle) if cache else None
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -484,6 +504,11 @@ class _ExpertsFn(torch.autograd.Function):
 
         h_dtype, w_dtype, dev = ctx.meta
         call, b = ctx.call, ctx.b
+        if ctx.pending is not None:  # never joined (the block raised): wait for it now
+            ctx.pending.join()
+            if ctx.pending is not None:
+                raise RuntimeError("ktsft: this experts call's forward failed; its backward "
+                                   "cannot run")
         handle = ctx.handle
         E, H, I, r = b.num_experts, b.hidden_size, b.intermediate_size, ctx.r
         shapes = lora_shapes(E, H, I, r)
@@ -499,7 +524,8 @@ class _ExpertsFn(torch.autograd.Function):
                 hidden, ids, weights = ctx.saved_tensors
                 _, handle = _run_forward(call, hidden, ids, weights, True, (0.0, 0))
             dx, grads = _run_backward(call, grad_out, handle,
-                                      {n: t.numpy() for n, t in outs.items()})
+                                      {n: t.numpy() for n, t in outs.items()}, ready=ctx.block)
+            ctx.block = None
             if ctx.has[0]:
                 if need[7]:
                     g_bgu = _rank_major(ctx.shapes[0], dt[0], (outs["grad_gate_lora_b"], 0, I),
@@ -614,7 +640,9 @@ def configure(model, *, threads=None, dtype=None, max_cache_depth=None, max_toke
     the originals (still one copy; save_pretrained then writes that dtype).
     max_cache_depth: forwards awaiting their backward per layer (default 4).
     max_tokens: tokens per call (default 16384).  isa: force a kernel build.
-    Takes effect at the next forward (existing native state is rebuilt)."""
+    Takes effect at the next forward (existing native state is rebuilt).
+    Blocks with shared experts get the overlapped forward
+    (``ktsft.integrations.shared_experts.overlap_shared_experts``)."""
     mods = [m for m in model.modules() if isinstance(getattr(m, "gate_up_proj", None),
                                                      torch.Tensor)]
     if not mods:
@@ -624,6 +652,10 @@ def configure(model, *, threads=None, dtype=None, max_cache_depth=None, max_toke
         raise ValueError(f"dtype must be 'bf16', 'fp32' or None, got {dtype!r}")
     opts = {k: v for k, v in dict(threads=threads, max_cache_depth=max_cache_depth,
                                   max_tokens=max_tokens, isa=isa).items() if v is not None}
+    from .shared_experts import overlap_shared_experts
+
+    if model is not mods[0]:
+        overlap_shared_experts(model)
     for m in mods:
         _OPTIONS[m] = {**_OPTIONS.get(m, {}), **opts}
         _STATE.pop(m, None)

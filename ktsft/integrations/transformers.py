@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from ..eager import eager_moe_forward
 from ..torch import PARAM_NAMES, LoRAExperts
 from .hf_experts import is_silu, mask_sentinel
+from .shared_experts import overlap_shared_experts
 
 __all__ = ["HFLoRAExperts", "EagerHFLoRAExperts", "apply_lora_experts", "find_expert_modules",
            "lora_state_dict", "load_lora_state_dict", "load_lora_experts", "save_lora_experts",
@@ -460,7 +461,10 @@ def apply_lora_experts(model, r=16, alpha=32.0, dtype="bf16", use_rslora=False, 
     The expert weights move into ktsft: fp32 tensors in fp32 mode (and bf16
     in bf16 mode) are used in place where contiguous, otherwise converted
     once; the replaced parameters' storage is then released, so one copy of
-    the base weights remains.  Returns the model (modified in place).
+    the base weights remains.  Blocks with shared experts (DeepSeek-V3,
+    Qwen2-MoE) get the forward that runs them on the GPU while the CPU
+    computes the routed experts (``overlap_shared_experts``).  Returns the
+    model (modified in place).
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be 'bf16' or 'fp32', got {dtype!r}")
@@ -500,6 +504,8 @@ def apply_lora_experts(model, r=16, alpha=32.0, dtype="bf16", use_rslora=False, 
         setattr(block, attr, new)
         if layout == "modulelist":
             _patch_legacy_block(block, qual)
+    if backend == "ktsft":  # shared experts on the GPU while the CPU computes the routed ones
+        overlap_shared_experts(model)
     lora_ids = {id(p) for m in model.modules() if isinstance(m, (LoRAExperts, EagerHFLoRAExperts))
                 for p in m.parameters()}
     if freeze_other:
