@@ -173,13 +173,16 @@ def _start_forward(module, hidden, ids, weights, cache, dropout, hold=None):
                 a, b = span["native"]
                 prof.add("overlap", max(0.0, min(b, t_join) - a))
             # into the placeholder's memory, outside autograd: `out` is the
-            # Function's output by now, and a recorded copy_ would replace
-            # its history (its gradient would stop at the copy)
+            # Function's output by now, and a recorded copy_ would replace its
+            # history (its gradient would stop at the copy).  Through .data,
+            # whose version counter is its own: a version bump of `out` would
+            # make autograd replay the views taken of it meanwhile as
+            # as_strided, whose backward copies the gradient
             with torch.no_grad():
                 if buf is None:
-                    out.detach().copy_(res)
+                    out.data.copy_(res)
                 else:
-                    _copy_back(buf, t["output_cpu"], None, None, into=out.detach())
+                    _copy_back(buf, t["output_cpu"], None, None, into=out.data)
         finally:
             if buf is not None:
                 buf.lock.release()

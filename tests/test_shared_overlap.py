@@ -192,3 +192,38 @@ def test_eval_no_grad(forced):
     with torch.no_grad():
         b = model(input_ids=ids).logits
     assert torch.equal(a, b)
+
+
+def test_placeholder_views_keep_their_history(forced, monkeypatch):
+    """Filling the placeholder bumps no version: the view the block took of
+    it stays a view (no as_strided replay), and the routed backward gets
+    the very gradient tensor of the block output (what the device path's
+    event marks ready)."""
+    import ktsft.torch as kt
+
+    E, K, H, I = 6, 2, 16, 8
+    m = kt.LoRAExperts(E, K, H, I, r=2, dtype="fp32", threads=1)
+    g = torch.Generator().manual_seed(0)
+    m.load_weights(*[torch.randn(s, generator=g) for s in ((E, I, H), (E, I, H), (E, H, I))])
+    x = torch.randn(5, H, requires_grad=True)
+    ids = torch.randint(0, E, (5, K), generator=g)
+    w = torch.rand(5, K, requires_grad=True)
+    s = torch.randn(5, H, requires_grad=True)
+    seen = {}
+    real = kt._run_backward
+
+    def spy(module, grad_out, *a, **k):
+        seen["bwd"] = grad_out.untyped_storage().data_ptr()
+        return real(module, grad_out, *a, **k)
+
+    monkeypatch.setattr(kt, "_run_backward", spy)
+    with _overlap.block():
+        y = m(x, ids, w).view(5, H)
+        assert y._version == 0
+    assert y._version == 0 and y.grad_fn.name() == "ViewBackward0"
+    z = y + s
+    z.register_hook(lambda gz: seen.update(out=gz.untyped_storage().data_ptr()))
+    (z * 3).sum().backward()
+    assert seen["bwd"] == seen["out"]
+    ref = m(x.detach(), ids, w.detach())
+    assert torch.equal(y.detach(), ref.detach())
