@@ -1,6 +1,7 @@
 # AdamW over fp32 tensors: the native half of ktsft.optim.CPUAdamW (included
 # into moe_sft.pyx: one extension, one kernel table).  The Python side
-# validates every array (ktsft/optim.py); this trusts its arguments.
+# validates every array (ktsft/optim.py); here the typed memoryviews check
+# kind and contiguity, and the sizes are checked to agree.
 from libc.math cimport pow as c_pow, sqrt as c_sqrt
 
 from .kernels cimport ktsft_adamw_hp
@@ -32,6 +33,10 @@ def adamw_step(float[::1] param, const float[::1] grad, float[::1] exp_avg,
     hp.eps = <float>eps
     hp.maximize = maximize
     cdef int64_t n = param.shape[0]
+    if grad.shape[0] != n or exp_avg.shape[0] != n or exp_avg_sq.shape[0] != n or (
+            max_exp_avg_sq is not None and max_exp_avg_sq.shape[0] != n):
+        raise ValueError(f"adamw_step: param has {n} elements; grad, exp_avg, exp_avg_sq (and "
+                         "max_exp_avg_sq) must have as many")
     if n == 0:
         return
     cdef float *p = &param[0]

@@ -2,7 +2,8 @@
 # float32 buffers, with the finite check of the inputs fused in: multi-
 # threaded passes over memory where numpy's casts and isfinite run on one
 # core (included into moe_sft.pyx).  The Python side checks shapes and
-# dtypes (ktsft/wrapper.py); these trust their arguments.
+# dtypes (ktsft/wrapper.py); the arrays' memory is checked again where it
+# is bound (_arg: kind, contiguity, size).
 from libc.string cimport memcpy
 
 cdef enum:
@@ -52,8 +53,9 @@ def cast_checked(src, dst, int threads, str isa, bint check=True):
         dst = dst.view("uint16")
     cdef int s16 = src.itemsize == 2
     cdef int d16 = dst is not None and dst.itemsize == 2
-    cdef const void *sp = _ptr(src)
-    cdef void *dp = <void *>_ptr(dst) if dst is not None else NULL
+    cdef const void *sp = _arg(src, "cast source", K_U16 if s16 else K_F32, n, False, True)
+    cdef void *dp = (_arg(dst, "cast target", K_U16 if d16 else K_F32, n, True, True)
+                     if dst is not None else NULL)
     cdef int64_t nb = (n + CAST_BLOCK - 1) // CAST_BLOCK, b, lo, hi, i
     cdef int nt = threads if threads > 1 and nb > 1 else 1
     import numpy as np

@@ -6,9 +6,14 @@ each phase is a flat list of (expert, block) tasks, largest experts first,
 handed to OpenMP with dynamic scheduling.  Every output element has exactly
 one owner task that reduces in a fixed order, so results are bitwise equal
 for any thread count.  Inputs are validated in Python (ktsft.validation)
-before anything here runs; these functions trust their arguments.
+before anything here runs; on top of that every array crossing into this
+module is checked where it is bound (``_arg``): its element type,
+C-contiguity, writability where written, and that it holds at least what the
+layer's shape needs, so a layout change on the Python side raises here
+instead of becoming an out-of-bounds access in nogil code.
 """
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_SIMPLE, PyBUF_WRITABLE,
+                             PyBuffer_Release, PyObject_GetBuffer)
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport malloc, free, qsort
 from libc.string cimport memset
@@ -717,6 +722,74 @@ cdef inline const void *_ptr(object view) except? NULL:
     return p
 
 
+# element kinds at the boundary: (buffer format, itemsize, name)
+cdef enum:
+    K_F32 = 0
+    K_I32 = 1
+    K_U16 = 2   # bf16 bits
+    K_I8 = 3
+    K_U8 = 4   # packed int4
+_KINDS = ((b"f", 4, "float32"), (b"i", 4, "int32"), (b"H", 2, "uint16 (bf16 bits)"),
+          (b"b", 1, "int8"), (b"B", 1, "uint8 (packed int4)"))
+
+
+cdef void *_arg(object a, str name, int kind, int64_t n, bint writable=False,
+                bint exact=False) except? NULL:
+    """Address of `a`, a C-contiguous array of `kind` holding at least `n`
+    elements (exactly n with exact=True), writable where the kernels write
+    it; ValueError naming `name` otherwise.  One buffer request, as cheap as
+    taking the bare address."""
+    cdef Py_buffer buf
+    cdef int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (PyBUF_WRITABLE if writable else 0)
+    fmt, size, what = _KINDS[kind]
+    if a is None:
+        raise ValueError(f"{name}: missing (expected {what} [{n}])")
+    try:
+        PyObject_GetBuffer(a, &buf, flags)
+    except (BufferError, TypeError, ValueError) as e:
+        raise ValueError(f"{name}: expected a C-contiguous{' writable' if writable else ''} "
+                         f"{what} array ({e})") from None
+    got = (buf.format if buf.format != NULL else b"B").lstrip(b"<=@")
+    cdef Py_ssize_t itemsize = buf.itemsize, length = buf.len
+    cdef void *p = buf.buf
+    PyBuffer_Release(&buf)
+    if itemsize != size or got != fmt:
+        raise ValueError(f"{name}: expected {what} elements, got format {got.decode()!r} of "
+                         f"{itemsize} bytes")
+    cdef int64_t count = length // itemsize
+    if count < n or (exact and count != n):
+        raise ValueError(f"{name}: {count} elements, the layer needs "
+                         f"{'exactly' if exact else 'at least'} {n}")
+    return p
+
+
+cdef object _item(dict d, str what, str key):
+    try:
+        return d[key]
+    except KeyError:
+        raise ValueError(f"{what} has no array {key!r}") from None
+
+
+cdef const void *_weights(object a, str name, int kind, tuple shape, int64_t expert_stride) except? NULL:
+    """Registration-time check of one base-weight array: `kind` elements,
+    shape `shape` = (E, rows, cols), each expert's [rows, cols] plane
+    C-contiguous and `expert_stride` elements from the next (views of a
+    fused gate_up_proj are strided between experts)."""
+    fmt, size, what = _KINDS[kind]
+    if getattr(a, "itemsize", None) != size or getattr(a, "dtype", None) is None or \
+            a.dtype.char != fmt.decode():
+        raise ValueError(f"{name}: expected {what} weights, got {getattr(a, 'dtype', type(a))}")
+    if tuple(a.shape) != shape:
+        raise ValueError(f"{name}: shape {tuple(a.shape)}, the layer needs {shape}")
+    st = a.strides
+    if shape[0] and shape[1] and shape[2] and (
+            st[2] != size or (shape[1] > 1 and st[1] != shape[2] * size) or
+            (shape[0] > 1 and st[0] != expert_stride * size)):
+        raise ValueError(f"{name}: strides {st} are not C-contiguous planes {expert_stride} "
+                         "elements apart")
+    return _any_ptr(a)
+
+
 cdef const void *_any_ptr(object a) except? NULL:
     """Address of the first element of a numpy array of any strides (the
     buffer protocol's PyBUF_SIMPLE refuses non-contiguous views).  Only for
@@ -735,22 +808,37 @@ BACKWARD_PHASES = ("round_dO", "lora_b_down", "down_T", "swiglu_bwd", "input_T",
                    "combine")
 
 
-cdef int _bind_cache(Step *S, dict cache, dict ws) except -1:
+cdef int _bind_cache(const Layer *L, Step *S, dict cache, dict ws) except -1:
     """The arrays a forward and its backward share: the cache entry's routing
-    and activations, and the workspace they both use."""
-    S.offs = <const int32_t *>_ptr(cache["offs"])
-    S.pair_tok = <const int32_t *>_ptr(cache["pair_tok"])
-    S.pair_tj = <const int32_t *>_ptr(cache["pair_tj"])
-    S.pair_w = <const float *>_ptr(cache["pair_w"])
-    S.pos = <const int32_t *>_ptr(cache["pos"])
-    S.G = <float *>_ptr(cache["G"])
-    S.U = <float *>_ptr(cache["U"])
-    S.xs_g = <float *>_ptr(cache["xs_gate"])
-    S.xs_u = <float *>_ptr(cache["xs_up"])
-    S.hs = <float *>_ptr(cache["hs_down"])
-    S.h32 = <float *>_ptr(ws["h32"])
-    S.ybuf = <float *>_ptr(ws["ybuf"])
+    and activations, and the workspace they both use (each checked against
+    S.T tokens of this layer)."""
+    cdef int64_t P = S.P, I = L.I, r = L.r
+    S.offs = <const int32_t *>_arg(_item(cache, "cache", "offs"), "cache['offs']", K_I32,
+                                   L.E + 1, True)
+    S.pair_tok = <const int32_t *>_arg(_item(cache, "cache", "pair_tok"), "cache['pair_tok']",
+                                       K_I32, P, True)
+    S.pair_tj = <const int32_t *>_arg(_item(cache, "cache", "pair_tj"), "cache['pair_tj']",
+                                      K_I32, P, True)
+    S.pair_w = <const float *>_arg(_item(cache, "cache", "pair_w"), "cache['pair_w']", K_F32, P,
+                                   True)
+    S.pos = <const int32_t *>_arg(_item(cache, "cache", "pos"), "cache['pos']", K_I32, P, True)
+    S.G = <float *>_arg(_item(cache, "cache", "G"), "cache['G']", K_F32, P * I, True)
+    S.U = <float *>_arg(_item(cache, "cache", "U"), "cache['U']", K_F32, P * I, True)
+    S.xs_g = <float *>_arg(_item(cache, "cache", "xs_gate"), "cache['xs_gate']", K_F32, P * r,
+                           True)
+    S.xs_u = <float *>_arg(_item(cache, "cache", "xs_up"), "cache['xs_up']", K_F32, P * r, True)
+    S.hs = <float *>_arg(_item(cache, "cache", "hs_down"), "cache['hs_down']", K_F32, P * r, True)
+    S.h32 = <float *>_arg(_item(ws, "ws", "h32"), "ws['h32']", K_F32, P * I, True)
+    S.ybuf = <float *>_arg(_item(ws, "ws", "ybuf"), "ws['ybuf']", K_F32, P * L.H, True)
     return 0
+
+
+cdef int64_t _tokens(object a, str name, int64_t H) except -1:
+    """Rows of a [T, H] array (its shape checked here; its memory by _arg)."""
+    shape = getattr(a, "shape", None)
+    if shape is None or len(shape) != 2 or shape[1] != H:
+        raise ValueError(f"{name}: expected [T, {H}], got shape {shape}")
+    return shape[0]
 
 
 cdef int _set_dropout(Step *S, double p, uint64_t seed) except -1:
@@ -868,28 +956,61 @@ cdef class MoEKernel:
             raise ValueError("expert strides are for fp32/bf16 weights read in place")
         if any(int(s) < IH for s in expert_strides):
             raise ValueError(f"expert strides {tuple(expert_strides)} overlap experts (< I*H = {IH})")
-        self._keep["base"] = (gate, up, down, slot, scales)
+        cdef int64_t E = self.L.E, I = self.L.I, H = self.L.H
+        cdef int wk = K_I8 if self.L.q8 else (K_U8 if self.L.q4 else
+                                              (K_U16 if self.L.bf16 else K_F32))
+        cdef int64_t div = 2 if self.L.q4 else 1  # two int4 per byte along a row's inputs
+        es = [int(v) // div for v in expert_strides] if self.L.q4 else [int(v) for v in
+                                                                         expert_strides]
+        # every pointer is taken (and checked) before any is stored
+        cdef const void *w_gate
+        cdef const void *w_up
+        cdef const void *w_down
+        cdef const int32_t *slot_p
+        w_gate = _weights(gate, "gate", wk, (E, I, H // div), es[0])
+        w_up = _weights(up, "up", wk, (E, I, H // div), es[1])
+        w_down = _weights(down, "down", wk, (E, H, I // div), es[2])
+        slot_p = <const int32_t *>_arg(slot, "slot", K_I32, E, False, True)
+        cdef const float *s_gate = NULL
+        cdef const float *s_up = NULL
+        cdef const float *s_down = NULL
         if scales is not None:
-            self.L.s_gate = <const float *>_ptr(scales[0])
-            self.L.s_up = <const float *>_ptr(scales[1])
-            self.L.s_down = <const float *>_ptr(scales[2])
-        self.L.w_gate = _any_ptr(gate)
-        self.L.w_up = _any_ptr(up)
-        self.L.w_down = _any_ptr(down)
+            if len(scales) != 3:
+                raise ValueError(f"scales: expected (s_gate, s_up, s_down), got {len(scales)}")
+            s_gate = <const float *>_arg(scales[0], "scales[0] (gate)", K_F32,
+                                         E * I * self.L.ng_in_h, False, True)
+            s_up = <const float *>_arg(scales[1], "scales[1] (up)", K_F32, E * I * self.L.ng_in_h,
+                                       False, True)
+            s_down = <const float *>_arg(scales[2], "scales[2] (down)", K_F32,
+                                         E * H * self.L.ng_in_i, False, True)
+        self._keep["base"] = (gate, up, down, slot, scales)
+        self.L.s_gate, self.L.s_up, self.L.s_down = s_gate, s_up, s_down
+        self.L.w_gate = w_gate
+        self.L.w_up = w_up
+        self.L.w_down = w_down
         self.L.es_gate = int(expert_strides[0])
         self.L.es_up = int(expert_strides[1])
         self.L.es_down = int(expert_strides[2])
-        self.L.slot = <const int32_t *>_ptr(slot)
+        self.L.slot = slot_p
 
     def set_lora(self, a_gate, b_gate, a_up, b_up, a_down, b_down):
         """Six float32 C-contiguous arrays, read in place (never copied)."""
+        cdef int64_t E = self.L.E, I = self.L.I, H = self.L.H, r = self.L.r
+        cdef const float *ag
+        cdef const float *bg
+        cdef const float *au
+        cdef const float *bu
+        cdef const float *ad
+        cdef const float *bd
+        ag = <const float *>_arg(a_gate, "gate_lora_a", K_F32, E * r * H, False, True)
+        bg = <const float *>_arg(b_gate, "gate_lora_b", K_F32, E * I * r, False, True)
+        au = <const float *>_arg(a_up, "up_lora_a", K_F32, E * r * H, False, True)
+        bu = <const float *>_arg(b_up, "up_lora_b", K_F32, E * I * r, False, True)
+        ad = <const float *>_arg(a_down, "down_lora_a", K_F32, E * r * I, False, True)
+        bd = <const float *>_arg(b_down, "down_lora_b", K_F32, E * H * r, False, True)
         self._keep["lora"] = (a_gate, b_gate, a_up, b_up, a_down, b_down)
-        self.L.a_gate = <const float *>_ptr(a_gate)
-        self.L.b_gate = <const float *>_ptr(b_gate)
-        self.L.a_up = <const float *>_ptr(a_up)
-        self.L.b_up = <const float *>_ptr(b_up)
-        self.L.a_down = <const float *>_ptr(a_down)
-        self.L.b_down = <const float *>_ptr(b_down)
+        self.L.a_gate, self.L.b_gate, self.L.a_up, self.L.b_up = ag, bg, au, bu
+        self.L.a_down, self.L.b_down = ad, bd
 
     def forward(self, x32, x_act, ids, rw, cache, ws, out, int n_threads,
                 double lora_dropout=0.0, uint64_t dropout_seed=0):
@@ -898,7 +1019,9 @@ cdef class MoEKernel:
         lora_dropout > 0: LoRA inputs masked with the masks of dropout_seed
         (backward must get the same two values)."""
         cdef Step S
-        cdef int64_t T = x32.shape[0], P = T * self.L.k, t, n_exp
+        cdef int64_t T = _tokens(x32, "x32", self.L.H), P = T * self.L.k, t, n_exp
+        cdef int64_t TH = T * self.L.H
+        cdef int act = K_U16 if self.L.bf16 else K_F32
         cdef int64_t dims[2]
         cdef int64_t blocks[2]
         cdef int rc = 0
@@ -906,14 +1029,16 @@ cdef class MoEKernel:
         memset(dims, 0, sizeof(dims))
         S.T = T
         S.P = P
-        _bind_cache(&S, cache, ws)
+        _bind_cache(&self.L, &S, cache, ws)
         _set_dropout(&S, lora_dropout, dropout_seed)
-        S.rw = <const float *>_ptr(rw)
-        S.x32 = <const float *>_ptr(x32)
-        S.x_act = _ptr(x_act)
-        S.h_act = <void *>_ptr(ws["h_act"])
-        S.out = <float *>_ptr(out)
-        cdef const int32_t *ids_p = <const int32_t *>_ptr(ids)
+        S.rw = <const float *>_arg(rw, "routing_weights", K_F32, P, False, True)
+        S.x32 = <const float *>_arg(x32, "x32", K_F32, TH, False, True)
+        # x_act may be x32 itself (fp32): then the kernels only read it
+        S.x_act = _arg(x_act, "x_act", act, TH, self.L.bf16)
+        S.h_act = <void *>_arg(_item(ws, "ws", "h_act"), "ws['h_act']", act, P * self.L.I, True)
+        S.out = <float *>_arg(out, "out", K_F32, TH, True, True)
+        cdef const int32_t *ids_p = <const int32_t *>_arg(ids, "expert_ids", K_I32, P,
+                                                          False, True)
         cdef int32_t *order = <int32_t *>malloc(2 * max(self.L.E, 1) * sizeof(int32_t))
         if order == NULL:
             raise MemoryError("ktsft forward: cannot allocate the expert order")
@@ -970,7 +1095,9 @@ cdef class MoEKernel:
         `grads` instead of overwriting them (experts without tokens then
         leave theirs as they are)."""
         cdef Step S
-        cdef int64_t T = do32.shape[0], P = T * self.L.k, t, n_exp, i
+        cdef int64_t T = _tokens(do32, "do32", self.L.H), P = T * self.L.k, t, n_exp, i
+        cdef int64_t E = self.L.E, H = self.L.H, I = self.L.I, r = self.L.r, TH = T * H
+        cdef int act = K_U16 if self.L.bf16 else K_F32
         cdef int64_t dims[6]
         cdef int64_t blocks[6]
         cdef int rc = 0
@@ -978,31 +1105,42 @@ cdef class MoEKernel:
         memset(dims, 0, sizeof(dims))
         S.T = T
         S.P = P
-        _bind_cache(&S, cache, ws)
+        _bind_cache(&self.L, &S, cache, ws)
         _set_dropout(&S, lora_dropout, dropout_seed)
-        S.x32 = <const float *>_ptr(cache["x"])
-        S.do32 = <const float *>_ptr(do32)
-        S.do_act = _ptr(do_act)
-        S.dg_act = <void *>_ptr(ws["dg_act"]) if self.L.bf16 else <void *>S.G
-        S.du_act = <void *>_ptr(ws["du_act"]) if self.L.bf16 else <void *>S.U
-        S.bds = <float *>_ptr(ws["bds"])
-        S.gbs_g = <float *>_ptr(ws["gbs_gate"])
-        S.gbs_u = <float *>_ptr(ws["gbs_up"])
-        S.grad_w = <float *>_ptr(grad_w)
+        # the entry's views hold exactly its forward's tokens: a dO of another
+        # T would be indexed by pairs routed for that one
+        S.x32 = <const float *>_arg(_item(cache, "cache", "x"), "cache['x'] (the forward's "
+                                    "tokens)", K_F32, TH, False, True)
+        S.do32 = <const float *>_arg(do32, "do32", K_F32, TH, False, True)
+        S.do_act = _arg(do_act, "do_act", act, TH, self.L.bf16)
+        S.dg_act = (<void *>_arg(_item(ws, "ws", "dg_act"), "ws['dg_act']", K_U16, P * I, True)
+                    if self.L.bf16 else <void *>S.G)
+        S.du_act = (<void *>_arg(_item(ws, "ws", "du_act"), "ws['du_act']", K_U16, P * I, True)
+                    if self.L.bf16 else <void *>S.U)
+        S.bds = <float *>_arg(_item(ws, "ws", "bds"), "ws['bds']", K_F32, P * r, True)
+        S.gbs_g = <float *>_arg(_item(ws, "ws", "gbs_gate"), "ws['gbs_gate']", K_F32, P * r, True)
+        S.gbs_u = <float *>_arg(_item(ws, "ws", "gbs_up"), "ws['gbs_up']", K_F32, P * r, True)
+        S.grad_w = <float *>_arg(grad_w, "grad_routing_weights", K_F32, P, True, True)
         S.accum = accumulate
-        S.g_ag = <float *>_ptr(grads["grad_gate_lora_a"])
-        S.g_bg = <float *>_ptr(grads["grad_gate_lora_b"])
-        S.g_au = <float *>_ptr(grads["grad_up_lora_a"])
-        S.g_bu = <float *>_ptr(grads["grad_up_lora_b"])
-        S.g_ad = <float *>_ptr(grads["grad_down_lora_a"])
-        S.g_bd = <float *>_ptr(grads["grad_down_lora_b"])
-        cdef float *dx_p = <float *>_ptr(dx)
+        S.g_ag = <float *>_arg(_item(grads, "grads", "grad_gate_lora_a"), "grad_gate_lora_a",
+                               K_F32, E * r * H, True, True)
+        S.g_bg = <float *>_arg(_item(grads, "grads", "grad_gate_lora_b"), "grad_gate_lora_b",
+                               K_F32, E * I * r, True, True)
+        S.g_au = <float *>_arg(_item(grads, "grads", "grad_up_lora_a"), "grad_up_lora_a",
+                               K_F32, E * r * H, True, True)
+        S.g_bu = <float *>_arg(_item(grads, "grads", "grad_up_lora_b"), "grad_up_lora_b",
+                               K_F32, E * I * r, True, True)
+        S.g_ad = <float *>_arg(_item(grads, "grads", "grad_down_lora_a"), "grad_down_lora_a",
+                               K_F32, E * r * I, True, True)
+        S.g_bd = <float *>_arg(_item(grads, "grads", "grad_down_lora_b"), "grad_down_lora_b",
+                               K_F32, E * H * r, True, True)
+        cdef float *dx_p = <float *>_arg(dx, "grad_input", K_F32, TH, True, True)
         cdef int32_t *order = <int32_t *>malloc(max(self.L.E, 1) * sizeof(int32_t))
         if order == NULL:
             raise MemoryError("ktsft backward: cannot allocate the expert order")
         cdef const Layer *L = &self.L
         cdef const ktsft_kernels *kern = self.L.kern
-        cdef int64_t H = self.L.H, k = self.L.k
+        cdef int64_t k = self.L.k
         cdef double *tb = self._tb
         with nogil:
             tb[0] = _now()
