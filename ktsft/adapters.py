@@ -190,8 +190,7 @@ def _write_adapter(path, tensors: dict, config: dict, metadata: dict | None = No
 # ---------------------------------------------------------------------------
 # checks
 # ---------------------------------------------------------------------------
-def _scaling(alpha: float, r: int, use_rslora: bool) -> float:
-    return float(alpha) / (math.sqrt(r) if use_rslora else r)
+from .schema import scaling as _scaling  # noqa: E402 - one definition
 
 
 def _dims_of(layers: dict, r: int):
@@ -415,24 +414,67 @@ def model_layers(model) -> tuple[dict, int, float, bool]:
     keyed by layer index: the arguments of save_adapter / export_peft_fused.
     lora_dropout is not part of the tuple: pass it to those functions
     (``lora_dropout=module.lora_dropout``) to record it in the metadata.
-    ktsft.integrations.transformers.export_adapter does all of this."""
-    from .torch import PARAM_NAMES, LoRAExperts
-
-    mods = [m for m in model.modules() if isinstance(m, LoRAExperts)]
+    ktsft.integrations.transformers.export_adapter does all of this.  (Any
+    module with an ``adapter_layer()`` counts: this module imports no
+    front end.)"""
+    mods = [m for m in model.modules() if callable(getattr(m, "adapter_layer", None))]
     if not mods:
         raise ValueError(f"{type(model).__name__}: no ktsft LoRAExperts module")
-    hyper = {(m.r, m.alpha, m.use_rslora) for m in mods}
+    got = [m.adapter_layer() for m in mods]
+    hyper = {(r, alpha, rslora) for _, _, r, alpha, rslora, _ in got}
     if len(hyper) > 1:
         raise ValueError(f"LoRAExperts modules differ in (r, alpha, use_rslora): {sorted(hyper)}; "
                          "one adapter config holds one")
     layers = {}
-    for m in mods:
-        L = m.wrapper.layer_idx
+    for L, mats, *_ in got:
         if L in layers:
             raise ValueError(f"two LoRAExperts modules have layer_idx {L}")
-        layers[L] = {n: p.detach() for n, p in zip(PARAM_NAMES, m.lora_parameters())}
+        layers[L] = mats
     r, alpha, rslora = hyper.pop()
     return dict(sorted(layers.items())), r, alpha, rslora
+
+
+class AdapterIO:
+    """``save_adapter`` / ``export_peft_fused`` / ``load_adapter`` of one
+    layer: the one implementation the front ends share (SFTMoEWrapper,
+    ktsft.torch.LoRAExperts, the expert-parallel layer).  A front end
+    provides
+
+    - ``adapter_layer()`` -> (layer_idx, {name: matrix} in LORA_NAMES order,
+      r, lora_alpha, use_rslora, lora_dropout): what is written;
+    - ``_adapter_expect()`` -> (layer_idx, keyword arguments of
+      load_adapter describing the layer: num_experts, hidden_size,
+      intermediate_size, r, scaling, and experts where it holds a subset);
+    - ``_adapter_store(mats)``: the loaded float32 matrices, written in place
+      (validated whole before anything is written).
+    """
+
+    def save_adapter(self, path, **kw) -> None:
+        """This layer's LoRA as a per-expert PEFT adapter directory (its
+        lora_dropout goes into the safetensors metadata; rsLoRA is written
+        as plain LoRA of the same scaling).  For a whole model:
+        ktsft.integrations.transformers.export_adapter."""
+        L, mats, r, alpha, rslora, p = self.adapter_layer()
+        kw.setdefault("lora_dropout", p)
+        save_adapter(path, {L: mats}, r, alpha, use_rslora=rslora, **kw)
+
+    def export_peft_fused(self, path, **kw) -> None:
+        """This layer's LoRA in PEFT's fused-expert (target_parameters)
+        layout (lora_dropout 0.0 in the config, its value in the metadata)."""
+        L, mats, r, alpha, rslora, p = self.adapter_layer()
+        kw.setdefault("lora_dropout", p)
+        export_peft_fused(path, {L: mats}, r, alpha, use_rslora=rslora, **kw)
+
+    def load_adapter(self, path, **kw) -> dict:
+        """Read this layer's LoRA from a PEFT adapter directory (either
+        layout) into the layer, in place; returns the adapter's config.  The
+        layer's own lora_dropout is kept (a training choice, not part of
+        the weights); the adapter's is config["lora_dropout"].  Projections
+        the adapter does not target get B = 0 (see load_adapter)."""
+        L, expect = self._adapter_expect()
+        config, mats = load_adapter(path, L, **expect, **kw)
+        self._adapter_store(mats)
+        return config
 
 
 def _read(path):

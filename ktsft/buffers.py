@@ -11,19 +11,7 @@ import numpy as np
 
 from ._arrays import BF16, torch_module
 
-LORA_GRAD_NAMES = (
-    "grad_gate_lora_a", "grad_gate_lora_b", "grad_up_lora_a",
-    "grad_up_lora_b", "grad_down_lora_a", "grad_down_lora_b",
-)
-
-
-def lora_shapes(E: int, H: int, I: int, r: int) -> dict:
-    """Shapes of the six LoRA matrices, keyed by gradient name."""
-    return {
-        "grad_gate_lora_a": (E, r, H), "grad_gate_lora_b": (E, I, r),
-        "grad_up_lora_a": (E, r, H), "grad_up_lora_b": (E, I, r),
-        "grad_down_lora_a": (E, r, I), "grad_down_lora_b": (E, H, r),
-    }
+from .schema import LORA_GRAD_NAMES, lora_shapes  # noqa: F401 - re-exported (the schema's home)
 
 
 def _importable_torch():

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 
 from . import _grads, _overlap
+from .adapters import AdapterIO
 from . import profile as _profile
-from .buffers import LORA_GRAD_NAMES, lora_shapes
+from .schema import LORA_GRAD_NAMES, LORA_NAMES, lora_shapes
 from .wrapper import SFTMoEWrapper
 
-PARAM_NAMES = ("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_lora_a",
-               "down_lora_b")
+PARAM_NAMES = LORA_NAMES  # the parameters' names (ktsft/schema.py)
 
 
 def _kernel_dtype(t):
@@ -375,7 +375,7 @@ class _SharedBase:
             wrapper._kernel.set_base_weights(*views, slot, scales=scales, expert_strides=strides)
 
 
-class LoRAExperts(torch.nn.Module):
+class LoRAExperts(AdapterIO, torch.nn.Module):
     """Routed experts of one MoE layer with LoRA on gate, up and down.
 
     Base weights are frozen and held by a ktsft SFTMoEWrapper (bf16 or fp32);
@@ -526,44 +526,23 @@ class LoRAExperts(torch.nn.Module):
         out = _ExpertsFunction.apply(self, x, ids, w, *self.lora_parameters(), self._dropout())
         return out.reshape(*lead, self.hidden_size)
 
-    def save_adapter(self, path, **kw) -> None:
-        """This layer's LoRA as a per-expert PEFT adapter directory
-        (ktsft/adapters.py; its lora_dropout goes into the safetensors
-        metadata, rsLoRA is written as plain LoRA of the same scaling).
-        For a whole model: ktsft.integrations.transformers.export_adapter."""
-        from .adapters import save_adapter
-
+    # ---- adapters (ktsft/adapters.py AdapterIO: save_adapter, export_peft_fused,
+    # load_adapter, which copies into the parameters in place)
+    def adapter_layer(self):
         mats = {n: p.detach() for n, p in zip(PARAM_NAMES, self.lora_parameters())}
-        kw.setdefault("lora_dropout", self.lora_dropout)
-        save_adapter(path, {self.wrapper.layer_idx: mats}, self.r, self.alpha,
-                     use_rslora=self.use_rslora, **kw)
+        return (self.wrapper.layer_idx, mats, self.r, self.alpha, self.use_rslora,
+                self.lora_dropout)
 
-    def export_peft_fused(self, path, **kw) -> None:
-        """This layer's LoRA in PEFT's fused-expert (target_parameters) layout
-        (lora_dropout 0.0 in the config, its value in the metadata)."""
-        from .adapters import export_peft_fused
-
-        mats = {n: p.detach() for n, p in zip(PARAM_NAMES, self.lora_parameters())}
-        kw.setdefault("lora_dropout", self.lora_dropout)
-        export_peft_fused(path, {self.wrapper.layer_idx: mats}, self.r, self.alpha,
-                          use_rslora=self.use_rslora, **kw)
+    def _adapter_expect(self):
+        return self.wrapper.layer_idx, dict(num_experts=self.num_experts,
+                                            hidden_size=self.hidden_size,
+                                            intermediate_size=self.intermediate_size, r=self.r,
+                                            scaling=self.scaling)
 
     @torch.no_grad()
-    def load_adapter(self, path, **kw) -> dict:
-        """Copy a PEFT adapter's matrices for this layer into the parameters
-        (in place); returns its config.  The module's own lora_dropout is
-        kept; the adapter's is config["lora_dropout"] (the training value
-        ktsft recorded in the metadata).  Projections the adapter does not
-        target get B = 0 (see ktsft.adapters.load_adapter)."""
-        from .adapters import load_adapter
-
-        config, mats = load_adapter(path, self.wrapper.layer_idx, self.num_experts,
-                                    hidden_size=self.hidden_size,
-                                    intermediate_size=self.intermediate_size, r=self.r,
-                                    scaling=self.scaling, **kw)
+    def _adapter_store(self, mats) -> None:
         for n, p in zip(PARAM_NAMES, self.lora_parameters()):
             p.copy_(torch.from_numpy(mats[n]))
-        return config
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, top_k={self.top_k}, hidden={self.hidden_size}, "

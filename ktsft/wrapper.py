@@ -11,12 +11,13 @@ import numpy as np
 from . import validation as V
 from ._arrays import BF16, as_numpy, is_torch_tensor, to_like, wrap_like
 from ._dispatch import resolve_isa
+from .adapters import AdapterIO
 from ._kernels.moe_sft import MoEKernel, cast_checked
-from .buffers import LORA_GRAD_NAMES, CacheEntry, Workspace, lora_shapes
+from .buffers import CacheEntry, Workspace
+from .schema import LORA_GRAD_NAMES, lora_shapes
 from .quantize import quantize_int4, quantize_int8
 
-LORA_ARG_NAMES = ("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_lora_a",
-                  "down_lora_b")
+from .schema import LORA_NAMES as LORA_ARG_NAMES
 
 
 MAX_THREADS = 4096   # libgomp cannot create (and crashes on) absurd thread counts
@@ -261,7 +262,7 @@ class BaseSFTMoEWrapper(ABC):
                            "every routed expert is needed for exact gradients")
 
 
-class SFTMoEWrapper(BaseSFTMoEWrapper):
+class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
     """CPU MoE-expert LoRA fine-tuning on the ktsft kernels.
 
     dtype="bf16": base weights stored in bf16, activations rounded to bf16
@@ -510,39 +511,23 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
         with self._lock:
             self._commit_lora(arrays)
 
-    def save_adapter(self, path, **kw) -> None:
-        """Write this layer's LoRA as a PEFT adapter (see ktsft/adapters.py)."""
-        from .adapters import save_adapter
-
+    # ---- adapters (ktsft/adapters.py AdapterIO: save_adapter, export_peft_fused,
+    # load_adapter; loading writes the registered LoRA arrays in place, so the
+    # zero-copy registration and any optimizer holding them stay valid, and
+    # registers fresh float32 arrays if none are)
+    def adapter_layer(self):
         if self._lora is None:
-            raise RuntimeError("save_adapter() before init_lora_weights()")
-        mats = dict(zip(LORA_ARG_NAMES, self._lora))
-        kw.setdefault("lora_dropout", self.lora_dropout)
-        save_adapter(path, {self.layer_idx: mats}, self.lora_rank, self.lora_alpha, **kw)
+            raise RuntimeError("no LoRA registered: call init_lora_weights() (or load_adapter) "
+                               "first")
+        return (self.layer_idx, dict(zip(LORA_ARG_NAMES, self._lora)), self.lora_rank,
+                self.lora_alpha, False, self.lora_dropout)
 
-    def export_peft_fused(self, path, **kw) -> None:
-        """This layer's LoRA in PEFT's fused-expert (target_parameters) layout."""
-        from .adapters import export_peft_fused
-
-        if self._lora is None:
-            raise RuntimeError("export_peft_fused() before init_lora_weights()")
-        kw.setdefault("lora_dropout", self.lora_dropout)
-        export_peft_fused(path, {self.layer_idx: dict(zip(LORA_ARG_NAMES, self._lora))},
-                          self.lora_rank, self.lora_alpha, **kw)
-
-    def load_adapter(self, path, **kw) -> dict:
-        """Read this layer's LoRA from a PEFT adapter directory into the
-        registered LoRA arrays, in place (the zero-copy registration and
-        any optimizer holding them stay valid); registers fresh float32
-        arrays if none are.  Returns the adapter's config.  This layer's own
-        lora_dropout is kept (it is a training choice, not part of the
-        weights); the adapter's is config["lora_dropout"]."""
-        from .adapters import load_adapter
-
-        config, mats = load_adapter(path, self.layer_idx, self.num_experts,
-                                    hidden_size=self.hidden_size,
+    def _adapter_expect(self):
+        return self.layer_idx, dict(num_experts=self.num_experts, hidden_size=self.hidden_size,
                                     intermediate_size=self.moe_intermediate_size,
-                                    r=self.lora_rank, scaling=self.lora_scaling, **kw)
+                                    r=self.lora_rank, scaling=self.lora_scaling)
+
+    def _adapter_store(self, mats) -> None:
         arrays = [mats[n] for n in LORA_ARG_NAMES]
         self._check_lora(arrays, finite=True)
         if self._lora_src is None:
@@ -552,7 +537,6 @@ class SFTMoEWrapper(BaseSFTMoEWrapper):
                 dst_np = as_numpy(dst, "lora")
                 np.copyto(dst_np, src.astype(dst_np.dtype))
             self.update_lora_weights()
-        return config
 
     def _check_lora(self, srcs, finite: bool):
         E, H, I, r = self.num_experts, self.hidden_size, self.moe_intermediate_size, self.lora_rank

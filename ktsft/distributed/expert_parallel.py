@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
+from ..adapters import AdapterIO
 from ..torch import PARAM_NAMES, LoRAExperts
 from ..wrapper import INT32_MAX
 from .comm import STATS, all_to_all, check_all, exchange_counts
@@ -117,7 +118,7 @@ class _ExpertParallelFunction(torch.autograd.Function):
                 *[g if n else None for g, n in zip(pgrads, need[4:])])
 
 
-class ExpertParallelLoRAExperts(torch.nn.Module):
+class ExpertParallelLoRAExperts(AdapterIO, torch.nn.Module):
     """One MoE layer's routed experts sharded over a process group.
 
     Same call as ``ktsft.torch.LoRAExperts``: ``forward(hidden_states
@@ -273,20 +274,22 @@ class ExpertParallelLoRAExperts(torch.nn.Module):
 
         save_adapter_shard(path, [self], **kw)
 
-    @torch.no_grad()
-    def load_adapter(self, path, **kw) -> dict:
-        """Copy this rank's experts from a PEFT adapter (a full one, e.g.
-        merged, or this rank's shard) into the parameters, in place."""
-        from ..adapters import load_adapter
+    def export_peft_fused(self, path, **kw) -> None:
+        raise NotImplementedError("an expert-parallel layer holds a shard of the experts: "
+                                  "save_adapter writes it, merge_adapter_shards joins the ranks'")
 
+    # load_adapter (AdapterIO): this rank's experts from a PEFT adapter (a full
+    # one, e.g. merged, or this rank's shard), into the parameters in place
+    def _adapter_expect(self):
         lo, hi = self.expert_range
-        config, mats = load_adapter(path, self.layer_idx, self.num_experts,
-                                    hidden_size=self.hidden_size,
+        return self.layer_idx, dict(num_experts=self.num_experts, hidden_size=self.hidden_size,
                                     intermediate_size=self.intermediate_size, r=self.r,
-                                    scaling=self.scaling, experts=range(lo, hi), **kw)
+                                    scaling=self.scaling, experts=range(lo, hi))
+
+    @torch.no_grad()
+    def _adapter_store(self, mats) -> None:
         for n, p in zip(PARAM_NAMES, self.lora_parameters()):
             p.copy_(torch.from_numpy(mats[n]))
-        return config
 
     # ---- compute ---------------------------------------------------------------
     def _check_inputs(self, x, ids, w) -> None:

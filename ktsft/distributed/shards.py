@@ -10,18 +10,22 @@ import os
 import re
 
 from ..adapters import _read, _write_adapter, save_adapter
+from ..schema import LORA_NAMES as PARAM_NAMES
 
 SHARD_KEY = "ktsft_expert_shard"
 _KEY = re.compile(r"layers\.(\d+)\..*?\.experts\.(\d+)\.[^.]+\.lora_[AB]\.weight$")
 
 
-def _ep_modules(modules):
-    from .expert_parallel import ExpertParallelLoRAExperts
+def _is_ep(m) -> bool:
+    """An expert-parallel layer (duck-typed: this module imports no front end)."""
+    return hasattr(m, "expert_range") and callable(getattr(m, "lora_parameters", None))
 
-    if isinstance(modules, ExpertParallelLoRAExperts):
+
+def _ep_modules(modules):
+    if _is_ep(modules):
         return [modules]
     if hasattr(modules, "modules"):  # a model holding expert-parallel layers
-        return [m for m in modules.modules() if isinstance(m, ExpertParallelLoRAExperts)]
+        return [m for m in modules.modules() if _is_ep(m)]
     return list(modules)
 
 
@@ -30,8 +34,6 @@ def save_adapter_shard(path, modules, **kw) -> None:
     list of them, or a model holding them) as a shard adapter directory.
     Keyword arguments go to ktsft.adapters.save_adapter (block, proj_names,
     model_prefix, base_model_name_or_path, dtype)."""
-    from ..torch import PARAM_NAMES
-
     mods = _ep_modules(modules)
     if not mods:
         raise ValueError("save_adapter_shard: no ExpertParallelLoRAExperts module given")

@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import profile
-from ..buffers import LORA_GRAD_NAMES, lora_shapes
+from ..schema import LORA_GRAD_NAMES, lora_shapes
 from ..wrapper import SFTMoEWrapper
 
 NAME = "ktsft"
