@@ -49,7 +49,7 @@ for isa in ISAS:
                 t0 = time.perf_counter(); m.forward_sft(x, ids, rw); m.backward(dO)
                 ts.append(time.perf_counter() - t0)
                 if rep:
-                    for d, v in m._kernel.last_phase_times().items():
+                    for d, v in m.phase_times().items():
                         for n, s in v.items():
                             ph.setdefault(d[0] + ":" + n, []).append(s * 1e3)
             print(json.dumps({"tag": tag, "isa": isa, "threads": th, "T": T,

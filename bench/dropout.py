@@ -54,7 +54,7 @@ def main(argv=None) -> int:
             m.backward(dO)
             if it >= 2:  # warm-up: page faults, first-touch of the caches
                 res[p]["step"].append(time.perf_counter() - t0)
-                res[p]["phases"].append(m._kernel.last_phase_times())
+                res[p]["phases"].append(m.phase_times())
     print(f"ktsft {ktsft.cpu_info()['selected_isa']}, {a.threads} threads, T={T} bf16, "
           f"{a.iters} steps each")
     med = {}

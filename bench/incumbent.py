@@ -106,7 +106,7 @@ def main(argv=None) -> int:
                 for t in args.threads:
                     m = build(shape, "bf16", isa, args.rank, t, base, lora)
                     ts = step_times(m, x, ids, w, g, args.repeats)
-                    ph = m._kernel.last_phase_times()
+                    ph = m.phase_times()
                     med = statistics.median(ts)
                     inc = INCUMBENT.get((name, T), {}).get(isa, {}).get(t)
                     inc_amx = INCUMBENT.get((name, T), {}).get("amx", {})

@@ -31,7 +31,7 @@ def measure(m, T, shape, repeats):
         _, h = wr.forward_sft(xb, ids, w, save_for_backward=True, return_handle=True)
         wr.backward(dOb, handle=h)
         if i:
-            rows.append(wr._kernel.last_phase_times())
+            rows.append(wr.phase_times())
     out = {}
     for part in ("forward", "backward"):
         out[part] = {k: 1e3 * statistics.median(r[part][k] for r in rows) for k in rows[0][part]}

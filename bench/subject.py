@@ -54,7 +54,8 @@ def measure(m, x, ids, w, gout, repeats: int) -> dict:
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     other = gauge.stop()
     cache = m.bytes_per_token() * T
-    arrays, _, scales = m._base
+    sw = m.stored_weights()
+    arrays, scales = sw[:3], sw.scales
     res = {
         # what ktsft holds of the frozen weights: one copy, in its storage dtype
         "weight_bytes": sum(a.nbytes for a in arrays) + sum(s.nbytes for s in scales or ()),

@@ -371,8 +371,8 @@ class _SharedBase:
         strides = None if scales is not None else tuple(
             a.strides[0] // a.itemsize if a.shape[0] > 1 else a[0].size for a in arrays)
         with wrapper._lock:
-            wrapper._base = (list(arrays), slot, scales)
             wrapper._kernel.set_base_weights(*views, slot, scales=scales, expert_strides=strides)
+            wrapper._base = (list(arrays), slot, scales)
 
 
 class LoRAExperts(AdapterIO, torch.nn.Module):

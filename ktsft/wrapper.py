@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
-from abc import ABC, abstractmethod
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -12,12 +12,21 @@ from . import validation as V
 from ._arrays import BF16, as_numpy, is_torch_tensor, to_like, wrap_like
 from ._dispatch import resolve_isa
 from .adapters import AdapterIO
+from .compat import BaseSFTMoEWrapper, check_compat_args  # noqa: F401 - re-exported
 from ._kernels.moe_sft import MoEKernel, cast_checked
 from .buffers import CacheEntry, Workspace
 from .schema import LORA_GRAD_NAMES, lora_shapes
 from .quantize import quantize_int4, quantize_int8
 
 from .schema import LORA_NAMES as LORA_ARG_NAMES
+
+
+class StoredWeights(NamedTuple):
+    gate: np.ndarray
+    up: np.ndarray
+    down: np.ndarray
+    slot: np.ndarray
+    scales: Optional[tuple]
 
 
 MAX_THREADS = 4096   # libgomp cannot create (and crashes on) absurd thread counts
@@ -177,91 +186,6 @@ _TUNABLE = {
 }
 
 
-class BaseSFTMoEWrapper(ABC):
-    """One MoE layer's routed experts on the CPU, for LoRA fine-tuning.
-
-    Holds the configuration and the LoRA hyper-parameters
-    (``lora_scaling = lora_alpha / lora_rank``).  The inference entry points
-    of an inference wrapper raise RuntimeError: training needs the
-    synchronous, cached ``forward_sft`` and its ``backward``.
-
-    The sizes, the LoRA rank and alpha, the dtype and the ISA are fixed at
-    construction (assigning one raises AttributeError: the native layer was
-    built with them); ``cpuinfer_threads``, ``lora_dropout``,
-    ``max_cache_depth``, ``chunked_prefill_size``, ``weight_path`` and
-    ``layer_idx`` (a label: the layer's adapter keys) may be
-    changed and are validated as the constructor validates them.
-    """
-
-    def __setattr__(self, name, value):
-        if name in _FIXED and name in self.__dict__:
-            raise AttributeError(
-                f"{type(self).__name__}.{name} is fixed when the layer is built (the native layer "
-                f"holds {self.__dict__[name]!r}); build a new wrapper for another value")
-        check = _TUNABLE.get(name)
-        object.__setattr__(self, name, value if check is None else check(self, value))
-
-    def __init__(self, layer_idx, num_experts, num_experts_per_tok, hidden_size,
-                 moe_intermediate_size, num_gpu_experts=0, cpuinfer_threads=None,
-                 threadpool_count=1, weight_path=None, chunked_prefill_size=8192,
-                 lora_rank=16, lora_alpha=32.0, max_cache_depth=1):
-        self.layer_idx = layer_idx
-        self.num_experts = V.check_int(num_experts, "num_experts", maximum=INT32_MAX - 1)
-        self.num_experts_per_tok = V.check_int(num_experts_per_tok, "num_experts_per_tok",
-                                               maximum=self.num_experts)
-        self.hidden_size = V.check_int(hidden_size, "hidden_size")
-        self.moe_intermediate_size = V.check_int(moe_intermediate_size, "moe_intermediate_size")
-        V.check_int(num_gpu_experts, "num_gpu_experts", minimum=0)
-        if num_gpu_experts != 0:
-            raise NotImplementedError(
-                f"num_gpu_experts={num_gpu_experts}: only 0 is supported (all routed experts on the CPU)")
-        self.num_gpu_experts = 0
-        self.cpuinfer_threads = cpuinfer_threads  # validated by the setter (_TUNABLE)
-        # Accepted for interface compatibility: one pool of cpuinfer_threads
-        # serves the layer; NUMA sub-pools are not implemented yet.
-        self.threadpool_count = V.check_int(threadpool_count, "threadpool_count")
-        self.weight_path = weight_path
-        self.chunked_prefill_size = chunked_prefill_size
-        self.lora_rank = V.check_int(lora_rank, "lora_rank")
-        self.lora_alpha = V.check_positive_float(lora_alpha, "lora_alpha")
-        self.lora_scaling = self.lora_alpha / self.lora_rank
-        if not (1e-30 <= self.lora_scaling <= 1e30):
-            # the kernels scale in fp32: beyond this the LoRA term is lost or overflows
-            raise ValueError(f"lora_alpha={lora_alpha!r}: lora_alpha / lora_rank = "
-                             f"{self.lora_scaling:g} is outside [1e-30, 1e30]")
-        self.max_cache_depth = max_cache_depth
-
-    @abstractmethod
-    def load_weights(self, physical_to_logical_map_cpu=None, *, gate_proj=None, up_proj=None,
-                     down_proj=None) -> None: ...
-
-    @abstractmethod
-    def init_lora_weights(self, gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a,
-                          down_lora_b) -> None: ...
-
-    @abstractmethod
-    def forward_sft(self, hidden_states, expert_ids, weights, save_for_backward=True): ...
-
-    @abstractmethod
-    def backward(self, grad_output): ...
-
-    @abstractmethod
-    def update_lora_weights(self) -> None: ...
-
-    def forward(self, *args, **kwargs):
-        raise RuntimeError("forward() is the inference entry point; in SFT mode use forward_sft()")
-
-    def submit_forward(self, *args, **kwargs):
-        raise RuntimeError("submit_forward() is not available in SFT mode: forward_sft() is synchronous")
-
-    def sync_forward(self, *args, **kwargs):
-        raise RuntimeError("sync_forward() is not available in SFT mode: forward_sft() is synchronous")
-
-    def select_deferred_experts(self, *args, **kwargs):
-        raise RuntimeError("select_deferred_experts() is not available in SFT mode: "
-                           "every routed expert is needed for exact gradients")
-
-
 class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
     """CPU MoE-expert LoRA fine-tuning on the ktsft kernels.
 
@@ -280,6 +204,15 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
     forward_sft call (``dropout_seed=``; by default drawn from this
     wrapper's numpy Generator, seeded by the constructor's
     ``dropout_seed``, None = fresh OS entropy).
+
+    The sizes, the LoRA rank and alpha (``lora_scaling = lora_alpha /
+    lora_rank``), the dtype and the ISA are fixed at construction (assigning
+    one raises AttributeError: the native layer was built with them);
+    ``cpuinfer_threads``, ``lora_dropout``, ``max_cache_depth``,
+    ``chunked_prefill_size``, ``weight_path`` and ``layer_idx`` (a label:
+    the layer's adapter keys) may be changed and are validated as the
+    constructor validates them.  kt-kernel's interface
+    (``BaseSFTMoEWrapper``, ktsft/compat.py) is what this implements.
     """
 
     def __init__(self, layer_idx, num_experts, num_experts_per_tok, hidden_size,
@@ -287,10 +220,10 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
                  threadpool_count=1, weight_path=None, chunked_prefill_size=8192, lora_rank=16,
                  lora_alpha=32.0, max_cache_depth=1, dtype="bf16", *, isa=None, quant_group=128,
                  lora_dropout=0.0, dropout_seed=None):
-        super().__init__(layer_idx, num_experts, num_experts_per_tok, hidden_size,
-                         moe_intermediate_size, num_gpu_experts, cpuinfer_threads,
-                         threadpool_count, weight_path, chunked_prefill_size, lora_rank,
-                         lora_alpha, max_cache_depth)
+        self._configure(layer_idx, num_experts, num_experts_per_tok, hidden_size,
+                        moe_intermediate_size, num_gpu_experts, cpuinfer_threads,
+                        threadpool_count, weight_path, chunked_prefill_size, lora_rank,
+                        lora_alpha, max_cache_depth)
         if dtype not in ("fp32", "bf16", "int8", "int4"):
             raise ValueError(f"dtype must be 'fp32', 'bf16', 'int8' or 'int4', got {dtype!r}")
         self.quant_group = V.check_int(quant_group, "quant_group")
@@ -328,6 +261,38 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
         self._lora = None
         self._grads = None
 
+    def __setattr__(self, name, value):
+        if name in _FIXED and name in self.__dict__:
+            raise AttributeError(
+                f"{type(self).__name__}.{name} is fixed when the layer is built (the native layer "
+                f"holds {self.__dict__[name]!r}); build a new wrapper for another value")
+        check = _TUNABLE.get(name)
+        object.__setattr__(self, name, value if check is None else check(self, value))
+
+    def _configure(self, layer_idx, num_experts, num_experts_per_tok, hidden_size,
+                 moe_intermediate_size, num_gpu_experts=0, cpuinfer_threads=None,
+                 threadpool_count=1, weight_path=None, chunked_prefill_size=8192,
+                 lora_rank=16, lora_alpha=32.0, max_cache_depth=1):
+        self.layer_idx = layer_idx
+        self.num_experts = V.check_int(num_experts, "num_experts", maximum=INT32_MAX - 1)
+        self.num_experts_per_tok = V.check_int(num_experts_per_tok, "num_experts_per_tok",
+                                               maximum=self.num_experts)
+        self.hidden_size = V.check_int(hidden_size, "hidden_size")
+        self.moe_intermediate_size = V.check_int(moe_intermediate_size, "moe_intermediate_size")
+        self.num_gpu_experts, self.threadpool_count = check_compat_args(num_gpu_experts,
+                                                                        threadpool_count)
+        self.cpuinfer_threads = cpuinfer_threads  # validated by the setter (_TUNABLE)
+        self.weight_path = weight_path
+        self.chunked_prefill_size = chunked_prefill_size
+        self.lora_rank = V.check_int(lora_rank, "lora_rank")
+        self.lora_alpha = V.check_positive_float(lora_alpha, "lora_alpha")
+        self.lora_scaling = self.lora_alpha / self.lora_rank
+        if not (1e-30 <= self.lora_scaling <= 1e30):
+            # the kernels scale in fp32: beyond this the LoRA term is lost or overflows
+            raise ValueError(f"lora_alpha={lora_alpha!r}: lora_alpha / lora_rank = "
+                             f"{self.lora_scaling:g} is outside [1e-30, 1e30]")
+        self.max_cache_depth = max_cache_depth
+
     # ---- sizes -------------------------------------------------------------
     def bytes_per_token(self) -> int:
         """Activation-cache bytes per token of one forward_sft(save_for_backward=True)."""
@@ -337,6 +302,39 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
     @property
     def cache_depth(self) -> int:
         return len(self._cache)
+
+    def stored_weights(self) -> "StoredWeights":
+        """The base weights as the kernels read them: read-only views of the
+        registered arrays (gate/up [E, I, H], down [E, H, I], physical
+        slots; bf16 as ml_dtypes.bfloat16, int8/int4 with their scales),
+        the slot of each logical expert, and the scales (None unless
+        quantized).  None before load_weights."""
+        if self._base is None:
+            return None
+        arrays, slot, scales = self._base
+
+        def ro(a):
+            v = a.view()
+            v.flags.writeable = False
+            return v
+        return StoredWeights(*(ro(a) for a in arrays), ro(slot),
+                             None if scales is None else tuple(ro(s) for s in scales))
+
+    def phase_times(self) -> dict:
+        """Seconds in each native phase of this layer's last forward_sft and
+        backward: {"forward": {phase: s}, "backward": {phase: s}}."""
+        with self._lock:
+            return self._kernel.last_phase_times()
+
+    def memory_info(self) -> dict:
+        """Host memory this layer holds: cache entries awaiting backward and
+        kept for reuse (count and bytes) and the workspace it shares with the
+        layers of its shape (``workspace_id`` equal across those layers)."""
+        with self._lock:
+            return dict(cache_entries=len(self._cache), spare_entries=len(self._spare),
+                        cache_bytes=sum(e.nbytes for e in self._cache + self._spare),
+                        workspace_bytes=sum(a.nbytes for a in self._ws.arrays.values()),
+                        workspace_id=id(self._ws))
 
     # ---- weights -----------------------------------------------------------
     def load_weights(self, physical_to_logical_map_cpu=None, *, gate_proj=None, up_proj=None,
@@ -383,10 +381,10 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
         views = [a.view(np.uint16) if self.dtype == "bf16" else a for a in arrays]
         strides = tuple(a.strides[0] // a.itemsize if a.shape[0] > 1 else a[0].size
                         for a in arrays)
-        with self._lock:
-            self._base = (arrays, slot, scales)
+        with self._lock:  # registered first: a refusal leaves the old weights in place
             self._kernel.set_base_weights(*views, slot, scales=scales,
                                           expert_strides=None if scales is not None else strides)
+            self._base = (arrays, slot, scales)
 
     @property
     def _store(self):

@@ -314,7 +314,7 @@ def test_fused_export_is_exact(tmp_path, rslora):
     m.init_lora_weights(*[np.zeros_like(a) for a in p.lora])
     if not rslora:
         m.load_adapter(tmp_path / "f")
-        for a, b in zip(m._lora, p.lora):
+        for a, b in zip(m.adapter_layer()[1].values(), p.lora):
             assert np.array_equal(a, b)
 
 

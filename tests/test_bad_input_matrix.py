@@ -63,7 +63,7 @@ class Ctx:
         twin.forward_sft(p.x, p.ids, p.w)
         self.expected = _backward(twin, p.dO)
         self.lora = [a.copy() for a in p.lora]
-        self.base = [np.array(a, copy=True) for a in self.m._base[0]]
+        self.base = [np.array(a, copy=True) for a in self.m.stored_weights()[:3]]
         self.user_base = [a.copy() for a in (p.gate_proj, p.up_proj, p.down_proj)]
         self.inputs = [a.copy() for a in (p.x, p.ids, p.w, p.dO)]
 
@@ -87,7 +87,7 @@ class Ctx:
         assert m.cache_depth == 1, "the cached forward was lost or a new one pushed"
         for a, b, n in zip(p.lora, self.lora, LORA):
             assert np.array_equal(a, b), f"LoRA {n} changed"
-        for a, b, n in zip(m._base[0], self.base, BASE):
+        for a, b, n in zip(m.stored_weights()[:3], self.base, BASE):
             assert np.array_equal(np.asarray(a), b), f"base weight {n} changed"
         for a, b, n in zip((p.gate_proj, p.up_proj, p.down_proj), self.user_base, BASE):
             assert np.array_equal(a, b), f"caller's {n} changed"
@@ -617,7 +617,7 @@ def test_weight_path_errors(tmp_path):
     np.save(tmp_path / "down_proj.npy", p.down_proj[:, :-1])     # wrong shape on disk
     with pytest.raises(ValueError, match="down_proj"):
         m.load_weights()
-    assert m._base is None
+    assert m.stored_weights() is None
 
 
 # ---------------------------------------------------------------------------

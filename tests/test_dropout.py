@@ -104,13 +104,17 @@ CASES = {
     "repeated_ids": dict(T=11, H=24, I=20, E=3, k=3, r=2, allow_repeats=True),
     # several pair blocks per expert, whole-row NN tasks and 256-column blocks
     "blocks": dict(T=80, H=300, I=200, E=3, k=2, r=8),
+    # experts of > 1024 pairs: the masked A gradients in column sub-blocks
+    # narrower than a gradient block (moe_sft.pyx _drop_cols)
+    "hot_experts_sub_blocks": dict(T=2100, H=272, I=48, E=2, k=1, r=2, routing="two_experts"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_reference_with_masks(case, isa, dtype):
     if case == "rank1_single_token" and dtype == "bf16":
-        return  # one short dot product per result: bf16 judged on larger cases
+        pytest.skip("one short, cancelling dot product per result: bf16 is judged on the "
+                    "larger cases")
     p = Problem(seed=zlib.crc32(case.encode()) % 1000, **CASES[case])
     check(p, run(p, p.wrapper(dtype=dtype, isa=isa, lora_dropout=P)), dtype)
 

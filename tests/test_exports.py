@@ -104,7 +104,7 @@ def test_copies_compute_the_same_and_train_independently(how, dtype):
         assert a.wrapper is not b.wrapper
         for pa, pb in zip(a.lora_parameters(), b.lora_parameters()):
             assert pa.data_ptr() != pb.data_ptr() and torch.equal(pa, pb)
-        same_base = a.wrapper._base[0][0].ctypes.data == b.wrapper._base[0][0].ctypes.data
+        same_base = a.wrapper.stored_weights()[:3][0].ctypes.data == b.wrapper.stored_weights()[:3][0].ctypes.data
         assert same_base == (how == "deepcopy")  # deepcopy shares the frozen base weights
     assert torch.equal(logits(cp, ids), want)
     # the copy trains on its own: the original's LoRA and outputs stay
@@ -210,7 +210,7 @@ def test_modulelist_checkpoint_layout():
     m2 = HFLoRAExperts(E, K, H, I, r=R, alpha=8, dtype="fp32", threads=1)
     m2.checkpoint_layout = m.checkpoint_layout
     m2.load_state_dict(sd)
-    assert all(np.array_equal(a, b) for a, b in zip(m.wrapper._base[0], m2.wrapper._base[0]))
+    assert all(np.array_equal(a, b) for a, b in zip(m.wrapper.stored_weights()[:3], m2.wrapper.stored_weights()[:3]))
 
 
 # ---------------------------------------------------------------------------

@@ -274,7 +274,7 @@ def test_base_weights_read_in_place_and_rebound():
     ex = m.model.layers[0].mlp.experts
     b = hf_experts._STATE[ex]
     w = next(iter(b.wrappers.values()))
-    gate, up, down = w._base[0]
+    gate, up, down = w.stored_weights()[:3]
     I, H = ex.gate_up_proj.shape[1] // 2, ex.gate_up_proj.shape[2]
     assert gate.ctypes.data == ex.gate_up_proj.data_ptr()
     assert up.ctypes.data == ex.gate_up_proj.data_ptr() + I * H * 4

@@ -22,7 +22,8 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_reference(case, isa, dtype):
     if CASES[case] is TINY and dtype == "bf16":
-        return  # one short dot product per result: judged over many seeds below
+        pytest.skip("one short, cancelling dot product per result: one seed says little; "
+                    "test_tiny_bf16_no_worse_than_input_rounding judges it over 24 seeds")
     p = Problem(seed=zlib.crc32(case.encode()) % 1000, **CASES[case])
     m = p.wrapper(dtype=dtype, isa=isa)
     check_against_reference(p, p.run(m), dtype)

@@ -44,7 +44,7 @@ def test_bf16_weights_are_used_in_place():
     m = ktsft.SFTMoEWrapper(0, E, 2, H, I, dtype="bf16")
     assert _held_after_load(m, w) < 1 << 16  # no copy at all
     for name, a in w.items():        # the wrapper reads the caller's memory
-        assert np.shares_memory(m._base[0][("gate_proj", "up_proj", "down_proj").index(name)], a)
+        assert np.shares_memory(m.stored_weights()[:3][("gate_proj", "up_proj", "down_proj").index(name)], a)
 
 
 def test_fp32_weights_in_bf16_mode_cost_one_bf16_copy():
@@ -54,7 +54,7 @@ def test_fp32_weights_in_bf16_mode_cost_one_bf16_copy():
     m = ktsft.SFTMoEWrapper(0, E, 2, H, I, dtype="bf16")
     held = _held_after_load(m, w)
     assert bf16_bytes <= held < bf16_bytes + (1 << 16), (held, bf16_bytes)
-    assert sum(a.nbytes for a in m._base[0]) == bf16_bytes
+    assert sum(a.nbytes for a in m.stored_weights()[:3]) == bf16_bytes
 
 
 def test_fp32_weights_in_fp32_mode_are_used_in_place():
@@ -62,7 +62,7 @@ def test_fp32_weights_in_fp32_mode_are_used_in_place():
     w = _weights(E, H, I, np.float32)
     m = ktsft.SFTMoEWrapper(0, E, 2, H, I, dtype="fp32")
     m.load_weights(**w)
-    assert all(np.shares_memory(a, b) for a, b in zip(m._base[0], w.values()))
+    assert all(np.shares_memory(a, b) for a, b in zip(m.stored_weights()[:3], w.values()))
 
 
 def test_steps_do_not_grow_memory():
@@ -90,8 +90,9 @@ def test_layers_of_one_shape_share_one_workspace():
     p = Problem(T=9, H=40, I=24, E=6, k=2, r=3, seed=4)
     q = Problem(T=9, H=40, I=24, E=6, k=2, r=3, seed=5)
     a, b = p.wrapper(dtype="bf16"), q.wrapper(dtype="bf16")
-    assert a._ws is b._ws
-    assert p.wrapper(dtype="fp32")._ws is not a._ws
+    ws = a.memory_info()["workspace_id"]
+    assert b.memory_info()["workspace_id"] == ws
+    assert p.wrapper(dtype="fp32").memory_info()["workspace_id"] != ws
     want = []
     for m, pr in ((a, p), (b, q)):
         out = m.forward_sft(pr.x, pr.ids, pr.w)

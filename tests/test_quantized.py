@@ -37,7 +37,8 @@ def test_int8_matches_reference_on_dequantized_weights(case, isa):
 def test_int8_storage_is_a_quarter_of_fp32():
     p = Problem(T=4, H=64, I=32, E=6, k=2, r=2)
     m = p.wrapper(dtype="int8")
-    q, slot, scales = m._base
+    sw = m.stored_weights()
+    q, scales = sw[:3], sw.scales
     assert all(a.dtype == np.int8 for a in q)
     fp32 = 3 * p.E * p.H * p.I * 4
     stored = sum(a.nbytes for a in q) + sum(s.nbytes for s in scales)
@@ -107,7 +108,8 @@ def test_int4_storage_and_bad_groups():
     p = Problem(T=4, H=128, I=64, E=3, k=2, r=2)
     m = ktsft.SFTMoEWrapper(0, p.E, p.k, p.H, p.I, dtype="int4", quant_group=32)
     m.load_weights(gate_proj=p.gate_proj, up_proj=p.up_proj, down_proj=p.down_proj)
-    q, _, scales = m._base
+    sw = m.stored_weights()
+    q, scales = sw[:3], sw.scales
     assert q[0].dtype == np.uint8 and q[0].shape == (3, 64, 64) and q[2].shape == (3, 128, 32)
     assert sum(a.nbytes for a in q) * 8 == 3 * p.E * p.H * p.I * 4 * 1  # half a byte a weight
     assert scales[0].shape == (3, 64, 4) and scales[2].shape == (3, 128, 2)

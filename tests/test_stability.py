@@ -13,6 +13,7 @@ from threadpoolctl import threadpool_limits
 
 import ktsft
 from ktsft import reference
+from ktsft.schema import lora_shapes
 from conftest import Problem
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -55,7 +56,8 @@ def test_2000_steps_resident_memory_flat():
     rng = np.random.default_rng(0)
     sizes = rng.integers(1, TMAX + 1, 2000)
     sizes[:4] = TMAX
-    grads_out = {n: np.zeros_like(v) for n, v in m._grads.items()}
+    grads_out = {n: np.zeros(s, np.float32) for n, s in lora_shapes(
+        m.num_experts, m.hidden_size, m.moe_intermediate_size, m.lora_rank).items()}
     samples = []
     baseline = None
     for step, T in enumerate(sizes):

@@ -162,7 +162,7 @@ def test_expert_weights_are_moved_not_copied():
     assert all(p.numel() == 0 for pair in old_params for p in pair)
     new = [m for m in model.modules() if isinstance(m, HFLoRAExperts)]
     for m, ptr, e_orig in zip(new, down_ptrs, [m for _, _, _, m, _ in find_expert_modules(orig)]):
-        gate, up, down = m.wrapper._base[0]
+        gate, up, down = m.wrapper.stored_weights()[:3]
         assert down.ctypes.data == ptr  # fp32 down_proj used in place
         I = gate.shape[1]
         assert torch.equal(torch.from_numpy(gate), e_orig.gate_up_proj[:, :I])
@@ -170,7 +170,7 @@ def test_expert_weights_are_moved_not_copied():
         assert torch.equal(torch.from_numpy(down), e_orig.down_proj)
     # bf16 mode: one bf16 copy
     m16 = apply_lora_experts(copy.deepcopy(orig), r=R, alpha=8, dtype="bf16", threads=1)
-    b = next(m for m in m16.modules() if isinstance(m, HFLoRAExperts)).wrapper._base[0]
+    b = next(m for m in m16.modules() if isinstance(m, HFLoRAExperts)).wrapper.stored_weights()[:3]
     assert all(a.dtype.itemsize == 2 for a in b)
     ids = tokens()
     with torch.no_grad():
@@ -367,7 +367,7 @@ def test_checkpoint_layout_follows_the_replaced_fused_module(transposed, concate
                                r=R, alpha=8, dtype="fp32", threads=1)
     other.load_state_dict(sd)
     assert all(torch.equal(torch.from_numpy(a), torch.from_numpy(b)) for a, b in
-               zip(block.experts.wrapper._base[0], other.experts.wrapper._base[0]))
+               zip(block.experts.wrapper.stored_weights()[:3], other.experts.wrapper.stored_weights()[:3]))
 
 
 @pytest.mark.parametrize("names", [("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2")])

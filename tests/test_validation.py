@@ -17,7 +17,7 @@ def setup():
     m.forward_sft(p.x, p.ids, p.w)  # one entry cached
     snap = {
         "lora": [a.copy() for a in p.lora],
-        "base": [a.copy() for a in m._base[0]],
+        "base": [a.copy() for a in m.stored_weights()[:3]],
         "depth": m.cache_depth,
         "out": np.array(m.forward_sft(p.x, p.ids, p.w, save_for_backward=False)),
     }
@@ -28,7 +28,7 @@ def assert_unchanged(p, m, snap):
     assert m.cache_depth == snap["depth"]
     for a, b in zip(p.lora, snap["lora"]):
         assert np.array_equal(a, b)
-    for a, b in zip(m._base[0], snap["base"]):
+    for a, b in zip(m.stored_weights()[:3], snap["base"]):
         assert np.array_equal(a, b)
     out = m.forward_sft(p.x, p.ids, p.w, save_for_backward=False)
     assert np.array_equal(out, snap["out"])

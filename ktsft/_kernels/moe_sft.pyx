@@ -47,6 +47,13 @@ cdef enum:
     # share needs gained less (185, 251).  Each output element is still
     # computed whole by one task, and the chunks depend only on the routing.
     PAIR_SPLIT = 256
+    # With LoRA dropout the A gradients read masked inputs regenerated into
+    # per-thread scratch: an expert's pairs x a column sub-block, the
+    # sub-block narrowed so the slot holds about this many floats (1 MiB),
+    # and never below one 16-float vector.  Each gradient element is still
+    # summed over all its expert's pairs in one accumulator, so the bits do
+    # not depend on the split (nor on the threads).
+    DROP_GRAD_FLOATS = 262144
 
 
 # --------------------------------------------------------------------------
@@ -590,23 +597,41 @@ cdef void _b_input(const Layer *L, const Step *S, const Task *t, float *scr) noe
         _nn_scales(L, L.s_up, e, I, L.ng_in_h, lo))
 
 
+cdef inline int64_t _drop_cols(int64_t n, int64_t nb) noexcept nogil:
+    """Columns of one masked sub-block for an expert of n pairs (<= nb)."""
+    cdef int64_t w = (DROP_GRAD_FLOATS // max(n, <int64_t>1)) & ~(<int64_t>15)
+    return min(nb, max(w, <int64_t>16))
+
+
 cdef void _b_lora_grads(const Layer *L, const Step *S, const Task *t, float *scr) noexcept nogil:
     """One block of one expert's LoRA gradient (part selects the matrix).
     With dropout the A gradients read the masked inputs, regenerated into
-    scr (the expert's pairs x nb)."""
+    scr (the expert's pairs x a column sub-block: _drop_cols)."""
     cdef int64_t e = t.e, off = S.offs[t.e], n = S.offs[t.e + 1] - off
-    cdef int64_t H = L.H, I = L.I, r = L.r, lo = t.lo, nb = t.hi - t.lo, q
-    if S.drop and (t.part == 0 or t.part == 1):   # grad A_{gate,up}[:, lo:hi] = sum_p gbs[p] (x) m x_p
-        for q in range(n):
-            _drop(L, S, PROJ_GATE if t.part == 0 else PROJ_UP, off + q, lo, nb,
-                  S.x32 + S.pair_tok[off + q] * H + lo, scr + q * nb, 0)
-        L.kern.outer_f32(n, r, nb, (S.gbs_g if t.part == 0 else S.gbs_u) + off * r, r, NULL, NULL,
-                         scr, nb, NULL, (S.g_ag if t.part == 0 else S.g_au) + e * r * H + lo, H, S.accum)
-    elif S.drop and t.part == 4:   # grad A_down[:, lo:hi] = sum_p w_p bds[p] (x) m_d h_p
-        for q in range(n):
-            _drop(L, S, PROJ_DOWN, off + q, lo, nb, S.h32 + (off + q) * I + lo, scr + q * nb, 0)
-        L.kern.outer_f32(n, r, nb, S.bds + off * r, r, NULL, S.pair_w + off, scr, nb, NULL,
-                         S.g_ad + e * r * I + lo, I, S.accum)
+    cdef int64_t H = L.H, I = L.I, r = L.r, lo = t.lo, nb = t.hi - t.lo, q, c0, w
+    if S.drop and (t.part == 0 or t.part == 1 or t.part == 4):
+        # grad A_{gate,up}[:, c] = sum_p gbs[p] (x) m x_p[c];
+        # grad A_down[:, c] = sum_p w_p bds[p] (x) m_d h_p[c]
+        w = _drop_cols(n, nb)
+        c0 = lo
+        while c0 < lo + nb:
+            w = min(w, lo + nb - c0)
+            for q in range(n):
+                if t.part == 4:
+                    _drop(L, S, PROJ_DOWN, off + q, c0, w, S.h32 + (off + q) * I + c0,
+                          scr + q * w, 0)
+                else:
+                    _drop(L, S, PROJ_GATE if t.part == 0 else PROJ_UP, off + q, c0, w,
+                          S.x32 + S.pair_tok[off + q] * H + c0, scr + q * w, 0)
+            if t.part == 4:
+                L.kern.outer_f32(n, r, w, S.bds + off * r, r, NULL, S.pair_w + off, scr, w,
+                                 NULL, S.g_ad + e * r * I + c0, I, S.accum)
+            else:
+                L.kern.outer_f32(n, r, w, (S.gbs_g if t.part == 0 else S.gbs_u) + off * r, r,
+                                 NULL, NULL, scr, w, NULL,
+                                 (S.g_ag if t.part == 0 else S.g_au) + e * r * H + c0, H,
+                                 S.accum)
+            c0 += w
     elif t.part == 0:      # grad A_gate[:, lo:hi] = sum_p gbs_g[p] (x) x_p
         L.kern.outer_f32(n, r, nb, S.gbs_g + off * r, r, NULL, NULL, S.x32 + lo, H,
                          S.pair_tok + off, S.g_ag + e * r * H + lo, H, S.accum)
@@ -690,10 +715,10 @@ cdef int _run(int phase, const Layer *L, const Step *S, int64_t n_exp, const int
     if S.drop and (phase == PH_LORA_A_IN or phase == PH_SWIGLU or phase == PH_BDOWN or
                    phase == PH_BINPUT or phase == PH_LORA_GRADS):
         # masked LoRA inputs are regenerated into per-thread scratch
-        if phase == PH_LORA_GRADS:   # an expert's pairs x one gradient block
+        if phase == PH_LORA_GRADS:   # an expert's pairs x one column sub-block
             for e in range(L.E):
-                per = max(per, <int64_t>(S.offs[e + 1] - S.offs[e]))
-            per *= GRAD_BLOCK
+                i = S.offs[e + 1] - S.offs[e]
+                per = max(per, i * _drop_cols(i, GRAD_BLOCK))
         else:                        # PAIR_BLOCK pairs x a row or column block
             per = PAIR_BLOCK * max(L.H, L.I)
         nslots = <int>max(<int64_t>1, min(<int64_t>n_threads, ntasks))
