@@ -65,3 +65,30 @@ def test_amx_token_slices():
     """An expert with more tokens than one slice (512) of the tile kernels."""
     p = Problem(T=600, H=64, I=48, E=2, k=2, r=2, seed=4, routing="two_experts")
     check_against_reference(p, p.run(p.wrapper(dtype="bf16", isa="amx")), "bf16")
+
+
+def test_per_thread_scratch_is_freed_with_the_last_amx_layer():
+    """The tile packs' per-thread scratch is kept between calls (no page
+    faults per call) and freed when the last AMX layer goes; a new layer
+    then allocates afresh and computes the same."""
+    import gc
+
+    from ktsft._kernels.moe_sft import kept_scratch_bytes
+
+    gc.collect()
+    p = Problem(T=64, H=96, I=64, E=2, k=2, r=4, routing="two_experts", seed=7)
+    a, b = p.wrapper(dtype="bf16", isa="amx"), p.wrapper(dtype="bf16", isa="amx")
+    ref = p.run(a)
+    assert kept_scratch_bytes() > 0
+    p.run(b)
+    del a
+    gc.collect()
+    assert kept_scratch_bytes() > 0  # b still runs on it
+    del b
+    gc.collect()
+    assert kept_scratch_bytes() == 0
+    c = p.wrapper(dtype="bf16", isa="amx")
+    got = p.run(c)
+    assert kept_scratch_bytes() > 0
+    for n in ref:
+        assert np.array_equal(got[n], ref[n]), n

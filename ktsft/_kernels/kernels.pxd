@@ -82,6 +82,8 @@ cdef extern from "ktsft/kernels.h" nogil:
         ktsft_combine_fn combine
         ktsft_dropout_f32_fn dropout_f32
         ktsft_adamw_f32_fn adamw_f32
+        void (*release_scratch)()
+        size_t (*scratch_bytes)()
 
     const ktsft_kernels *ktsft_kernels_by_name(const char *name)
     int ktsft_amx_build()

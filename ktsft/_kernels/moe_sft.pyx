@@ -912,6 +912,20 @@ def dropout_mask(uint64_t seed, int proj, tj, int64_t n, double p, str isa="scal
     return out
 
 
+# layers alive per kernel table that keeps per-thread scratch (AMX): the
+# last one to go frees that scratch (no call of that build can run then)
+cdef dict _live = {}
+
+
+def kept_scratch_bytes(str isa="amx"):
+    """Bytes of per-thread scratch an ISA build keeps between calls (all
+    threads; 0 where the build keeps none)."""
+    cdef const ktsft_kernels *kern = ktsft_kernels_by_name(isa.encode())
+    if kern == NULL or kern.scratch_bytes == NULL:
+        return 0
+    return kern.scratch_bytes()
+
+
 cdef class MoEKernel:
     """Native state of one layer: shapes, the kernel table and borrowed
     pointers to base weights and LoRA.  The Python wrapper owns the arrays
@@ -921,6 +935,14 @@ cdef class MoEKernel:
     cdef readonly str isa
     cdef double _tf[8]
     cdef double _tb[8]
+    cdef bint _counted
+
+    def __dealloc__(self):
+        if self._counted:
+            n = _live[self.isa] - 1
+            _live[self.isa] = n
+            if n == 0 and self.L.kern.release_scratch != NULL:
+                self.L.kern.release_scratch()
 
     def __init__(self, int64_t num_experts, int64_t top_k, int64_t hidden_size,
                  int64_t intermediate_size, int64_t lora_rank, float lora_scaling, bint bf16,
@@ -963,6 +985,9 @@ cdef class MoEKernel:
         self.L.nn_whole_upto = KT_NN_STREAM_MAX if (isa == "avx512bf16" and bf16) else FEW_TOKENS
         self.isa = isa
         self._keep = {}
+        if kern.release_scratch != NULL:
+            _live[isa] = _live.get(isa, 0) + 1
+            self._counted = True
 
     def set_base_weights(self, gate, up, down, slot, scales=None, expert_strides=None):
         """gate/up [E, I, H], down [E, H, I] (float32, uint16 holding bf16 in

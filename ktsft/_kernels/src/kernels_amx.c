@@ -17,6 +17,7 @@
  *
  * KT_AMX_EMULATE builds a C model of the tile unit instead (development
  * on CPUs without AMX: same layouts, same code paths). */
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include "ktsft/kernels.h"
@@ -106,18 +107,71 @@ static inline void kt_emu_dp(int c, int a, int b)
 
 /* Per-thread scratch for the packs, kept between calls: glibc serves blocks
  * of a megabyte by mmap, so a fresh one per call would be page-faulted in
- * (and zeroed by the kernel) every time.  Grows only; a few MB per thread. */
-static _Thread_local char *kt_scr;
-static _Thread_local size_t kt_scr_bytes;
+ * (and zeroed by the kernel) every time.  Grows only, bounded by the token
+ * slices (KT_AMX_MBLOCK): a few MB per thread.  Every block is also on one
+ * list, so kt_release_scratch (called when the last AMX layer is freed, so
+ * no AMX call runs) frees them all; the epoch tells each thread that its
+ * pointer is gone. */
+typedef struct kt_blk {
+    struct kt_blk *prev, *next;
+    size_t bytes;
+} kt_blk;
+#define KT_BLK_HEAD 64 /* the header keeps the scratch 64-byte aligned */
+static kt_blk kt_blocks = {&kt_blocks, &kt_blocks, 0};
+static pthread_mutex_t kt_blocks_mu = PTHREAD_MUTEX_INITIALIZER;
+static unsigned kt_scr_epoch;
+static _Thread_local kt_blk *kt_scr_blk;
+static _Thread_local unsigned kt_scr_my_epoch;
 
 static char *kt_scratch(size_t bytes)
 {
-    if (bytes > kt_scr_bytes) {
-        free(kt_scr);
-        kt_scr = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
-        kt_scr_bytes = kt_scr ? bytes : 0;
+    const unsigned ep = __atomic_load_n(&kt_scr_epoch, __ATOMIC_ACQUIRE);
+    if (kt_scr_my_epoch != ep) { /* released meanwhile */
+        kt_scr_blk = NULL;
+        kt_scr_my_epoch = ep;
     }
-    return kt_scr;
+    if (!kt_scr_blk || bytes > kt_scr_blk->bytes) {
+        kt_blk *nb = aligned_alloc(64, KT_BLK_HEAD + ((bytes + 63) & ~(size_t)63));
+        pthread_mutex_lock(&kt_blocks_mu);
+        if (kt_scr_blk) {
+            kt_scr_blk->prev->next = kt_scr_blk->next;
+            kt_scr_blk->next->prev = kt_scr_blk->prev;
+            free(kt_scr_blk);
+        }
+        if (nb) {
+            nb->bytes = bytes;
+            nb->prev = &kt_blocks;
+            nb->next = kt_blocks.next;
+            kt_blocks.next->prev = nb;
+            kt_blocks.next = nb;
+        }
+        pthread_mutex_unlock(&kt_blocks_mu);
+        kt_scr_blk = nb;
+    }
+    return kt_scr_blk ? (char *)kt_scr_blk + KT_BLK_HEAD : NULL;
+}
+
+static void kt_release_scratch(void)
+{
+    pthread_mutex_lock(&kt_blocks_mu);
+    for (kt_blk *b = kt_blocks.next; b != &kt_blocks;) {
+        kt_blk *next = b->next;
+        free(b);
+        b = next;
+    }
+    kt_blocks.next = kt_blocks.prev = &kt_blocks;
+    __atomic_add_fetch(&kt_scr_epoch, 1, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&kt_blocks_mu);
+}
+
+static size_t kt_scratch_bytes(void)
+{
+    size_t n = 0;
+    pthread_mutex_lock(&kt_blocks_mu);
+    for (kt_blk *b = kt_blocks.next; b != &kt_blocks; b = b->next)
+        n += b->bytes;
+    pthread_mutex_unlock(&kt_blocks_mu);
+    return n;
 }
 
 /* r[i] <- column i of the 16x16 matrix whose rows are r[0..15] */
@@ -491,9 +545,10 @@ static void gemm_nn_bf16_amx(int64_t M, int64_t N, int64_t O, const ktsft_bf16 *
 const ktsft_kernels *ktsft_kernels_amx(void)
 {
 #ifdef KT_AMX_EMULATE
-    KT_TABLE("amx-emulated", gemm_nt_bf16_amx, gemm_nn_bf16_amx);
+    KT_TABLE("amx-emulated", gemm_nt_bf16_amx, gemm_nn_bf16_amx, kt_release_scratch,
+             kt_scratch_bytes);
 #else
-    KT_TABLE("amx", gemm_nt_bf16_amx, gemm_nn_bf16_amx);
+    KT_TABLE("amx", gemm_nt_bf16_amx, gemm_nn_bf16_amx, kt_release_scratch, kt_scratch_bytes);
 #endif
     return &table;
 }

@@ -88,6 +88,6 @@ static inline __m256 kt_loadn_i4x8(const uint8_t *p, int64_t n)
 
 const ktsft_kernels *ktsft_kernels_avx2(void)
 {
-    KT_TABLE("avx2", gemm_nt_bf16, gemm_nn_bf16);
+    KT_TABLE("avx2", gemm_nt_bf16, gemm_nn_bf16, NULL, NULL);
     return &table;
 }

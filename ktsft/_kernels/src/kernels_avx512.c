@@ -8,6 +8,6 @@
 
 const ktsft_kernels *ktsft_kernels_avx512(void)
 {
-    KT_TABLE("avx512", gemm_nt_bf16, gemm_nn_bf16);
+    KT_TABLE("avx512", gemm_nt_bf16, gemm_nn_bf16, NULL, NULL);
     return &table;
 }

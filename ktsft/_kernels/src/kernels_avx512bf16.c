@@ -11,6 +11,6 @@
 
 const ktsft_kernels *ktsft_kernels_avx512bf16(void)
 {
-    KT_TABLE("avx512bf16", gemm_nt_bf16_dp, gemm_nn_bf16_dp);
+    KT_TABLE("avx512bf16", gemm_nt_bf16_dp, gemm_nn_bf16_dp, NULL, NULL);
     return &table;
 }

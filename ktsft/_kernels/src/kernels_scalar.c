@@ -36,6 +36,6 @@ static inline float kt_i4_at(const uint8_t *row, int64_t k)
 
 const ktsft_kernels *ktsft_kernels_scalar(void)
 {
-    KT_TABLE("scalar", gemm_nt_bf16, gemm_nn_bf16);
+    KT_TABLE("scalar", gemm_nt_bf16, gemm_nn_bf16, NULL, NULL);
     return &table;
 }

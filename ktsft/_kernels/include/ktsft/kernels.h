@@ -169,6 +169,11 @@ typedef struct ktsft_kernels {
     ktsft_combine_fn combine;
     ktsft_dropout_f32_fn dropout_f32;
     ktsft_adamw_f32_fn adamw_f32;
+    /* frees every thread's kept scratch (NULL: the build keeps none); only
+     * while no call of this build runs (the last layer using it is gone) */
+    void (*release_scratch)(void);
+    /* bytes of kept scratch over all threads (NULL: none kept) */
+    size_t (*scratch_bytes)(void);
 } ktsft_kernels;
 
 KTSFT_HIDDEN const ktsft_kernels *ktsft_kernels_scalar(void);
