@@ -100,3 +100,29 @@ def isa(request):
 @pytest.fixture(params=DTYPES)
 def dtype(request):
     return request.param
+
+
+# ---------------------------------------------------------------------------
+# markers (registered in pyproject.toml), one table: module -> marks, and the
+# single slow tests of otherwise quick modules
+# ---------------------------------------------------------------------------
+MARKS = {
+    "test_kernels": ("native",), "test_determinism": ("native",), "test_amx": ("native",),
+    "test_native_boundary": ("native",), "test_portability": ("native",),
+    "test_properties": ("native",), "test_reference": ("native",), "test_quantized": ("native",),
+    "test_dropout": ("native",), "test_bad_input_matrix": ("native",),
+    "test_distributed": ("distributed", "slow"),
+    "test_demo": ("slow",), "test_hf_trainer": ("slow",), "test_readme": ("slow",),
+    "test_bench_paths": ("slow",), "test_bench_probe": ("slow",), "test_bench_e2e": ("slow",),
+    "test_stability": ("slow",), "test_cli": ("slow",),
+}
+SLOW_TESTS = ("test_no_dense_delta_peak_memory", "test_peak_rss_of_a_1gb_checkpoint")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        mod = item.module.__name__.rsplit(".", 1)[-1]
+        for mark in MARKS.get(mod, ()):
+            item.add_marker(getattr(pytest.mark, mark))
+        if item.originalname in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)

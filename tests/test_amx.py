@@ -70,25 +70,37 @@ def test_amx_token_slices():
 def test_per_thread_scratch_is_freed_with_the_last_amx_layer():
     """The tile packs' per-thread scratch is kept between calls (no page
     faults per call) and freed when the last AMX layer goes; a new layer
-    then allocates afresh and computes the same."""
-    import gc
+    then allocates afresh and computes the same.  In a fresh interpreter:
+    here other tests' layers may still be alive."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
 
-    from ktsft._kernels.moe_sft import kept_scratch_bytes
-
-    gc.collect()
-    p = Problem(T=64, H=96, I=64, E=2, k=2, r=4, routing="two_experts", seed=7)
-    a, b = p.wrapper(dtype="bf16", isa="amx"), p.wrapper(dtype="bf16", isa="amx")
-    ref = p.run(a)
-    assert kept_scratch_bytes() > 0
-    p.run(b)
-    del a
-    gc.collect()
-    assert kept_scratch_bytes() > 0  # b still runs on it
-    del b
-    gc.collect()
-    assert kept_scratch_bytes() == 0
-    c = p.wrapper(dtype="bf16", isa="amx")
-    got = p.run(c)
-    assert kept_scratch_bytes() > 0
-    for n in ref:
-        assert np.array_equal(got[n], ref[n]), n
+    code = textwrap.dedent("""
+        import gc, sys
+        import numpy as np
+        sys.path.insert(0, sys.argv[1])
+        from conftest import Problem
+        from ktsft._kernels.moe_sft import kept_scratch_bytes
+        p = Problem(T=64, H=96, I=64, E=2, k=2, r=4, routing="two_experts", seed=7)
+        a, b = p.wrapper(dtype="bf16", isa="amx"), p.wrapper(dtype="bf16", isa="amx")
+        ref = p.run(a)
+        assert kept_scratch_bytes() > 0
+        p.run(b)
+        del a
+        gc.collect()
+        assert kept_scratch_bytes() > 0  # b still runs on it
+        del b
+        gc.collect()
+        assert kept_scratch_bytes() == 0
+        c = p.wrapper(dtype="bf16", isa="amx")
+        got = p.run(c)
+        assert kept_scratch_bytes() > 0
+        for n in ref:
+            assert np.array_equal(got[n], ref[n]), n
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__))],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
