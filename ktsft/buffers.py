@@ -183,7 +183,8 @@ class CacheEntry:
       G, U      2 k I      gate and up pre-activations (h is rebuilt from them)
       xs_gate, xs_up, hs_down   3 k r   scaled LoRA-A projections
       pair_tok, pair_tj, pair_w, pos   4 k   routing (int32/float32)
-    plus (E + 1) int32 expert offsets per entry, and ``dropout`` = (p, seed):
+    plus (E + 1) int32 expert offsets and the (E + 1) int32 expert order per
+    entry, and ``dropout`` = (p, seed):
     the LoRA-dropout probability and 64-bit seed of the forward (p = 0: no
     dropout).  Masks are never stored: backward regenerates them from the
     seed.  Storage is allocated for `capacity` tokens so a wrapper can reuse
@@ -202,7 +203,10 @@ class CacheEntry:
             "G": np.empty((P, I), np.float32), "U": np.empty((P, I), np.float32),
             "xs_gate": np.empty((P, r), np.float32), "xs_up": np.empty((P, r), np.float32),
             "hs_down": np.empty((P, r), np.float32),
-            "offs": np.empty(E + 1, np.int32), "pair_tok": np.empty(P, np.int32),
+            # the expert order the forward ran in: count, then the experts
+            # with pairs, most first (the backward runs in the same order)
+            "offs": np.empty(E + 1, np.int32), "order": np.zeros(E + 1, np.int32),
+            "pair_tok": np.empty(P, np.int32),
             "pair_tj": np.empty(P, np.int32), "pair_w": np.empty(P, np.float32),
             "pos": np.empty(P, np.int32),
         }
@@ -211,13 +215,18 @@ class CacheEntry:
     def resize(self, T: int) -> "CacheEntry":
         """Views of the first T tokens (T <= capacity)."""
         self.T = T
-        self.arrays = {n: (a if n == "offs" else a[:T] if n == "x" else a[:T * self.k])
+        self.arrays = {n: (a if n in ("offs", "order") else a[:T] if n == "x" else a[:T * self.k])
                        for n, a in self.storage.items()}
         return self
 
     @staticmethod
     def bytes_per_token(H: int, I: int, k: int, r: int) -> int:
         return 4 * (H + 2 * k * I + 3 * k * r + 4 * k)
+
+    @staticmethod
+    def bytes_per_entry(E: int) -> int:
+        """What an entry holds whatever its tokens: offsets and order."""
+        return 2 * 4 * (E + 1)
 
     @property
     def nbytes(self) -> int:

@@ -64,7 +64,8 @@ def test_bytes_per_token_matches_entry():
 
     H, I, k, r, E, T = 64, 48, 4, 8, 10, 13
     e = CacheEntry(T, E, H, I, k, r)
-    assert e.nbytes == CacheEntry.bytes_per_token(H, I, k, r) * T + 4 * (E + 1)
+    assert e.nbytes == CacheEntry.bytes_per_token(H, I, k, r) * T + CacheEntry.bytes_per_entry(E)
+    assert CacheEntry.bytes_per_entry(E) == 8 * (E + 1)  # int32 offsets and expert order
     # Qwen3-30B-A3B layer: x + g + u + LoRA vectors + routing
     assert CacheEntry.bytes_per_token(2048, 768, 8, 16) == 4 * (2048 + 2 * 8 * 768 + 3 * 8 * 16 + 4 * 8)
 

@@ -139,3 +139,35 @@ def test_adamw_and_cast_sizes():
                    None, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1.0, False, 1, "scalar")
     with pytest.raises(ValueError, match="cast target: 9 elements"):
         cast_checked(np.zeros(10, np.float32), np.zeros(9, np.float32), 1, "scalar")
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("order", (0, 99), "names an expert outside the layer"),
+    ("order", (0, -1), "names an expert outside the layer"),
+    ("offs", (1, 10**6), "not the offsets"),
+    ("pair_tok", (0, T + 5), "names a token outside"),
+])
+def test_backward_refuses_a_corrupted_entry(field, value, match):
+    """The routing a forward wrote is checked before the backward's tasks
+    index with it (a cache entry written by anything but this layer's
+    forward raises instead of reading out of bounds)."""
+    kern, _, _ = _layer()
+    _, entry, ws = _forward(kern)
+    shapes = lora_shapes(E, H, I, R)
+    grads = {n: np.zeros(s, np.float32) for n, s in shapes.items()}
+    do = np.ones((T, H), np.float32)
+    arrays = dict(entry.arrays)
+    a = arrays[field].copy()
+    i, v = value
+    if field == "order":
+        i = 1  # the first expert (order[0] is the count)
+    a[i] = v
+    arrays[field] = a
+    with pytest.raises(ValueError, match=match):
+        kern.backward(arrays, do, do, ws, grads, np.empty((T, K), np.float32),
+                      np.empty((T, H), np.float32), 1)
+    arrays["order"] = entry.arrays["order"].copy()
+    arrays["order"][0] = E + 1
+    with pytest.raises(ValueError, match="experts, the layer has"):
+        kern.backward(arrays, do, do, ws, grads, np.empty((T, K), np.float32),
+                      np.empty((T, H), np.float32), 1)

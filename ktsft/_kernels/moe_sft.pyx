@@ -458,7 +458,7 @@ cdef void _f_lora_a_in(const Layer *L, const Step *S, const Task *t, float *scr)
     _scale(S.xs_u + lo * r, n * r, L.scaling)
 
 
-cdef void _f_gate_up(const Layer *L, const Step *S, const Task *t) noexcept nogil:
+cdef void _f_gate_up(const Layer *L, const Step *S, const Task *t, float *scr) noexcept nogil:
     """G or U rows [lo, hi) of one expert: W x + B (s A x)."""
     cdef int64_t e = t.e, off = t.p0, n = t.p1 - t.p0
     cdef int64_t H = L.H, I = L.I, r = L.r, lo = t.lo, nb = t.hi - t.lo
@@ -490,7 +490,7 @@ cdef void _f_swiglu(const Layer *L, const Step *S, const Task *t, float *scr) no
     _scale(S.hs + lo * r, n * r, L.scaling)
 
 
-cdef void _f_down(const Layer *L, const Step *S, const Task *t) noexcept nogil:
+cdef void _f_down(const Layer *L, const Step *S, const Task *t, float *scr) noexcept nogil:
     """y rows [lo, hi) of H for one expert: W_down h + B_down hs."""
     cdef int64_t e = t.e, off = t.p0, n = t.p1 - t.p0
     cdef int64_t H = L.H, I = L.I, r = L.r, lo = t.lo, nb = t.hi - t.lo
@@ -504,7 +504,7 @@ cdef void _f_down(const Layer *L, const Step *S, const Task *t) noexcept nogil:
 # --------------------------------------------------------------------------
 # Backward phases
 # --------------------------------------------------------------------------
-cdef void _b_lora_b_down(const Layer *L, const Step *S, const Task *t) noexcept nogil:
+cdef void _b_lora_b_down(const Layer *L, const Step *S, const Task *t, float *scr) noexcept nogil:
     """bds[p] = s * B_down[e]^T dO_t (unweighted) for a block of pairs."""
     cdef int64_t lo = t.lo, n = t.hi - t.lo, r = L.r, H = L.H
     L.kern.gemm_nn_f32(n, r, H, S.do32, H, S.pair_tok + lo, L.b_down + t.e * H * r, r,
@@ -549,7 +549,7 @@ cdef void _b_down(const Layer *L, const Step *S, const Task *t, float *scr) noex
         _nn_scales(L, L.s_down, e, H, L.ng_in_i, lo))
 
 
-cdef void _b_swiglu(const Layer *L, const Step *S, const Task *t) noexcept nogil:
+cdef void _b_swiglu(const Layer *L, const Step *S, const Task *t, float *scr) noexcept nogil:
     """Routing-weight gradient, dG and dU for a block of pairs; then the LoRA-B
     projections of dG and dU."""
     cdef int64_t p, I = L.I, r = L.r, lo = t.lo, n = t.hi - t.lo
@@ -662,60 +662,89 @@ cdef void _zero_expert_grads(const Layer *L, const Step *S, int64_t e) noexcept 
     memset(S.g_bd + e * H * r, 0, H * r * sizeof(float))
 
 
-# phase ids for _run
+# --------------------------------------------------------------------------
+# The phase table: what each parallel phase of forward and backward runs
+# --------------------------------------------------------------------------
+ctypedef void (*TaskFn)(const Layer *L, const Step *S, const Task *t, float *scr) noexcept nogil
+
+cdef enum:  # how a phase's work is cut into tasks
+    SPLIT_PAIRS = 0  # blocks of PAIR_BLOCK of each expert's (token, slot) pairs
+    SPLIT_NT = 1     # blocks of L.nt_rows output rows of a base NT product
+    SPLIT_NN = 2     # blocks of L.nn_cols output columns of a base NN product
+    SPLIT_GRAD = 3   # blocks of GRAD_BLOCK rows / columns of a LoRA gradient
+cdef enum:  # the dimension a part's blocks cut
+    DIM_NONE = 0
+    DIM_H = 1
+    DIM_I = 2
+
+cdef struct Phase:
+    TaskFn fn
+    int nparts       # tasks of each block, one per part (gate/up, or the six gradients)
+    int split        # SPLIT_*
+    int dims[6]      # DIM_* of each part (SPLIT_NT / NN / GRAD)
+    bint base_gemm   # a base product: hot experts' pairs in chunks (PAIR_SPLIT)
+    bint masked      # with dropout its tasks regenerate masked inputs into scratch
+
+
+cdef Phase _phase(TaskFn fn, int nparts, int split, int d0, int d1, int d2, int d3, int d4,
+                  int d5, bint base_gemm, bint masked) noexcept:
+    cdef Phase ph
+    ph.fn, ph.nparts, ph.split = fn, nparts, split
+    ph.dims[0], ph.dims[1], ph.dims[2], ph.dims[3], ph.dims[4], ph.dims[5] = d0, d1, d2, d3, d4, d5
+    ph.base_gemm, ph.masked = base_gemm, masked
+    return ph
+
+
+# The parallel phases, in order (the serial ones, routing, bf16 rounding and
+# the combine, run around them: see forward/backward); each phase's name in
+# FORWARD_PHASES / BACKWARD_PHASES, between those of the serial ones.
+#   function, parts, split, the parts' dimensions, base product, masked input
 cdef enum:
-    PH_LORA_A_IN = 0
-    PH_GATE_UP = 1
-    PH_SWIGLU = 2
-    PH_DOWN = 3
-    PH_LORA_B_DOWN = 4
-    PH_BDOWN = 5
-    PH_BSWIGLU = 6
-    PH_BINPUT = 7
-    PH_LORA_GRADS = 8
+    N_FWD = 4
+    N_BWD = 5
+    _ = DIM_NONE  # a part without a dimension (over pairs, or no such part)
+cdef Phase _FWD[N_FWD]
+cdef Phase _BWD[N_BWD]
+_FWD[0] = _phase(_f_lora_a_in, 1, SPLIT_PAIRS, _, _, _, _, _, _, False, True)  # xs = s A x
+_FWD[1] = _phase(_f_gate_up, 2, SPLIT_NT, DIM_I, DIM_I, _, _, _, _, True, False)  # G, U
+_FWD[2] = _phase(_f_swiglu, 1, SPLIT_PAIRS, _, _, _, _, _, _, False, True)  # h, s A_d h
+_FWD[3] = _phase(_f_down, 1, SPLIT_NT, DIM_H, _, _, _, _, _, True, False)  # y of each pair
+_BWD[0] = _phase(_b_lora_b_down, 1, SPLIT_PAIRS, _, _, _, _, _, _, False, False)  # s B_d^T dO
+_BWD[1] = _phase(_b_down, 1, SPLIT_NN, DIM_I, _, _, _, _, _, True, True)  # dh
+_BWD[2] = _phase(_b_swiglu, 1, SPLIT_PAIRS, _, _, _, _, _, _, False, False)  # dG, dU, grad_w
+_BWD[3] = _phase(_b_input, 1, SPLIT_NN, DIM_H, _, _, _, _, _, True, True)  # dx of each pair
+_BWD[4] = _phase(_b_lora_grads, 6, SPLIT_GRAD, DIM_H, DIM_H, DIM_I, DIM_I, DIM_I, DIM_H,
+                 False, True)  # the six LoRA gradients
 
 
-cdef inline void _do(int phase, const Layer *L, const Step *S, const Task *t, float *scratch,
-                     int64_t per) noexcept nogil:
-    # scratch: one slot of `per` floats per thread (dropout only, else NULL)
-    cdef float *scr = scratch + <int64_t>omp_get_thread_num() * per if scratch != NULL else NULL
-    if phase == PH_LORA_A_IN:
-        _f_lora_a_in(L, S, t, scr)
-    elif phase == PH_GATE_UP:
-        _f_gate_up(L, S, t)
-    elif phase == PH_SWIGLU:
-        _f_swiglu(L, S, t, scr)
-    elif phase == PH_DOWN:
-        _f_down(L, S, t)
-    elif phase == PH_LORA_B_DOWN:
-        _b_lora_b_down(L, S, t)
-    elif phase == PH_BDOWN:
-        _b_down(L, S, t, scr)
-    elif phase == PH_BSWIGLU:
-        _b_swiglu(L, S, t)
-    elif phase == PH_BINPUT:
-        _b_input(L, S, t, scr)
-    else:
-        _b_lora_grads(L, S, t, scr)
+cdef inline int64_t _dim(const Layer *L, int kind) noexcept nogil:
+    return L.H if kind == DIM_H else (L.I if kind == DIM_I else 0)
 
 
-cdef int _run(int phase, const Layer *L, const Step *S, int64_t n_exp, const int32_t *order,
-              int nparts, const int64_t *dims, const int64_t *blocks, bint over_pairs,
-              int n_threads) noexcept nogil:
-    cdef int64_t ntasks = 0, i, e, per = 0
-    cdef int nslots = n_threads
+cdef int _run(const Phase *ph, const Layer *L, const Step *S, int64_t n_exp,
+              const int32_t *order, int n_threads) noexcept nogil:
+    """One phase: its tasks (_blocks) over n_threads with dynamic scheduling;
+    each output element has one owner task.  -1: out of memory."""
+    cdef int64_t ntasks = 0, i, e, per = 0, blk
+    cdef int nslots = n_threads, part
     cdef float *scratch = NULL
-    cdef int64_t whole_upto = L.nn_whole_upto if (phase == PH_BDOWN or phase == PH_BINPUT) else 0
-    cdef int64_t split = PAIR_SPLIT if (phase == PH_GATE_UP or phase == PH_DOWN or
-                                         phase == PH_BDOWN or phase == PH_BINPUT) else 0
-    cdef Task *tasks = _blocks(n_exp, order, S.offs, nparts, dims, blocks, over_pairs, &ntasks,
-                               whole_upto, split)
+    cdef int64_t dims[6]
+    cdef int64_t blocks[6]
+    blk = (PAIR_BLOCK if ph.split == SPLIT_PAIRS else L.nt_rows if ph.split == SPLIT_NT else
+           L.nn_cols if ph.split == SPLIT_NN else GRAD_BLOCK)
+    for part in range(6):
+        dims[part] = _dim(L, ph.dims[part])
+        blocks[part] = blk
+    # experts of few pairs stream whole weight rows (memory-bound NN products)
+    cdef int64_t whole_upto = L.nn_whole_upto if ph.split == SPLIT_NN else 0
+    cdef Task *tasks = _blocks(n_exp, order, S.offs, ph.nparts, dims, blocks,
+                               ph.split == SPLIT_PAIRS, &ntasks, whole_upto,
+                               PAIR_SPLIT if ph.base_gemm else 0)
     if ntasks < 0:
         return -1
-    if S.drop and (phase == PH_LORA_A_IN or phase == PH_SWIGLU or phase == PH_BDOWN or
-                   phase == PH_BINPUT or phase == PH_LORA_GRADS):
+    if S.drop and ph.masked:
         # masked LoRA inputs are regenerated into per-thread scratch
-        if phase == PH_LORA_GRADS:   # an expert's pairs x one column sub-block
+        if ph.split == SPLIT_GRAD:   # an expert's pairs x one column sub-block
             for e in range(L.E):
                 i = S.offs[e + 1] - S.offs[e]
                 per = max(per, i * _drop_cols(i, GRAD_BLOCK))
@@ -726,8 +755,11 @@ cdef int _run(int phase, const Layer *L, const Step *S, int64_t n_exp, const int
         if scratch == NULL:
             free(tasks)
             return -1
+    cdef TaskFn fn = ph.fn
     for i in prange(ntasks, schedule="dynamic", chunksize=1, num_threads=nslots):
-        _do(phase, L, S, &tasks[i], scratch, per)
+        # scratch: one slot of `per` floats per thread (dropout only, else NULL)
+        fn(L, S, &tasks[i],
+           scratch + <int64_t>omp_get_thread_num() * per if scratch != NULL else NULL)
     free(scratch)
     free(tasks)
     return 0
@@ -864,6 +896,27 @@ cdef int64_t _tokens(object a, str name, int64_t H) except -1:
     if shape is None or len(shape) != 2 or shape[1] != H:
         raise ValueError(f"{name}: expected [T, {H}], got shape {shape}")
     return shape[0]
+
+
+cdef int _check_entry(const Layer *L, const Step *S, const int32_t *order,
+                      int64_t n_exp) noexcept nogil:
+    """0 when a cache entry's routing can be trusted by the backward's tasks
+    (O(E + P), next to kernels of O(P H I)); else which part is not."""
+    cdef int64_t i, e
+    for i in range(n_exp):
+        if order[i] < 0 or order[i] >= L.E:
+            return 1
+    if S.offs[0] != 0:
+        return 2
+    for e in range(L.E):
+        if S.offs[e + 1] < S.offs[e]:
+            return 2
+    if S.offs[L.E] > S.P:
+        return 2
+    for i in range(S.offs[L.E]):
+        if S.pair_tok[i] < 0 or S.pair_tok[i] >= S.T or S.pair_tj[i] < 0 or S.pair_tj[i] >= S.P:
+            return 3
+    return 0
 
 
 cdef int _set_dropout(Step *S, double p, uint64_t seed) except -1:
@@ -1072,11 +1125,9 @@ cdef class MoEKernel:
         cdef int64_t T = _tokens(x32, "x32", self.L.H), P = T * self.L.k, t, n_exp
         cdef int64_t TH = T * self.L.H
         cdef int act = K_U16 if self.L.bf16 else K_F32
-        cdef int64_t dims[2]
-        cdef int64_t blocks[2]
+        cdef int64_t i
         cdef int rc = 0
         memset(&S, 0, sizeof(Step))
-        memset(dims, 0, sizeof(dims))
         S.T = T
         S.P = P
         _bind_cache(&self.L, &S, cache, ws)
@@ -1089,10 +1140,13 @@ cdef class MoEKernel:
         S.out = <float *>_arg(out, "out", K_F32, TH, True, True)
         cdef const int32_t *ids_p = <const int32_t *>_arg(ids, "expert_ids", K_I32, P,
                                                           False, True)
-        cdef int32_t *order = <int32_t *>malloc(2 * max(self.L.E, 1) * sizeof(int32_t))
-        if order == NULL:
-            raise MemoryError("ktsft forward: cannot allocate the expert order")
-        cdef int32_t *cursor = order + max(self.L.E, 1)
+        # the expert order (count, then the experts with pairs, most first):
+        # computed here, kept in the entry for the backward
+        cdef int32_t *order = <int32_t *>_arg(_item(cache, "cache", "order"), "cache['order']",
+                                              K_I32, self.L.E + 1, True)
+        cdef int32_t *cursor = <int32_t *>malloc(max(self.L.E, 1) * sizeof(int32_t))
+        if cursor == NULL:
+            raise MemoryError("ktsft forward: cannot allocate the routing cursor")
         cdef const Layer *L = &self.L
         cdef const ktsft_kernels *kern = self.L.kern
         cdef int64_t H = self.L.H, k = self.L.k
@@ -1101,7 +1155,8 @@ cdef class MoEKernel:
             tf[0] = _now()
             _route(T, k, L.E, ids_p, S.rw, <int32_t *>S.offs, <int32_t *>S.pair_tok,
                    <int32_t *>S.pair_tj, <float *>S.pair_w, <int32_t *>S.pos, cursor)
-            n_exp = _expert_order(L.E, S.offs, order)
+            n_exp = _expert_order(L.E, S.offs, order + 1)
+            order[0] = <int32_t>n_exp
             if n_exp < 0:
                 rc = -1
             tf[1] = _now()
@@ -1109,31 +1164,15 @@ cdef class MoEKernel:
                 for t in prange(T, schedule="static", num_threads=n_threads):
                     kern.round_bf16(H, S.x32 + t * H, (<ktsft_bf16 *>S.x_act) + t * H)
             tf[2] = _now()
-            blocks[0] = PAIR_BLOCK
-            if rc == 0:
-                rc = _run(PH_LORA_A_IN, L, &S, n_exp, order, 1, dims, blocks, True, n_threads)
-            tf[3] = _now()
-            dims[0] = L.I
-            dims[1] = L.I
-            blocks[0] = L.nt_rows
-            blocks[1] = L.nt_rows
-            if rc == 0:
-                rc = _run(PH_GATE_UP, L, &S, n_exp, order, 2, dims, blocks, False, n_threads)
-            tf[4] = _now()
-            blocks[0] = PAIR_BLOCK
-            if rc == 0:
-                rc = _run(PH_SWIGLU, L, &S, n_exp, order, 1, dims, blocks, True, n_threads)
-            tf[5] = _now()
-            dims[0] = L.H
-            blocks[0] = L.nt_rows
-            if rc == 0:
-                rc = _run(PH_DOWN, L, &S, n_exp, order, 1, dims, blocks, False, n_threads)
-            tf[6] = _now()
+            for i in range(N_FWD):
+                if rc == 0:
+                    rc = _run(&_FWD[i], L, &S, n_exp, order + 1, n_threads)
+                tf[3 + i] = _now()
             if rc == 0:
                 for t in prange(T, schedule="static", num_threads=n_threads):
                     kern.combine(k, H, S.ybuf, S.pos + t * k, S.rw + t * k, S.out + t * H)
             tf[7] = _now()
-        free(order)
+        free(cursor)
         if rc != 0:
             raise MemoryError("ktsft forward: cannot allocate a task list or dropout scratch")
 
@@ -1148,11 +1187,8 @@ cdef class MoEKernel:
         cdef int64_t T = _tokens(do32, "do32", self.L.H), P = T * self.L.k, t, n_exp, i
         cdef int64_t E = self.L.E, H = self.L.H, I = self.L.I, r = self.L.r, TH = T * H
         cdef int act = K_U16 if self.L.bf16 else K_F32
-        cdef int64_t dims[6]
-        cdef int64_t blocks[6]
         cdef int rc = 0
         memset(&S, 0, sizeof(Step))
-        memset(dims, 0, sizeof(dims))
         S.T = T
         S.P = P
         _bind_cache(&self.L, &S, cache, ws)
@@ -1185,60 +1221,42 @@ cdef class MoEKernel:
         S.g_bd = <float *>_arg(_item(grads, "grads", "grad_down_lora_b"), "grad_down_lora_b",
                                K_F32, E * H * r, True, True)
         cdef float *dx_p = <float *>_arg(dx, "grad_input", K_F32, TH, True, True)
-        cdef int32_t *order = <int32_t *>malloc(max(self.L.E, 1) * sizeof(int32_t))
-        if order == NULL:
-            raise MemoryError("ktsft backward: cannot allocate the expert order")
+        # the forward's expert order, kept in the entry
+        cdef const int32_t *order = <const int32_t *>_arg(_item(cache, "cache", "order"),
+                                                          "cache['order']", K_I32, E + 1)
+        n_exp = order[0]
+        if not 0 <= n_exp <= E:
+            raise ValueError(f"cache['order']: {n_exp} experts, the layer has {E} (the entry "
+                             "was not written by a forward)")
+        cdef int bad = _check_entry(&self.L, &S, order + 1, n_exp)
+        if bad:
+            raise ValueError(("cache['order'] names an expert outside the layer",
+                              "cache['offs'] is not the offsets of this entry's pairs",
+                              "cache['pair_tok'] names a token outside the entry")[bad - 1] +
+                             " (the entry was not written by a forward of this layer)")
         cdef const Layer *L = &self.L
         cdef const ktsft_kernels *kern = self.L.kern
         cdef int64_t k = self.L.k
         cdef double *tb = self._tb
         with nogil:
             tb[0] = _now()
-            n_exp = _expert_order(L.E, S.offs, order)
-            if n_exp < 0:
-                rc = -1
-            if rc == 0 and L.bf16:
+            if L.bf16:
                 for t in prange(T, schedule="static", num_threads=n_threads):
                     kern.round_bf16(H, S.do32 + t * H, (<ktsft_bf16 *>S.do_act) + t * H)
             tb[1] = _now()
-            blocks[0] = PAIR_BLOCK
-            if rc == 0:
-                rc = _run(PH_LORA_B_DOWN, L, &S, n_exp, order, 1, dims, blocks, True, n_threads)
-            tb[2] = _now()
-            dims[0] = L.I
-            blocks[0] = L.nn_cols
-            if rc == 0:
-                rc = _run(PH_BDOWN, L, &S, n_exp, order, 1, dims, blocks, False, n_threads)
-            tb[3] = _now()
-            blocks[0] = PAIR_BLOCK
-            if rc == 0:
-                rc = _run(PH_BSWIGLU, L, &S, n_exp, order, 1, dims, blocks, True, n_threads)
-            tb[4] = _now()
-            dims[0] = L.H
-            blocks[0] = L.nn_cols
-            if rc == 0:
-                rc = _run(PH_BINPUT, L, &S, n_exp, order, 1, dims, blocks, False, n_threads)
-            tb[5] = _now()
-            dims[0] = L.H
-            dims[1] = L.H
-            dims[2] = L.I
-            dims[3] = L.I
-            dims[4] = L.I
-            dims[5] = L.H
-            for i in range(6):
-                blocks[i] = GRAD_BLOCK
-            if rc == 0:
-                rc = _run(PH_LORA_GRADS, L, &S, n_exp, order, 6, dims, blocks, False, n_threads)
-                if not S.accum:
-                    for i in prange(L.E, schedule="static", num_threads=n_threads):
-                        if S.offs[i + 1] == S.offs[i]:
-                            _zero_expert_grads(L, &S, i)
+            for i in range(N_BWD):
+                if rc == 0:
+                    rc = _run(&_BWD[i], L, &S, n_exp, order + 1, n_threads)
+                tb[2 + i] = _now()
+            if rc == 0 and not S.accum:  # experts without pairs: zero gradients
+                for i in prange(L.E, schedule="static", num_threads=n_threads):
+                    if S.offs[i + 1] == S.offs[i]:
+                        _zero_expert_grads(L, &S, i)
             tb[6] = _now()
             if rc == 0:
                 for t in prange(T, schedule="static", num_threads=n_threads):
                     kern.combine(k, H, S.ybuf, S.pos + t * k, NULL, dx_p + t * H)
             tb[7] = _now()
-        free(order)
         if rc != 0:
             raise MemoryError("ktsft backward: cannot allocate a task list or dropout scratch")
 
