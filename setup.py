@@ -6,6 +6,7 @@ only the portable unit is built.
 """
 import os
 import platform
+import re
 import sys
 import tempfile
 
@@ -17,18 +18,24 @@ KDIR = os.path.join("ktsft", "_kernels")
 INCLUDE = os.path.join(KDIR, "include")
 
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
-BASE = ["-mavx2", "-mfma", "-mf16c"]
-AVX512 = BASE + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
-ISA_UNITS = [("kernels_scalar", [])]
+
+
+def isa_flags():
+    """{ISA build: its compile flags}, slowest first, read from the one ISA
+    list (ktsft/_kernels/include/ktsft/isa_table.h)."""
+    text = open(os.path.join(HERE, INCLUDE, "ktsft", "isa_table.h")).read().replace("\\\n", " ")
+    rows = re.findall(r'\bX\((\w+),\s*((?:"[^"]*"\s*)+),', text)
+    return {name: "".join(re.findall(r'"([^"]*)"', lits)).split() for name, lits in rows}
+
+
+ISAS = isa_flags()
+# the portable unit everywhere; the x86 SIMD units on x86
+ISA_UNITS = [("kernels_scalar", ISAS["scalar"])]
 if X86:
-    ISA_UNITS += [
-        ("kernels_avx2", BASE),
-        ("kernels_avx512", AVX512),
-        ("kernels_avx512bf16", AVX512 + ["-mavx512bf16"]),
-    ]
+    ISA_UNITS += [(f"kernels_{n}", f) for n, f in ISAS.items() if n not in ("scalar", "amx")]
 # AMX tiles: hardware build when the compiler knows the instructions, or
 # (KTSFT_AMX_EMULATE=1, development only) a C model of the tile unit
-AMX_FLAGS = AVX512 + ["-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
+AMX_FLAGS = ISAS["amx"]
 AMX_EMULATE = bool(os.environ.get("KTSFT_AMX_EMULATE"))
 
 
@@ -97,7 +104,8 @@ class BuildExt(build_ext):
             print("ktsft: building WITHOUT OpenMP: kernels will run on one thread", file=sys.stderr)
         units = list(ISA_UNITS)
         if X86 and AMX_EMULATE:
-            units.append(("kernels_amx", AVX512 + ["-mavx512bf16", "-DKT_AMX_EMULATE"]))
+            units.append(("kernels_amx", [f for f in AMX_FLAGS if not f.startswith("-mamx")] +
+                          ["-DKT_AMX_EMULATE"]))
             macros.append(("KTSFT_AMX_KERNELS", "2"))
         elif X86 and _compiles(self.compiler, AMX_FLAGS):
             units.append(("kernels_amx", AMX_FLAGS))

@@ -7,15 +7,9 @@ from ._kernels import moe_sft as _native
 
 _ENV = "KTSFT_ISA"
 
-# what each table entry runs on, per build (reported by cpu_info)
-_OPS = {
-    "scalar": ("portable C, one fp32 lane", "portable C, one fp32 lane"),
-    "avx2": ("AVX2 FMA, 8 fp32 lanes", "AVX2 FMA on bf16 widened to fp32"),
-    "avx512": ("AVX-512 FMA, 16 fp32 lanes", "AVX-512 FMA on bf16 widened to fp32"),
-    "avx512bf16": ("AVX-512 FMA, 16 fp32 lanes", "AVX512-BF16 vdpbf16ps, fp32 accumulation"),
-    "amx": ("AVX-512 FMA, 16 fp32 lanes",
-            "AMX-BF16 tiles (tdpbf16ps), fp32 accumulation; vdpbf16ps under 8 tokens"),
-}
+# what each build's base GEMMs run on (reported by cpu_info): from the one
+# ISA list, ktsft/_kernels/include/ktsft/isa_table.h
+_OPS = {row["name"]: (row["fp32"], row["bf16"]) for row in _native.isa_table()}
 
 
 def _choose() -> tuple[str, bool]:

@@ -39,3 +39,27 @@ def test_isa_units_follow_the_machine(machine, units):
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1].split(",") == units
+
+
+def test_one_isa_list():
+    """setup.py's units, the dispatch table and cpu_info all come from
+    include/ktsft/isa_table.h: the same names, in the same order."""
+    import ktsft
+    from ktsft._kernels import moe_sft
+
+    names = [row["name"] for row in moe_sft.isa_table()]
+    assert names == list(moe_sft.ISA_ORDER) == ["scalar", "avx2", "avx512", "avx512bf16", "amx"]
+    root = os.path.dirname(os.path.dirname(SRC))
+    code = ("import runpy, setuptools, Cython.Build\n"
+            "setuptools.setup = lambda **kw: None\n"
+            "Cython.Build.cythonize = lambda *a, **k: []\n"
+            "g = runpy.run_path('setup.py')\n"
+            "print(','.join(g['ISAS']))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1].split(",") == names
+    info = ktsft.cpu_info()
+    assert info["compiled_isas"] == [n["name"] for n in moe_sft.isa_table() if n["built"]]
+    row = {n["name"]: n for n in moe_sft.isa_table()}[info["selected_isa"]]
+    assert info["kernels"]["base GEMMs, dtype=bf16"] == row["bf16"]

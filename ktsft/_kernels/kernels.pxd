@@ -97,4 +97,16 @@ cdef extern from "ktsft/cpu_features.h" nogil:
         int amx_tile, amx_bf16, amx_int8
         int os_avx, os_avx512, os_amx
     void ktsft_probe_cpu(ktsft_cpu_features *out)
+    unsigned ktsft_feature_mask(const ktsft_cpu_features *f)
     int ktsft_amx_request(int *err)
+
+
+cdef extern from "ktsft/isa_table.h" nogil:
+    ctypedef struct ktsft_isa_info:
+        const char *name
+        const ktsft_kernels *(*get)()
+        unsigned needs
+        const char *fp32
+        const char *bf16
+
+    const ktsft_isa_info *ktsft_isa_table(int *n)

@@ -23,9 +23,20 @@ from cython.parallel cimport prange
 from ._openmp cimport KTSFT_OPENMP, omp_get_max_threads, omp_get_thread_num
 from .kernels cimport (ktsft_kernels, ktsft_bf16, ktsft_kernels_by_name, ktsft_amx_build,
                        ktsft_cpu_features, ktsft_probe_cpu, ktsft_amx_request,
-                       KT_NN_STREAM_MAX)
+                       ktsft_feature_mask, ktsft_isa_info, ktsft_isa_table, KT_NN_STREAM_MAX)
 
-ISA_ORDER = ("scalar", "avx2", "avx512", "avx512bf16", "amx")
+
+def isa_table():
+    """The ISA builds (ktsft/_kernels/include/ktsft/isa_table.h, the one list),
+    slowest first: name, whether it is built in, the CPU feature bits it
+    needs, and what the base GEMMs run on in fp32 and in bf16."""
+    cdef int n = 0, i
+    cdef const ktsft_isa_info *t = ktsft_isa_table(&n)
+    return tuple(dict(name=t[i].name.decode(), built=t[i].get != NULL, needs=t[i].needs,
+                      fp32=t[i].fp32.decode(), bf16=t[i].bf16.decode()) for i in range(n))
+
+
+ISA_ORDER = tuple(row["name"] for row in isa_table())
 
 # block sizes: fixed, so the work split (and thus every rounding) never
 # depends on the thread count
@@ -75,7 +86,7 @@ def cpu_features():
 
 def compiled_isas():
     """ISA builds linked into this extension."""
-    return tuple(n for n in ISA_ORDER if ktsft_kernels_by_name(n.encode()) != NULL)
+    return tuple(row["name"] for row in isa_table() if row["built"])
 
 
 _AMX_STATUS = None
@@ -119,19 +130,15 @@ def amx_status():
 
 
 def runnable_isas():
-    """Compiled ISA builds this CPU and OS can run, slowest first."""
-    f = cpu_features()
-    needs = {
-        "scalar": (),
-        "avx2": ("avx2", "fma", "f16c"),
-        "avx512": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"),
-        "avx512bf16": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
-                       "avx512_bf16"),
-        "amx": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
-                "avx512_bf16"),
-    }
-    return tuple(n for n in compiled_isas() if all(f[x] for x in needs[n])
-                 and (n != "amx" or amx_status()[0]))
+    """Compiled ISA builds this CPU and OS can run, slowest first (the
+    feature bits of the ISA table against the probe's; AMX also needs the
+    tile data the OS grants: amx_status)."""
+    cdef ktsft_cpu_features f
+    ktsft_probe_cpu(&f)
+    cdef unsigned have = ktsft_feature_mask(&f)
+    return tuple(row["name"] for row in isa_table() if row["built"]
+                 and (row["needs"] & ~have) == 0
+                 and (row["name"] != "amx" or amx_status()[0]))
 
 
 def openmp_enabled():

@@ -83,3 +83,12 @@ void ktsft_probe_cpu(ktsft_cpu_features *f)
 #else
 void ktsft_probe_cpu(ktsft_cpu_features *f) { memset(f, 0, sizeof *f); }
 #endif
+
+unsigned ktsft_feature_mask(const ktsft_cpu_features *f)
+{
+    return (f->avx2 ? KTSFT_F_AVX2 : 0u) | (f->fma ? KTSFT_F_FMA : 0u) |
+           (f->f16c ? KTSFT_F_F16C : 0u) | (f->avx512f ? KTSFT_F_AVX512F : 0u) |
+           (f->avx512dq ? KTSFT_F_AVX512DQ : 0u) | (f->avx512bw ? KTSFT_F_AVX512BW : 0u) |
+           (f->avx512vl ? KTSFT_F_AVX512VL : 0u) | (f->avx512_bf16 ? KTSFT_F_AVX512_BF16 : 0u) |
+           (f->amx_tile ? KTSFT_F_AMX_TILE : 0u) | (f->amx_bf16 ? KTSFT_F_AMX_BF16 : 0u);
+}
