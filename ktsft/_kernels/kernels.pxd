@@ -4,42 +4,30 @@ from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, 
 cdef extern from "ktsft/kernels.h" nogil:
     ctypedef uint16_t ktsft_bf16
     enum: KT_NN_STREAM_MAX
-    ctypedef void (*ktsft_gemm_nt_f32_fn)(int64_t, int64_t, int64_t, const float*, int64_t,
-                                          const int32_t*, const float*, int64_t, int64_t,
-                                          const float*, int64_t, const float*, int64_t,
-                                          float*, int64_t) noexcept nogil
-    ctypedef void (*ktsft_gemm_nt_bf16_fn)(int64_t, int64_t, int64_t, const ktsft_bf16*, int64_t,
-                                           const int32_t*, const ktsft_bf16*, int64_t, int64_t,
-                                           const float*, int64_t, const float*, int64_t,
-                                           float*, int64_t) noexcept nogil
-    ctypedef void (*ktsft_gemm_nn_f32_fn)(int64_t, int64_t, int64_t, const float*, int64_t,
-                                          const int32_t*, const float*, int64_t, int64_t,
-                                          const float*, int64_t, const float*, int64_t,
-                                          float*, int64_t, int) noexcept nogil
-    ctypedef void (*ktsft_gemm_nn_bf16_fn)(int64_t, int64_t, int64_t, const ktsft_bf16*, int64_t,
-                                           const int32_t*, const ktsft_bf16*, int64_t, int64_t,
-                                           const float*, int64_t, const float*, int64_t,
-                                           float*, int64_t, int) noexcept nogil
-    ctypedef void (*ktsft_gemm_nt_q8_fn)(int64_t, int64_t, int64_t, const float*, int64_t,
-                                         const int32_t*, const int8_t*, int64_t, int64_t,
-                                         const float*, int64_t, const float*, int64_t,
-                                         float*, int64_t, const float*, int64_t,
-                                         int64_t) noexcept nogil
-    ctypedef void (*ktsft_gemm_nn_q8_fn)(int64_t, int64_t, int64_t, const float*, int64_t,
-                                         const int32_t*, const int8_t*, int64_t, int64_t,
-                                         const float*, int64_t, const float*, int64_t,
-                                         float*, int64_t, int, const float*, int64_t,
-                                         int64_t) noexcept nogil
-    ctypedef void (*ktsft_gemm_nt_q4_fn)(int64_t, int64_t, int64_t, const float*, int64_t,
-                                         const int32_t*, const uint8_t*, int64_t, int64_t,
-                                         const float*, int64_t, const float*, int64_t,
-                                         float*, int64_t, const float*, int64_t,
-                                         int64_t) noexcept nogil
-    ctypedef void (*ktsft_gemm_nn_q4_fn)(int64_t, int64_t, int64_t, const float*, int64_t,
-                                         const int32_t*, const uint8_t*, int64_t, int64_t,
-                                         const float*, int64_t, const float*, int64_t,
-                                         float*, int64_t, int, const float*, int64_t,
-                                         int64_t) noexcept nogil
+    ctypedef struct ktsft_gemm:
+        int64_t M, N, K
+        const void *A
+        int64_t lda
+        const int32_t *arows
+        const void *W
+        int64_t ldw
+        int64_t K2
+        const float *A2
+        int64_t lda2
+        const float *W2
+        int64_t ldw2
+        float *C
+        int64_t ldc
+        int accumulate
+        const float *wscale
+        int64_t group, sld
+    ctypedef void (*ktsft_gemm_fn)(const ktsft_gemm *g) noexcept nogil
+    enum:
+        KTSFT_W_F32
+        KTSFT_W_BF16
+        KTSFT_W_Q8
+        KTSFT_W_Q4
+        KTSFT_W_KINDS
     ctypedef void (*ktsft_outer_f32_fn)(int64_t, int64_t, int64_t, const float*, int64_t,
                                         const int32_t*, const float*, const float*, int64_t,
                                         const int32_t*, float*, int64_t, int) noexcept nogil
@@ -67,14 +55,8 @@ cdef extern from "ktsft/kernels.h" nogil:
 
     ctypedef struct ktsft_kernels:
         const char *name
-        ktsft_gemm_nt_f32_fn gemm_nt_f32
-        ktsft_gemm_nt_bf16_fn gemm_nt_bf16
-        ktsft_gemm_nn_f32_fn gemm_nn_f32
-        ktsft_gemm_nn_bf16_fn gemm_nn_bf16
-        ktsft_gemm_nt_q8_fn gemm_nt_q8
-        ktsft_gemm_nn_q8_fn gemm_nn_q8
-        ktsft_gemm_nt_q4_fn gemm_nt_q4
-        ktsft_gemm_nn_q4_fn gemm_nn_q4
+        ktsft_gemm_fn nt[4]
+        ktsft_gemm_fn nn[4]
         ktsft_outer_f32_fn outer_f32
         ktsft_swiglu_forward_fn swiglu_forward
         ktsft_swiglu_backward_fn swiglu_backward

@@ -21,7 +21,8 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from cython.parallel cimport prange
 
 from ._openmp cimport KTSFT_OPENMP, omp_get_max_threads, omp_get_thread_num
-from .kernels cimport (ktsft_kernels, ktsft_bf16, ktsft_kernels_by_name, ktsft_amx_build,
+from .kernels cimport (ktsft_kernels, ktsft_bf16, ktsft_gemm, ktsft_gemm_fn, KTSFT_W_F32,
+                       KTSFT_W_BF16, KTSFT_W_Q8, KTSFT_W_Q4, ktsft_kernels_by_name, ktsft_amx_build,
                        ktsft_cpu_features, ktsft_probe_cpu, ktsft_amx_request,
                        ktsft_feature_mask, ktsft_isa_info, ktsft_isa_table, KT_NN_STREAM_MAX)
 
@@ -154,6 +155,8 @@ def openmp_max_threads():
 # --------------------------------------------------------------------------
 cdef struct Layer:
     const ktsft_kernels *kern
+    ktsft_gemm_fn nt         # the base products of this layer's weight kind
+    ktsft_gemm_fn nn
     int64_t E, H, I, r, k
     bint bf16                # activations read by the base GEMMs are bf16
     bint q8                  # base weights are int8 with per-row scales
@@ -271,37 +274,53 @@ cdef inline void _nt(const Layer *L, int64_t M, int64_t N, int64_t K, const void
                      const int32_t *arows, const void *W, int64_t ldw, int64_t K2, const float *A2,
                      int64_t lda2, const float *W2, int64_t ldw2, float *C,
                      int64_t ldc, const float *ws) noexcept nogil:
-    if L.q8:
-        L.kern.gemm_nt_q8(M, N, K, <const float *>A, lda, arows, <const int8_t *>W, ldw, K2, A2,
-                          lda2, W2, ldw2, C, ldc, ws, K, 1)
-    elif L.q4:
-        L.kern.gemm_nt_q4(M, N, K, <const float *>A, lda, arows, <const uint8_t *>W, ldw, K2, A2,
-                          lda2, W2, ldw2, C, ldc, ws, L.group, K // L.group)
-    elif L.bf16:
-        L.kern.gemm_nt_bf16(M, N, K, <const ktsft_bf16 *>A, lda, arows, <const ktsft_bf16 *>W,
-                            ldw, K2, A2, lda2, W2, ldw2, C, ldc)
-    else:
-        L.kern.gemm_nt_f32(M, N, K, <const float *>A, lda, arows, <const float *>W, ldw, K2, A2,
-                           lda2, W2, ldw2, C, ldc)
+    """A base NT product of the layer's weight kind (L.nt, chosen at build)."""
+    cdef ktsft_gemm g
+    g.M, g.N, g.K, g.A, g.lda, g.arows, g.W, g.ldw = M, N, K, A, lda, arows, W, ldw
+    g.K2, g.A2, g.lda2, g.W2, g.ldw2, g.C, g.ldc, g.accumulate = K2, A2, lda2, W2, ldw2, C, ldc, 0
+    # the scale groups run along the rows' inputs (K): int8 one per row
+    g.wscale = ws
+    g.group = L.group if L.q4 else K
+    g.sld = K // L.group if L.q4 else 1
+    L.nt(&g)
 
 
 cdef inline void _nn(const Layer *L, int64_t M, int64_t N, int64_t O, const void *A, int64_t lda,
                      const int32_t *arows, const void *W, int64_t ldw, int64_t O2, const float *A2,
                      int64_t lda2, const float *W2, int64_t ldw2, float *C, int64_t ldc,
                      int accumulate, const float *ws) noexcept nogil:
+    """A base NN product of the layer's weight kind (L.nn, chosen at build)."""
+    cdef ktsft_gemm g
+    g.M, g.N, g.K, g.A, g.lda, g.arows, g.W, g.ldw = M, N, O, A, lda, arows, W, ldw
+    g.K2, g.A2, g.lda2, g.W2, g.ldw2, g.C, g.ldc = O2, A2, lda2, W2, ldw2, C, ldc
+    g.accumulate = accumulate
     # NN: the quantization groups run along W's columns (its inputs), ldw long
-    if L.q8:
-        L.kern.gemm_nn_q8(M, N, O, <const float *>A, lda, arows, <const int8_t *>W, ldw, O2, A2,
-                          lda2, W2, ldw2, C, ldc, accumulate, ws, ldw, 1)
-    elif L.q4:
-        L.kern.gemm_nn_q4(M, N, O, <const float *>A, lda, arows, <const uint8_t *>W, ldw, O2, A2,
-                          lda2, W2, ldw2, C, ldc, accumulate, ws, L.group, ldw // L.group)
-    elif L.bf16:
-        L.kern.gemm_nn_bf16(M, N, O, <const ktsft_bf16 *>A, lda, arows, <const ktsft_bf16 *>W,
-                            ldw, O2, A2, lda2, W2, ldw2, C, ldc, accumulate)
-    else:
-        L.kern.gemm_nn_f32(M, N, O, <const float *>A, lda, arows, <const float *>W, ldw, O2, A2,
-                           lda2, W2, ldw2, C, ldc, accumulate)
+    g.wscale = ws
+    g.group = L.group if L.q4 else ldw
+    g.sld = ldw // L.group if L.q4 else 1
+    L.nn(&g)
+
+
+cdef inline void _lora_nt(const Layer *L, int64_t M, int64_t N, int64_t K, const float *A,
+                          int64_t lda, const int32_t *arows, const float *W, int64_t ldw,
+                          float *C, int64_t ldc) noexcept nogil:
+    """An fp32 LoRA product, NT: C = A[rows] W^T."""
+    cdef ktsft_gemm g
+    memset(&g, 0, sizeof(ktsft_gemm))
+    g.M, g.N, g.K, g.A, g.lda, g.arows, g.W, g.ldw = M, N, K, A, lda, arows, W, ldw
+    g.C, g.ldc = C, ldc
+    L.kern.nt[KTSFT_W_F32](&g)
+
+
+cdef inline void _lora_nn(const Layer *L, int64_t M, int64_t N, int64_t O, const float *A,
+                          int64_t lda, const int32_t *arows, const float *W, int64_t ldw,
+                          float *C, int64_t ldc) noexcept nogil:
+    """An fp32 LoRA product, NN: C = A[rows] W (overwritten)."""
+    cdef ktsft_gemm g
+    memset(&g, 0, sizeof(ktsft_gemm))
+    g.M, g.N, g.K, g.A, g.lda, g.arows, g.W, g.ldw = M, N, O, A, lda, arows, W, ldw
+    g.C, g.ldc = C, ldc
+    L.kern.nn[KTSFT_W_F32](&g)
 
 
 cdef inline void _drop(const Layer *L, const Step *S, int32_t proj, int64_t p, int64_t i0,
@@ -450,17 +469,15 @@ cdef void _f_lora_a_in(const Layer *L, const Step *S, const Task *t, float *scr)
     if S.drop:
         for q in range(n):
             _drop(L, S, PROJ_GATE, lo + q, 0, H, S.x32 + S.pair_tok[lo + q] * H, scr + q * H, 0)
-        L.kern.gemm_nt_f32(n, r, H, scr, H, NULL, L.a_gate + e * r * H, H,
-                           0, NULL, 0, NULL, 0, S.xs_g + lo * r, r)
+        _lora_nt(L, n, r, H, scr, H, NULL, L.a_gate + e * r * H, H, S.xs_g + lo * r, r)
         for q in range(n):
             _drop(L, S, PROJ_UP, lo + q, 0, H, S.x32 + S.pair_tok[lo + q] * H, scr + q * H, 0)
-        L.kern.gemm_nt_f32(n, r, H, scr, H, NULL, L.a_up + e * r * H, H,
-                           0, NULL, 0, NULL, 0, S.xs_u + lo * r, r)
+        _lora_nt(L, n, r, H, scr, H, NULL, L.a_up + e * r * H, H, S.xs_u + lo * r, r)
     else:
-        L.kern.gemm_nt_f32(n, r, H, S.x32, H, S.pair_tok + lo, L.a_gate + e * r * H, H,
-                           0, NULL, 0, NULL, 0, S.xs_g + lo * r, r)
-        L.kern.gemm_nt_f32(n, r, H, S.x32, H, S.pair_tok + lo, L.a_up + e * r * H, H,
-                           0, NULL, 0, NULL, 0, S.xs_u + lo * r, r)
+        _lora_nt(L, n, r, H, S.x32, H, S.pair_tok + lo, L.a_gate + e * r * H, H,
+                 S.xs_g + lo * r, r)
+        _lora_nt(L, n, r, H, S.x32, H, S.pair_tok + lo, L.a_up + e * r * H, H,
+                 S.xs_u + lo * r, r)
     _scale(S.xs_g + lo * r, n * r, L.scaling)
     _scale(S.xs_u + lo * r, n * r, L.scaling)
 
@@ -489,11 +506,10 @@ cdef void _f_swiglu(const Layer *L, const Step *S, const Task *t, float *scr) no
     if S.drop:
         for p in range(lo, t.hi):
             _drop(L, S, PROJ_DOWN, p, 0, I, S.h32 + p * I, scr + (p - lo) * I, 0)
-        L.kern.gemm_nt_f32(n, r, I, scr, I, NULL, L.a_down + t.e * r * I, I,
-                           0, NULL, 0, NULL, 0, S.hs + lo * r, r)
+        _lora_nt(L, n, r, I, scr, I, NULL, L.a_down + t.e * r * I, I, S.hs + lo * r, r)
     else:
-        L.kern.gemm_nt_f32(n, r, I, S.h32 + lo * I, I, NULL, L.a_down + t.e * r * I, I,
-                           0, NULL, 0, NULL, 0, S.hs + lo * r, r)
+        _lora_nt(L, n, r, I, S.h32 + lo * I, I, NULL, L.a_down + t.e * r * I, I,
+                 S.hs + lo * r, r)
     _scale(S.hs + lo * r, n * r, L.scaling)
 
 
@@ -514,8 +530,8 @@ cdef void _f_down(const Layer *L, const Step *S, const Task *t, float *scr) noex
 cdef void _b_lora_b_down(const Layer *L, const Step *S, const Task *t, float *scr) noexcept nogil:
     """bds[p] = s * B_down[e]^T dO_t (unweighted) for a block of pairs."""
     cdef int64_t lo = t.lo, n = t.hi - t.lo, r = L.r, H = L.H
-    L.kern.gemm_nn_f32(n, r, H, S.do32, H, S.pair_tok + lo, L.b_down + t.e * H * r, r,
-                       0, NULL, 0, NULL, 0, S.bds + lo * r, r, 0)
+    _lora_nn(L, n, r, H, S.do32, H, S.pair_tok + lo, L.b_down + t.e * H * r, r,
+             S.bds + lo * r, r)
     _scale(S.bds + lo * r, n * r, L.scaling)
 
 
@@ -530,8 +546,7 @@ cdef void _lora_nn_masked(const Layer *L, const Step *S, int32_t proj, int64_t o
     c0 = 0
     while c0 < n:
         nc = min(<int64_t>PAIR_BLOCK, n - c0)
-        L.kern.gemm_nn_f32(nc, nb, r, Z + (off + c0) * r, r, NULL, A, lda,
-                           0, NULL, 0, NULL, 0, scr, nb, 0)
+        _lora_nn(L, nc, nb, r, Z + (off + c0) * r, r, NULL, A, lda, scr, nb)
         for q in range(nc):
             _drop(L, S, proj, off + c0 + q, lo, nb, scr + q * nb, C + (off + c0 + q) * ldc, 1)
         c0 += nc
@@ -566,10 +581,10 @@ cdef void _b_swiglu(const Layer *L, const Step *S, const Task *t, float *scr) no
         if L.bf16:
             L.kern.round_bf16(I, S.G + p * I, (<ktsft_bf16 *>S.dg_act) + p * I)
             L.kern.round_bf16(I, S.U + p * I, (<ktsft_bf16 *>S.du_act) + p * I)
-    L.kern.gemm_nn_f32(n, r, I, S.G + lo * I, I, NULL, L.b_gate + t.e * I * r, r,
-                       0, NULL, 0, NULL, 0, S.gbs_g + lo * r, r, 0)
-    L.kern.gemm_nn_f32(n, r, I, S.U + lo * I, I, NULL, L.b_up + t.e * I * r, r,
-                       0, NULL, 0, NULL, 0, S.gbs_u + lo * r, r, 0)
+    _lora_nn(L, n, r, I, S.G + lo * I, I, NULL, L.b_gate + t.e * I * r, r,
+             S.gbs_g + lo * r, r)
+    _lora_nn(L, n, r, I, S.U + lo * I, I, NULL, L.b_up + t.e * I * r, r,
+             S.gbs_u + lo * r, r)
     _scale(S.gbs_g + lo * r, n * r, L.scaling)
     _scale(S.gbs_u + lo * r, n * r, L.scaling)
 
@@ -1030,6 +1045,9 @@ cdef class MoEKernel:
         if (self.L.q8 or self.L.q4) and bf16:
             raise ValueError("quantized weights run with fp32 activations")
         self.L.wbits = 8 if self.L.q8 else (4 if self.L.q4 else (16 if bf16 else 32))
+        wkind = (KTSFT_W_Q8 if self.L.q8 else KTSFT_W_Q4 if self.L.q4 else
+                 KTSFT_W_BF16 if bf16 else KTSFT_W_F32)
+        self.L.nt, self.L.nn = kern.nt[wkind], kern.nn[wkind]
         self.L.group = group if self.L.q4 else 0
         if self.L.q4 and (group <= 0 or group % 32 or hidden_size % group or
                           intermediate_size % group):

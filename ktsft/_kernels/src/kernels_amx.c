@@ -542,13 +542,14 @@ static void gemm_nn_bf16_amx(int64_t M, int64_t N, int64_t O, const ktsft_bf16 *
     TRELEASE();
 }
 
+KT_BF16_ENTRIES(gemm_nt_bf16_amx, gemm_nn_bf16_amx)
+
 const ktsft_kernels *ktsft_kernels_amx(void)
 {
 #ifdef KT_AMX_EMULATE
-    KT_TABLE("amx-emulated", gemm_nt_bf16_amx, gemm_nn_bf16_amx, kt_release_scratch,
-             kt_scratch_bytes);
+    KT_TABLE("amx-emulated", kt_release_scratch, kt_scratch_bytes);
 #else
-    KT_TABLE("amx", gemm_nt_bf16_amx, gemm_nn_bf16_amx, kt_release_scratch, kt_scratch_bytes);
+    KT_TABLE("amx", kt_release_scratch, kt_scratch_bytes);
 #endif
     return &table;
 }

@@ -86,8 +86,10 @@ static inline __m256 kt_loadn_i4x8(const uint8_t *p, int64_t n)
 #define OUT_RT 12
 #include "instances.inc"
 
+KT_BF16_ENTRIES(gemm_nt_bf16, gemm_nn_bf16)
+
 const ktsft_kernels *ktsft_kernels_avx2(void)
 {
-    KT_TABLE("avx2", gemm_nt_bf16, gemm_nn_bf16, NULL, NULL);
+    KT_TABLE("avx2", NULL, NULL);
     return &table;
 }

@@ -6,8 +6,10 @@
 
 #include "instances.inc"
 
+KT_BF16_ENTRIES(gemm_nt_bf16, gemm_nn_bf16)
+
 const ktsft_kernels *ktsft_kernels_avx512(void)
 {
-    KT_TABLE("avx512", gemm_nt_bf16, gemm_nn_bf16, NULL, NULL);
+    KT_TABLE("avx512", NULL, NULL);
     return &table;
 }

@@ -9,8 +9,10 @@
 #include "instances.inc"
 #include "bf16_dp.inc"
 
+KT_BF16_ENTRIES(gemm_nt_bf16_dp, gemm_nn_bf16_dp)
+
 const ktsft_kernels *ktsft_kernels_avx512bf16(void)
 {
-    KT_TABLE("avx512bf16", gemm_nt_bf16_dp, gemm_nn_bf16_dp, NULL, NULL);
+    KT_TABLE("avx512bf16", NULL, NULL);
     return &table;
 }

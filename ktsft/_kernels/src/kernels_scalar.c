@@ -34,8 +34,10 @@ static inline float kt_i4_at(const uint8_t *row, int64_t k)
 #define OUT_RT 8
 #include "instances.inc"
 
+KT_BF16_ENTRIES(gemm_nt_bf16, gemm_nn_bf16)
+
 const ktsft_kernels *ktsft_kernels_scalar(void)
 {
-    KT_TABLE("scalar", gemm_nt_bf16, gemm_nn_bf16, NULL, NULL);
+    KT_TABLE("scalar", NULL, NULL);
     return &table;
 }

@@ -35,71 +35,43 @@ typedef uint16_t ktsft_bf16;
  * pack + tiles, 12 even, 16 twice slower. */
 #define KT_NN_STREAM_MAX 11
 
-/* NT product (contraction along the rows of W, as in y = W x):
- *   C[m, n] = sum_k A[row(m), k] * W[n, k] + sum_q A2[m, q] * W2[n, q]
- * row(m) = arows[m] when arows is given, else m.  The second term is the fp32
- * LoRA term (K2 = 0 disables it).  C is overwritten. */
-typedef void (*ktsft_gemm_nt_f32_fn)(
-    int64_t M, int64_t N, int64_t K,
-    const float *A__mk, int64_t lda, const int32_t *arows,
-    const float *W__nk, int64_t ldw,
-    int64_t K2, const float *A2__mq, int64_t lda2, const float *W2__nq, int64_t ldw2,
-    float *C__mn, int64_t ldc);
-typedef void (*ktsft_gemm_nt_bf16_fn)(
-    int64_t M, int64_t N, int64_t K,
-    const ktsft_bf16 *A__mk, int64_t lda, const int32_t *arows,
-    const ktsft_bf16 *W__nk, int64_t ldw,
-    int64_t K2, const float *A2__mq, int64_t lda2, const float *W2__nq, int64_t ldw2,
-    float *C__mn, int64_t ldc);
+/* One GEMM, described: the base products (weights of the layer's kind) and
+ * the fp32 LoRA products all go through the two entry points of a table,
+ * nt[kind] and nn[kind], the kind fixed when the layer is built.
+ *   NT (contraction along the rows of W, as in y = W x):
+ *     C[m, n] = sum_k A[row(m), k] W[n, k] + sum_q A2[m, q] W2[n, q]
+ *   NN (along the columns of W, as in dx = W^T dy):
+ *     C[m, n] (+)= sum_k A[row(m), k] W[k, n] + sum_q A2[m, q] W2[q, n]
+ * row(m) = arows[m] when arows is given, else m.  The second term is the
+ * fp32 LoRA term (K2 = 0 drops it).  NT overwrites C; NN adds to it when
+ * accumulate != 0, and its W and W2 point at the first column of the block.
+ * Activations are bf16 for bf16 weights, else fp32.  Quantized weights are
+ * dequantized in registers: element (o, i) of W is wscale[o * sld + i /
+ * group] * q, wscale pointing at the scales of W's first row (int8: q in
+ * [-127, 127], one group per row; int4: two per byte, element 2i in the
+ * low nibble, stored as q + 8, ldw and offsets counting elements, even). */
+typedef struct ktsft_gemm {
+    int64_t M, N, K;
+    const void *A;
+    int64_t lda;
+    const int32_t *arows;
+    const void *W;
+    int64_t ldw;
+    int64_t K2;
+    const float *A2;
+    int64_t lda2;
+    const float *W2;
+    int64_t ldw2;
+    float *C;
+    int64_t ldc;
+    int accumulate;
+    const float *wscale;
+    int64_t group, sld;
+} ktsft_gemm;
+typedef void (*ktsft_gemm_fn)(const ktsft_gemm *g);
 
-/* NN product (contraction along the columns of W, as in dx = W^T dy):
- *   C[m, n] (+)= sum_o A[row(m), o] * W[o, n] + sum_q A2[m, q] * W2[q, n]
- * W and W2 point at the first column of the block; accumulate != 0 adds
- * to C instead of overwriting it. */
-typedef void (*ktsft_gemm_nn_f32_fn)(
-    int64_t M, int64_t N, int64_t O,
-    const float *A__mo, int64_t lda, const int32_t *arows,
-    const float *W__on, int64_t ldw,
-    int64_t O2, const float *A2__mq, int64_t lda2, const float *W2__qn, int64_t ldw2,
-    float *C__mn, int64_t ldc, int accumulate);
-typedef void (*ktsft_gemm_nn_bf16_fn)(
-    int64_t M, int64_t N, int64_t O,
-    const ktsft_bf16 *A__mo, int64_t lda, const int32_t *arows,
-    const ktsft_bf16 *W__on, int64_t ldw,
-    int64_t O2, const float *A2__mq, int64_t lda2, const float *W2__qn, int64_t ldw2,
-    float *C__mn, int64_t ldc, int accumulate);
-
-/* The same two products with quantized weights, dequantized in registers,
- * fp32 activations.  Element (o, i) of W is wscale[o * sld + i / group] * q:
- * a scale per row and group of inputs (int8: one group per row, group
- * >= the row length).  wscale points at the scales of W's first row.
- * int8: q in [-127, 127].  int4: two per byte, element 2i in the low
- * nibble, stored as q + 8 (q in [-8, 7]); ldw and offsets count elements
- * and must be even. */
-typedef void (*ktsft_gemm_nt_q8_fn)(
-    int64_t M, int64_t N, int64_t K,
-    const float *A__mk, int64_t lda, const int32_t *arows,
-    const int8_t *Q__nk, int64_t ldw,
-    int64_t K2, const float *A2__mq, int64_t lda2, const float *W2__nq, int64_t ldw2,
-    float *C__mn, int64_t ldc, const float *wscale, int64_t group, int64_t sld);
-typedef void (*ktsft_gemm_nn_q8_fn)(
-    int64_t M, int64_t N, int64_t O,
-    const float *A__mo, int64_t lda, const int32_t *arows,
-    const int8_t *Q__on, int64_t ldw,
-    int64_t O2, const float *A2__mq, int64_t lda2, const float *W2__qn, int64_t ldw2,
-    float *C__mn, int64_t ldc, int accumulate, const float *wscale, int64_t group, int64_t sld);
-typedef void (*ktsft_gemm_nt_q4_fn)(
-    int64_t M, int64_t N, int64_t K,
-    const float *A__mk, int64_t lda, const int32_t *arows,
-    const uint8_t *Q__nk, int64_t ldw,
-    int64_t K2, const float *A2__mq, int64_t lda2, const float *W2__nq, int64_t ldw2,
-    float *C__mn, int64_t ldc, const float *wscale, int64_t group, int64_t sld);
-typedef void (*ktsft_gemm_nn_q4_fn)(
-    int64_t M, int64_t N, int64_t O,
-    const float *A__mo, int64_t lda, const int32_t *arows,
-    const uint8_t *Q__on, int64_t ldw,
-    int64_t O2, const float *A2__mq, int64_t lda2, const float *W2__qn, int64_t ldw2,
-    float *C__mn, int64_t ldc, int accumulate, const float *wscale, int64_t group, int64_t sld);
+/* the weight kinds, the index of nt[] and nn[] */
+enum { KTSFT_W_F32 = 0, KTSFT_W_BF16 = 1, KTSFT_W_Q8 = 2, KTSFT_W_Q4 = 3, KTSFT_W_KINDS = 4 };
 
 /* Sum of outer products, one owner per output, pairs in order:
  *   C[a, b] (+)= sum_p coef[p] * U[urow(p), a] * V[vrow(p), b]   (coef NULL = 1)
@@ -154,14 +126,8 @@ typedef void (*ktsft_adamw_f32_fn)(
 
 typedef struct ktsft_kernels {
     const char *name;
-    ktsft_gemm_nt_f32_fn gemm_nt_f32;
-    ktsft_gemm_nt_bf16_fn gemm_nt_bf16;
-    ktsft_gemm_nn_f32_fn gemm_nn_f32;
-    ktsft_gemm_nn_bf16_fn gemm_nn_bf16;
-    ktsft_gemm_nt_q8_fn gemm_nt_q8;
-    ktsft_gemm_nn_q8_fn gemm_nn_q8;
-    ktsft_gemm_nt_q4_fn gemm_nt_q4;
-    ktsft_gemm_nn_q4_fn gemm_nn_q4;
+    ktsft_gemm_fn nt[KTSFT_W_KINDS];
+    ktsft_gemm_fn nn[KTSFT_W_KINDS];
     ktsft_outer_f32_fn outer_f32;
     ktsft_swiglu_forward_fn swiglu_forward;
     ktsft_swiglu_backward_fn swiglu_backward;
