@@ -103,6 +103,18 @@ class Pending:
             fn(handle)
 
 
+def joined(ctx) -> None:
+    """Before an experts backward: its deferred forward done (a block that
+    raised may have left it pending), or RuntimeError if that forward
+    failed."""
+    p = getattr(ctx, "pending", None)
+    if p is None:
+        return
+    p.join()
+    if ctx.pending is not None:  # join ran no callback: the native forward raised
+        raise RuntimeError("ktsft: this experts call's forward failed; its backward cannot run")
+
+
 class Block:
     """The deferred experts calls of one block forward, and the readiness
     of its output's gradient for their backward."""

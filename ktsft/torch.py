@@ -96,14 +96,7 @@ def _run_forward(module, hidden, ids, weights, cache, dropout):
         return out.to(dtype=hidden.dtype), handle
     buf = _staging(module, x.shape[0], x.dtype)
     with buf.lock:  # the forward copies what it keeps: the buffers are free again after it
-        t = buf.view(x.shape[0])
-        _free_staging(buf)
-        stream = _sync(x.device, prof)
-        with _profile.timer("d2h"):
-            t["input_cpu"].copy_(x, non_blocking=True)
-            t["expert_ids_cpu"].copy_(ids, non_blocking=True)
-            t["weights_cpu"].copy_(w, non_blocking=True)
-            stream.synchronize()
+        t = _stage_inputs(buf, x, ids, w, prof)
         with _profile.timer("kernel_fwd"):
             _, handle = module.wrapper.forward_sft(
                 t["input_cpu"], t["expert_ids_cpu"], t["weights_cpu"], save_for_backward=cache,
@@ -111,13 +104,28 @@ def _run_forward(module, hidden, ids, weights, cache, dropout):
         return _copy_back(buf, t["output_cpu"], hidden.device, hidden.dtype), handle
 
 
+def _stage_inputs(buf, x, ids, w, prof):
+    """The forward's inputs, on the device, into `buf`'s pinned host buffers
+    (the caller holds buf.lock): its views for x's tokens."""
+    t = buf.view(x.shape[0])
+    _free_staging(buf)
+    stream = _sync(x.device, prof)
+    with _profile.timer("d2h"):
+        t["input_cpu"].copy_(x, non_blocking=True)
+        t["expert_ids_cpu"].copy_(ids, non_blocking=True)
+        t["weights_cpu"].copy_(w, non_blocking=True)
+        stream.synchronize()
+    return t
+
+
 def _start_forward(module, hidden, ids, weights, cache, dropout, hold=None):
     """_run_forward with the native call on the worker thread (the shared
     experts overlap, ktsft/_overlap.py): the inputs are copied to the host
     now, and a placeholder for the result is returned at once as
     ``pending.out`` (hidden's dtype: the callers defer bf16 and fp32 only);
-    the block joins it (fills the placeholder) before anything reads it.  hold: a context exited when the native call is done
-    (the PEFT path's LoRA staging)."""
+    the block joins it (fills the placeholder) before anything reads it.
+    hold: a context exited when the native call is done (the PEFT path's
+    LoRA staging)."""
     x = _kernel_dtype(hidden.detach())
     w = weights.detach()
     p, seed = dropout
@@ -132,14 +140,7 @@ def _start_forward(module, hidden, ids, weights, cache, dropout, hold=None):
         buf = _staging(module, x.shape[0], x.dtype)
         buf.lock.acquire()  # released by finish(): the worker reads and writes them until then
         try:
-            t = buf.view(x.shape[0])
-            _free_staging(buf)
-            stream = _sync(x.device, prof)
-            with _profile.timer("d2h"):
-                t["input_cpu"].copy_(x, non_blocking=True)
-                t["expert_ids_cpu"].copy_(ids, non_blocking=True)
-                t["weights_cpu"].copy_(w, non_blocking=True)
-                stream.synchronize()
+            t = _stage_inputs(buf, x, ids, w, prof)
         except BaseException:
             buf.lock.release()
             raise
@@ -270,11 +271,7 @@ class _ExpertsFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         h_dtype, w_dtype, dev = ctx.meta
         module = ctx.module
-        if ctx.pending is not None:  # never joined (the block raised): wait for it now
-            ctx.pending.join()
-            if ctx.pending is not None:
-                raise RuntimeError("ktsft: this experts call's forward failed; its backward "
-                                   "cannot run")
+        _overlap.joined(ctx)
         handle = ctx.handle
         if not ctx.release.alive:  # recompute mode, or the cache was spent
             hidden, ids, weights = ctx.saved_tensors

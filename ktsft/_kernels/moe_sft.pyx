@@ -301,26 +301,19 @@ cdef inline void _nn(const Layer *L, int64_t M, int64_t N, int64_t O, const void
     L.nn(&g)
 
 
-cdef inline void _lora_nt(const Layer *L, int64_t M, int64_t N, int64_t K, const float *A,
-                          int64_t lda, const int32_t *arows, const float *W, int64_t ldw,
-                          float *C, int64_t ldc) noexcept nogil:
-    """An fp32 LoRA product, NT: C = A[rows] W^T."""
+cdef inline void _lora(const Layer *L, bint nn, int64_t M, int64_t N, int64_t K,
+                       const float *A, int64_t lda, const int32_t *arows, const float *W,
+                       int64_t ldw, float *C, int64_t ldc) noexcept nogil:
+    """An fp32 LoRA product, C = A[rows] W^T (NT) or A[rows] W (nn; C
+    overwritten): the fp32 entry points of the table, no second term."""
     cdef ktsft_gemm g
     memset(&g, 0, sizeof(ktsft_gemm))
     g.M, g.N, g.K, g.A, g.lda, g.arows, g.W, g.ldw = M, N, K, A, lda, arows, W, ldw
     g.C, g.ldc = C, ldc
-    L.kern.nt[KTSFT_W_F32](&g)
-
-
-cdef inline void _lora_nn(const Layer *L, int64_t M, int64_t N, int64_t O, const float *A,
-                          int64_t lda, const int32_t *arows, const float *W, int64_t ldw,
-                          float *C, int64_t ldc) noexcept nogil:
-    """An fp32 LoRA product, NN: C = A[rows] W (overwritten)."""
-    cdef ktsft_gemm g
-    memset(&g, 0, sizeof(ktsft_gemm))
-    g.M, g.N, g.K, g.A, g.lda, g.arows, g.W, g.ldw = M, N, O, A, lda, arows, W, ldw
-    g.C, g.ldc = C, ldc
-    L.kern.nn[KTSFT_W_F32](&g)
+    if nn:
+        L.kern.nn[KTSFT_W_F32](&g)
+    else:
+        L.kern.nt[KTSFT_W_F32](&g)
 
 
 cdef inline void _drop(const Layer *L, const Step *S, int32_t proj, int64_t p, int64_t i0,
@@ -469,14 +462,14 @@ cdef void _f_lora_a_in(const Layer *L, const Step *S, const Task *t, float *scr)
     if S.drop:
         for q in range(n):
             _drop(L, S, PROJ_GATE, lo + q, 0, H, S.x32 + S.pair_tok[lo + q] * H, scr + q * H, 0)
-        _lora_nt(L, n, r, H, scr, H, NULL, L.a_gate + e * r * H, H, S.xs_g + lo * r, r)
+        _lora(L, False, n, r, H, scr, H, NULL, L.a_gate + e * r * H, H, S.xs_g + lo * r, r)
         for q in range(n):
             _drop(L, S, PROJ_UP, lo + q, 0, H, S.x32 + S.pair_tok[lo + q] * H, scr + q * H, 0)
-        _lora_nt(L, n, r, H, scr, H, NULL, L.a_up + e * r * H, H, S.xs_u + lo * r, r)
+        _lora(L, False, n, r, H, scr, H, NULL, L.a_up + e * r * H, H, S.xs_u + lo * r, r)
     else:
-        _lora_nt(L, n, r, H, S.x32, H, S.pair_tok + lo, L.a_gate + e * r * H, H,
+        _lora(L, False, n, r, H, S.x32, H, S.pair_tok + lo, L.a_gate + e * r * H, H,
                  S.xs_g + lo * r, r)
-        _lora_nt(L, n, r, H, S.x32, H, S.pair_tok + lo, L.a_up + e * r * H, H,
+        _lora(L, False, n, r, H, S.x32, H, S.pair_tok + lo, L.a_up + e * r * H, H,
                  S.xs_u + lo * r, r)
     _scale(S.xs_g + lo * r, n * r, L.scaling)
     _scale(S.xs_u + lo * r, n * r, L.scaling)
@@ -506,9 +499,9 @@ cdef void _f_swiglu(const Layer *L, const Step *S, const Task *t, float *scr) no
     if S.drop:
         for p in range(lo, t.hi):
             _drop(L, S, PROJ_DOWN, p, 0, I, S.h32 + p * I, scr + (p - lo) * I, 0)
-        _lora_nt(L, n, r, I, scr, I, NULL, L.a_down + t.e * r * I, I, S.hs + lo * r, r)
+        _lora(L, False, n, r, I, scr, I, NULL, L.a_down + t.e * r * I, I, S.hs + lo * r, r)
     else:
-        _lora_nt(L, n, r, I, S.h32 + lo * I, I, NULL, L.a_down + t.e * r * I, I,
+        _lora(L, False, n, r, I, S.h32 + lo * I, I, NULL, L.a_down + t.e * r * I, I,
                  S.hs + lo * r, r)
     _scale(S.hs + lo * r, n * r, L.scaling)
 
@@ -530,7 +523,7 @@ cdef void _f_down(const Layer *L, const Step *S, const Task *t, float *scr) noex
 cdef void _b_lora_b_down(const Layer *L, const Step *S, const Task *t, float *scr) noexcept nogil:
     """bds[p] = s * B_down[e]^T dO_t (unweighted) for a block of pairs."""
     cdef int64_t lo = t.lo, n = t.hi - t.lo, r = L.r, H = L.H
-    _lora_nn(L, n, r, H, S.do32, H, S.pair_tok + lo, L.b_down + t.e * H * r, r,
+    _lora(L, True, n, r, H, S.do32, H, S.pair_tok + lo, L.b_down + t.e * H * r, r,
              S.bds + lo * r, r)
     _scale(S.bds + lo * r, n * r, L.scaling)
 
@@ -546,7 +539,7 @@ cdef void _lora_nn_masked(const Layer *L, const Step *S, int32_t proj, int64_t o
     c0 = 0
     while c0 < n:
         nc = min(<int64_t>PAIR_BLOCK, n - c0)
-        _lora_nn(L, nc, nb, r, Z + (off + c0) * r, r, NULL, A, lda, scr, nb)
+        _lora(L, True, nc, nb, r, Z + (off + c0) * r, r, NULL, A, lda, scr, nb)
         for q in range(nc):
             _drop(L, S, proj, off + c0 + q, lo, nb, scr + q * nb, C + (off + c0 + q) * ldc, 1)
         c0 += nc
@@ -581,9 +574,9 @@ cdef void _b_swiglu(const Layer *L, const Step *S, const Task *t, float *scr) no
         if L.bf16:
             L.kern.round_bf16(I, S.G + p * I, (<ktsft_bf16 *>S.dg_act) + p * I)
             L.kern.round_bf16(I, S.U + p * I, (<ktsft_bf16 *>S.du_act) + p * I)
-    _lora_nn(L, n, r, I, S.G + lo * I, I, NULL, L.b_gate + t.e * I * r, r,
+    _lora(L, True, n, r, I, S.G + lo * I, I, NULL, L.b_gate + t.e * I * r, r,
              S.gbs_g + lo * r, r)
-    _lora_nn(L, n, r, I, S.U + lo * I, I, NULL, L.b_up + t.e * I * r, r,
+    _lora(L, True, n, r, I, S.U + lo * I, I, NULL, L.b_up + t.e * I * r, r,
              S.gbs_u + lo * r, r)
     _scale(S.gbs_g + lo * r, n * r, L.scaling)
     _scale(S.gbs_u + lo * r, n * r, L.scaling)

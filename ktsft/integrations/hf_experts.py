@@ -500,15 +500,12 @@ class _ExpertsFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        from .. import _overlap
         from ..torch import _run_backward, _run_forward
 
         h_dtype, w_dtype, dev = ctx.meta
         call, b = ctx.call, ctx.b
-        if ctx.pending is not None:  # never joined (the block raised): wait for it now
-            ctx.pending.join()
-            if ctx.pending is not None:
-                raise RuntimeError("ktsft: this experts call's forward failed; its backward "
-                                   "cannot run")
+        _overlap.joined(ctx)
         handle = ctx.handle
         E, H, I, r = b.num_experts, b.hidden_size, b.intermediate_size, ctx.r
         shapes = lora_shapes(E, H, I, r)
