@@ -622,7 +622,7 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
                 y = _result_target(out_a, hidden_states, ws["y32"])
                 self._kernel.forward(entry["x"],
                                      ws["x_act"] if self.dtype == "bf16" else entry["x"],
-                                     ids, rw, entry.arrays, ws, y, threads, *entry.dropout)
+                                     ids, rw, entry, self._ws, y, threads, *entry.dropout)
                 result = _deliver(y, out_a, out, hidden_states, threads, self.isa)
             self.last_dropout_seed = seed
             handle = None
@@ -703,9 +703,9 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
                 dx = _result_target(dx_out, grad_output, ws["y32"])
                 del self._cache[idx], self._handles[idx]
                 try:
-                    self._kernel.backward(entry.arrays, do32,
+                    self._kernel.backward(entry, do32,
                                           ws["do_act"] if self.dtype == "bf16" else do32,
-                                          ws, out_grads, grad_w, dx, threads,
+                                          self._ws, out_grads, grad_w, dx, threads,
                                           *entry.dropout, bool(accumulate))
                     grad_input = _deliver(dx, dx_out, grad_input_out, grad_output, threads,
                                           self.isa)

@@ -57,3 +57,37 @@ def test_leaves():
     assert g["ktsft.schema"] == set()
     assert g["ktsft.adapters"] <= {"ktsft.schema", "ktsft._arrays", "ktsft.validation"}
     assert "ktsft.distributed.expert_parallel" not in g["ktsft.distributed.shards"]
+
+
+def test_typed_cache_is_cimportable(tmp_path):
+    """moe_sft.pxd declares the kernels' cache entry and workspace: another
+    Cython module can cimport them and read their typed memory."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "user.pyx"
+    src.write_text(
+        "# cython: language_level=3\n"
+        "from ktsft._kernels.moe_sft cimport CacheEntry, Workspace\n"
+        "def rows(CacheEntry e, Workspace w):\n"
+        "    return e.G.shape[0], e.T, w.H\n")
+    root = os.path.dirname(PKG)
+    r = subprocess.run([sys.executable, "-m", "cython", "-I", root, str(src), "-o",
+                        str(tmp_path / "user.c")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "user.c").stat().st_size > 1000
+
+
+def test_cache_entry_is_the_kernels_own_type():
+    from ktsft import buffers
+    from ktsft._kernels import moe_sft
+
+    assert buffers.CacheEntry is moe_sft.CacheEntry and buffers.Workspace is moe_sft.Workspace
+    e = buffers.CacheEntry(5, 4, 16, 8, 2, 3)
+    assert e.arrays["G"].shape == (10, 8) and e.resize(3).arrays["x"].shape == (3, 16)
+    try:
+        e.T = 4  # the token count is the entry's, set by resize only
+    except AttributeError:
+        pass
+    else:
+        raise AssertionError("CacheEntry.T is assignable")

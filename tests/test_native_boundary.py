@@ -1,8 +1,11 @@
-"""The kernel module checks every array where it binds it (moe_sft._arg):
-element kind, C-contiguity, writability, and the size the layer's shape
-needs.  A layout slip on the Python side raises a ValueError naming the
-array, instead of an out-of-bounds access in nogil code; and a refused
-registration leaves the registered arrays in place."""
+"""The kernel module's boundary: the cache entry and the workspace are its
+own typed objects (moe_sft.pxd), checked to be of the layer's shape; every
+other array is checked where it is bound (moe_sft._arg: element kind,
+C-contiguity, writability, the size the layer needs).  A layout slip on the
+Python side raises an exception naming what is wrong, instead of an
+out-of-bounds access in nogil code; a refused registration leaves the
+registered arrays in place; a corrupted entry's routing is refused before
+the backward indexes with it."""
 import numpy as np
 import pytest
 
@@ -37,11 +40,10 @@ def _inputs(seed=1):
 def _forward(kern, cache=None, ws=None, out=None, x=None, ids=None, rw=None):
     x0, ids0, rw0 = _inputs()
     x = x0 if x is None else x
-    entry = CacheEntry(T, E, H, I, K, R)
-    cache = entry.arrays if cache is None else cache
-    ws = Workspace(H, I, K, R, False).view(T) if ws is None else ws
+    entry = CacheEntry(T, E, H, I, K, R) if cache is None else cache
+    ws = Workspace(H, I, K, R, False) if ws is None else ws
     out = np.empty((T, H), np.float32) if out is None else out
-    kern.forward(x, x, ids0 if ids is None else ids, rw0 if rw is None else rw, cache, ws, out, 1)
+    kern.forward(x, x, ids0 if ids is None else ids, rw0 if rw is None else rw, entry, ws, out, 1)
     return out, entry, ws
 
 
@@ -51,36 +53,27 @@ def test_valid_arrays_run():
     assert np.isfinite(out).all() and np.abs(out).sum() > 0
 
 
-@pytest.mark.parametrize("name", ["offs", "pair_tok", "G", "U", "xs_gate", "hs_down", "pos"])
-def test_short_or_missing_cache_arrays(name):
+def test_entry_and_workspace_are_typed_and_of_the_layers_shape():
     kern, _, _ = _layer()
     entry = CacheEntry(T, E, H, I, K, R)
-    short = dict(entry.arrays)
-    short[name] = short[name][:-1]
-    with pytest.raises(ValueError, match=rf"cache\['{name}'\]: \d+ elements, the layer needs"):
-        _forward(kern, cache=short)
-    missing = dict(entry.arrays)
-    del missing[name]
-    with pytest.raises(ValueError, match=f"cache has no array '{name}'"):
-        _forward(kern, cache=missing)
-
-
-@pytest.mark.parametrize("name", ["h32", "ybuf", "h_act"])
-def test_short_workspace(name):
-    kern, _, _ = _layer()
-    ws = dict(Workspace(H, I, K, R, False).view(T))
-    ws[name] = np.empty(ws[name].size - 1, np.float32)
-    with pytest.raises(ValueError, match=rf"ws\['{name}'\]"):
-        _forward(kern, ws=ws)
+    with pytest.raises(TypeError):  # loose arrays cannot stand in for an entry
+        _forward(kern, cache=dict(entry.arrays))
+    with pytest.raises(TypeError):
+        _forward(kern, ws=dict(Workspace(H, I, K, R, False).view(T)))
+    for other in (CacheEntry(T, E + 1, H, I, K, R), CacheEntry(T, E, H, I + 1, K, R),
+                  CacheEntry(T, E, H, I, K, R + 1)):
+        with pytest.raises(ValueError, match=r"a cache entry of \(E, H, I, k, r\)"):
+            _forward(kern, cache=other)
+    with pytest.raises(ValueError, match="tokens, the cache entry holds"):
+        _forward(kern, cache=CacheEntry(T + 3, E, H, I, K, R).resize(T - 1))
+    with pytest.raises(ValueError, match=r"a workspace of \(H, I, k, r, bf16\)"):
+        _forward(kern, ws=Workspace(H, I, K, R, True))
+    with pytest.raises(ValueError, match="resize"):
+        entry.resize(T + 1)  # more than it holds
 
 
 def test_kind_contiguity_and_writability():
     kern, _, _ = _layer()
-    entry = CacheEntry(T, E, H, I, K, R)
-    bad = dict(entry.arrays)
-    bad["offs"] = np.zeros(E + 1, np.int64)  # int64 where the kernels read int32
-    with pytest.raises(ValueError, match=r"cache\['offs'\]: expected int32"):
-        _forward(kern, cache=bad)
     x, ids, rw = _inputs()
     with pytest.raises(ValueError, match="expert_ids: expected int32"):
         _forward(kern, ids=ids.astype(np.int64))
@@ -102,17 +95,17 @@ def test_backward_needs_the_forwards_tokens():
     shapes = lora_shapes(E, H, I, R)
     grads = {n: np.empty(s, np.float32) for n, s in shapes.items()}
     do = np.ones((T - 1, H), np.float32)  # a dO of another T
-    with pytest.raises(ValueError, match=r"cache\['x'\] \(the forward's tokens\)"):
-        kern.backward(entry.arrays, do, do, Workspace(H, I, K, R, False).view(T - 1), grads,
-                       np.empty((T - 1, K), np.float32), np.empty((T - 1, H), np.float32), 1)
+    with pytest.raises(ValueError, match="tokens, the cache entry holds 7 .its forward's."):
+        kern.backward(entry, do, do, ws, grads, np.empty((T - 1, K), np.float32),
+                      np.empty((T - 1, H), np.float32), 1)
     do = np.ones((T, H), np.float32)
     short = dict(grads)
     short["grad_down_lora_b"] = short["grad_down_lora_b"][:-1]
     with pytest.raises(ValueError, match="grad_down_lora_b: .* exactly"):
-        kern.backward(entry.arrays, do, do, ws, short, np.empty((T, K), np.float32),
+        kern.backward(entry, do, do, ws, short, np.empty((T, K), np.float32),
                       np.empty((T, H), np.float32), 1)
     # and the valid call still runs
-    kern.backward(entry.arrays, do, do, ws, grads, np.empty((T, K), np.float32),
+    kern.backward(entry, do, do, ws, grads, np.empty((T, K), np.float32),
                   np.empty((T, H), np.float32), 1)
 
 
@@ -156,18 +149,16 @@ def test_backward_refuses_a_corrupted_entry(field, value, match):
     shapes = lora_shapes(E, H, I, R)
     grads = {n: np.zeros(s, np.float32) for n, s in shapes.items()}
     do = np.ones((T, H), np.float32)
-    arrays = dict(entry.arrays)
-    a = arrays[field].copy()
+    a = entry.storage[field]  # the entry's own memory, corrupted in place
     i, v = value
     if field == "order":
         i = 1  # the first expert (order[0] is the count)
     a[i] = v
-    arrays[field] = a
     with pytest.raises(ValueError, match=match):
-        kern.backward(arrays, do, do, ws, grads, np.empty((T, K), np.float32),
+        kern.backward(entry, do, do, ws, grads, np.empty((T, K), np.float32),
                       np.empty((T, H), np.float32), 1)
-    arrays["order"] = entry.arrays["order"].copy()
-    arrays["order"][0] = E + 1
+    _, entry, ws = _forward(kern)
+    entry.storage["order"][0] = E + 1
     with pytest.raises(ValueError, match="experts, the layer has"):
-        kern.backward(arrays, do, do, ws, grads, np.empty((T, K), np.float32),
+        kern.backward(entry, do, do, ws, grads, np.empty((T, K), np.float32),
                       np.empty((T, H), np.float32), 1)

@@ -780,6 +780,9 @@ cdef int _run(const Phase *ph, const Layer *L, const Step *S, int64_t n_exp,
     return 0
 
 
+include "cache.pxi"
+
+
 # --------------------------------------------------------------------------
 # The layer object
 # --------------------------------------------------------------------------
@@ -880,28 +883,25 @@ BACKWARD_PHASES = ("round_dO", "lora_b_down", "down_T", "swiglu_bwd", "input_T",
                    "combine")
 
 
-cdef int _bind_cache(const Layer *L, Step *S, dict cache, dict ws) except -1:
-    """The arrays a forward and its backward share: the cache entry's routing
-    and activations, and the workspace they both use (each checked against
-    S.T tokens of this layer)."""
-    cdef int64_t P = S.P, I = L.I, r = L.r
-    S.offs = <const int32_t *>_arg(_item(cache, "cache", "offs"), "cache['offs']", K_I32,
-                                   L.E + 1, True)
-    S.pair_tok = <const int32_t *>_arg(_item(cache, "cache", "pair_tok"), "cache['pair_tok']",
-                                       K_I32, P, True)
-    S.pair_tj = <const int32_t *>_arg(_item(cache, "cache", "pair_tj"), "cache['pair_tj']",
-                                      K_I32, P, True)
-    S.pair_w = <const float *>_arg(_item(cache, "cache", "pair_w"), "cache['pair_w']", K_F32, P,
-                                   True)
-    S.pos = <const int32_t *>_arg(_item(cache, "cache", "pos"), "cache['pos']", K_I32, P, True)
-    S.G = <float *>_arg(_item(cache, "cache", "G"), "cache['G']", K_F32, P * I, True)
-    S.U = <float *>_arg(_item(cache, "cache", "U"), "cache['U']", K_F32, P * I, True)
-    S.xs_g = <float *>_arg(_item(cache, "cache", "xs_gate"), "cache['xs_gate']", K_F32, P * r,
-                           True)
-    S.xs_u = <float *>_arg(_item(cache, "cache", "xs_up"), "cache['xs_up']", K_F32, P * r, True)
-    S.hs = <float *>_arg(_item(cache, "cache", "hs_down"), "cache['hs_down']", K_F32, P * r, True)
-    S.h32 = <float *>_arg(_item(ws, "ws", "h32"), "ws['h32']", K_F32, P * I, True)
-    S.ybuf = <float *>_arg(_item(ws, "ws", "ybuf"), "ws['ybuf']", K_F32, P * L.H, True)
+cdef int _bind_cache(const Layer *L, Step *S, CacheEntry cache, Workspace ws,
+                     str op) except -1:
+    """The memory a forward and its backward share: the cache entry's
+    routing and activations, and the workspace they both use; both typed
+    objects, checked to be of this layer's shape and for S.T tokens."""
+    _check_entry_shape(cache, L, S.T, op)
+    _check_workspace(ws, L, S.T, op)
+    S.offs = &cache.offs[0]
+    S.pair_tok = &cache.pair_tok[0] if S.P else NULL
+    S.pair_tj = &cache.pair_tj[0] if S.P else NULL
+    S.pair_w = &cache.pair_w[0] if S.P else NULL
+    S.pos = &cache.pos[0] if S.P else NULL
+    S.G = &cache.G[0, 0] if S.P and L.I else NULL
+    S.U = &cache.U[0, 0] if S.P and L.I else NULL
+    S.xs_g = &cache.xs_gate[0, 0] if S.P and L.r else NULL
+    S.xs_u = &cache.xs_up[0, 0] if S.P and L.r else NULL
+    S.hs = &cache.hs_down[0, 0] if S.P and L.r else NULL
+    S.h32 = &ws.h32[0, 0] if S.P and L.I else NULL
+    S.ybuf = &ws.ybuf[0, 0] if S.P and L.H else NULL
     return 0
 
 
@@ -1133,10 +1133,10 @@ cdef class MoEKernel:
         self.L.a_gate, self.L.b_gate, self.L.a_up, self.L.b_up = ag, bg, au, bu
         self.L.a_down, self.L.b_down = ad, bd
 
-    def forward(self, x32, x_act, ids, rw, cache, ws, out, int n_threads,
+    def forward(self, x32, x_act, ids, rw, CacheEntry cache, Workspace ws, out, int n_threads,
                 double lora_dropout=0.0, uint64_t dropout_seed=0):
-        """out = MoE(x).  cache: dict of the entry's arrays (written);
-        ws: dict of work arrays (bf16 mode: x_act/h_act are uint16).
+        """out = MoE(x).  cache: the entry (written), resized to x's tokens;
+        ws: the workspace of this shape (bf16 mode: x_act is uint16).
         lora_dropout > 0: LoRA inputs masked with the masks of dropout_seed
         (backward must get the same two values)."""
         cdef Step S
@@ -1148,20 +1148,20 @@ cdef class MoEKernel:
         memset(&S, 0, sizeof(Step))
         S.T = T
         S.P = P
-        _bind_cache(&self.L, &S, cache, ws)
+        _bind_cache(&self.L, &S, cache, ws, "forward")
         _set_dropout(&S, lora_dropout, dropout_seed)
         S.rw = <const float *>_arg(rw, "routing_weights", K_F32, P, False, True)
         S.x32 = <const float *>_arg(x32, "x32", K_F32, TH, False, True)
         # x_act may be x32 itself (fp32): then the kernels only read it
         S.x_act = _arg(x_act, "x_act", act, TH, self.L.bf16)
-        S.h_act = <void *>_arg(_item(ws, "ws", "h_act"), "ws['h_act']", act, P * self.L.I, True)
+        S.h_act = ((<void *>&ws.h_act[0, 0] if P and self.L.I else NULL) if self.L.bf16
+                   else <void *>S.h32)
         S.out = <float *>_arg(out, "out", K_F32, TH, True, True)
         cdef const int32_t *ids_p = <const int32_t *>_arg(ids, "expert_ids", K_I32, P,
                                                           False, True)
         # the expert order (count, then the experts with pairs, most first):
         # computed here, kept in the entry for the backward
-        cdef int32_t *order = <int32_t *>_arg(_item(cache, "cache", "order"), "cache['order']",
-                                              K_I32, self.L.E + 1, True)
+        cdef int32_t *order = &cache.order[0]
         cdef int32_t *cursor = <int32_t *>malloc(max(self.L.E, 1) * sizeof(int32_t))
         if cursor == NULL:
             raise MemoryError("ktsft forward: cannot allocate the routing cursor")
@@ -1194,7 +1194,8 @@ cdef class MoEKernel:
         if rc != 0:
             raise MemoryError("ktsft forward: cannot allocate a task list or dropout scratch")
 
-    def backward(self, cache, do32, do_act, ws, grads, grad_w, dx, int n_threads,
+    def backward(self, CacheEntry cache, do32, do_act, Workspace ws, grads, grad_w, dx,
+                 int n_threads,
                  double lora_dropout=0.0, uint64_t dropout_seed=0, bint accumulate=False):
         """dx, grad_w and the six LoRA gradients from dO and a cache entry.
         Consumes the entry: G/U become dG/dU.  lora_dropout, dropout_seed:
@@ -1209,21 +1210,21 @@ cdef class MoEKernel:
         memset(&S, 0, sizeof(Step))
         S.T = T
         S.P = P
-        _bind_cache(&self.L, &S, cache, ws)
+        # the entry holds exactly its forward's tokens: a dO of another T
+        # would be indexed by pairs routed for that one (_bind_cache checks)
+        _bind_cache(&self.L, &S, cache, ws, "backward")
         _set_dropout(&S, lora_dropout, dropout_seed)
-        # the entry's views hold exactly its forward's tokens: a dO of another
-        # T would be indexed by pairs routed for that one
-        S.x32 = <const float *>_arg(_item(cache, "cache", "x"), "cache['x'] (the forward's "
-                                    "tokens)", K_F32, TH, False, True)
+        S.x32 = &cache.x[0, 0] if TH else NULL
         S.do32 = <const float *>_arg(do32, "do32", K_F32, TH, False, True)
         S.do_act = _arg(do_act, "do_act", act, TH, self.L.bf16)
-        S.dg_act = (<void *>_arg(_item(ws, "ws", "dg_act"), "ws['dg_act']", K_U16, P * I, True)
-                    if self.L.bf16 else <void *>S.G)
-        S.du_act = (<void *>_arg(_item(ws, "ws", "du_act"), "ws['du_act']", K_U16, P * I, True)
-                    if self.L.bf16 else <void *>S.U)
-        S.bds = <float *>_arg(_item(ws, "ws", "bds"), "ws['bds']", K_F32, P * r, True)
-        S.gbs_g = <float *>_arg(_item(ws, "ws", "gbs_gate"), "ws['gbs_gate']", K_F32, P * r, True)
-        S.gbs_u = <float *>_arg(_item(ws, "ws", "gbs_up"), "ws['gbs_up']", K_F32, P * r, True)
+        if self.L.bf16:
+            S.dg_act = <void *>&ws.dg_act[0, 0] if P and I else NULL
+            S.du_act = <void *>&ws.du_act[0, 0] if P and I else NULL
+        else:
+            S.dg_act, S.du_act = <void *>S.G, <void *>S.U
+        S.bds = &ws.bds[0, 0] if P and r else NULL
+        S.gbs_g = &ws.gbs_gate[0, 0] if P and r else NULL
+        S.gbs_u = &ws.gbs_up[0, 0] if P and r else NULL
         S.grad_w = <float *>_arg(grad_w, "grad_routing_weights", K_F32, P, True, True)
         S.accum = accumulate
         S.g_ag = <float *>_arg(_item(grads, "grads", "grad_gate_lora_a"), "grad_gate_lora_a",
@@ -1240,8 +1241,7 @@ cdef class MoEKernel:
                                K_F32, E * H * r, True, True)
         cdef float *dx_p = <float *>_arg(dx, "grad_input", K_F32, TH, True, True)
         # the forward's expert order, kept in the entry
-        cdef const int32_t *order = <const int32_t *>_arg(_item(cache, "cache", "order"),
-                                                          "cache['order']", K_I32, E + 1)
+        cdef const int32_t *order = &cache.order[0]
         n_exp = order[0]
         if not 0 <= n_exp <= E:
             raise ValueError(f"cache['order']: {n_exp} experts, the layer has {E} (the entry "
