@@ -620,9 +620,13 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
             with self._ws.lock:  # shared by the layers of this shape
                 ws = self._ws.view(T)
                 y = _result_target(out_a, hidden_states, ws["y32"])
-                self._kernel.forward(entry["x"],
-                                     ws["x_act"] if self.dtype == "bf16" else entry["x"],
-                                     ids, rw, entry, self._ws, y, threads, *entry.dropout)
+                # bf16 input in bf16 mode: the base GEMMs read it as it is
+                # (rounding its fp32 widening back would give the same bits)
+                given = (self.dtype == "bf16" and x.itemsize == 2 and x.flags.c_contiguous)
+                x_act = (x.view(np.uint16) if given else
+                         ws["x_act"] if self.dtype == "bf16" else entry["x"])
+                self._kernel.forward(entry["x"], x_act, ids, rw, entry, self._ws, y, threads,
+                                     *entry.dropout, not given)
                 result = _deliver(y, out_a, out, hidden_states, threads, self.isa)
             self.last_dropout_seed = seed
             handle = None

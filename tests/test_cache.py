@@ -87,3 +87,24 @@ def test_entries_are_reused_and_results_stay_exact():
         assert np.array_equal(first[n], again[n]), n
     m.clear_cache()
     assert not m._spare and m.cache_depth == 0
+
+
+def test_bf16_input_is_read_as_bf16():
+    """In bf16 mode a C-contiguous bf16 input goes to the base GEMMs as it
+    is (no fp32 round trip): the same bits as its fp32 widening, and a
+    read-only input is never written."""
+    import ml_dtypes
+
+    p = Problem(T=9, H=40, I=24, E=4, k=2, r=3, seed=12)
+    x16 = p.x.astype(ml_dtypes.bfloat16)
+    x16.flags.writeable = False
+    a, b = p.wrapper(dtype="bf16"), p.wrapper(dtype="bf16")
+    out16 = a.forward_sft(x16, p.ids, p.w)
+    out32 = b.forward_sft(x16.astype(np.float32), p.ids, p.w)
+    assert out16.dtype == ml_dtypes.bfloat16  # the input's dtype back
+    assert np.array_equal(out16.view(np.uint16), out32.astype(ml_dtypes.bfloat16).view(np.uint16))
+    g16, r16 = a.backward(p.dO)
+    g32, r32 = b.backward(p.dO)
+    assert np.array_equal(g16, g32)
+    for n in r16:
+        assert np.array_equal(r16[n], r32[n]), n

@@ -1134,9 +1134,11 @@ cdef class MoEKernel:
         self.L.a_down, self.L.b_down = ad, bd
 
     def forward(self, x32, x_act, ids, rw, CacheEntry cache, Workspace ws, out, int n_threads,
-                double lora_dropout=0.0, uint64_t dropout_seed=0):
+                double lora_dropout=0.0, uint64_t dropout_seed=0, bint round_x=True):
         """out = MoE(x).  cache: the entry (written), resized to x's tokens;
         ws: the workspace of this shape (bf16 mode: x_act is uint16).
+        round_x=False (bf16 mode): x_act already holds x in bf16 (the
+        caller's bf16 input, read as it is) and is only read.
         lora_dropout > 0: LoRA inputs masked with the masks of dropout_seed
         (backward must get the same two values)."""
         cdef Step S
@@ -1153,7 +1155,7 @@ cdef class MoEKernel:
         S.rw = <const float *>_arg(rw, "routing_weights", K_F32, P, False, True)
         S.x32 = <const float *>_arg(x32, "x32", K_F32, TH, False, True)
         # x_act may be x32 itself (fp32): then the kernels only read it
-        S.x_act = _arg(x_act, "x_act", act, TH, self.L.bf16)
+        S.x_act = _arg(x_act, "x_act", act, TH, self.L.bf16 and round_x)
         S.h_act = ((<void *>&ws.h_act[0, 0] if P and self.L.I else NULL) if self.L.bf16
                    else <void *>S.h32)
         S.out = <float *>_arg(out, "out", K_F32, TH, True, True)
@@ -1178,7 +1180,7 @@ cdef class MoEKernel:
             if n_exp < 0:
                 rc = -1
             tf[1] = _now()
-            if rc == 0 and L.bf16:
+            if rc == 0 and L.bf16 and round_x:
                 for t in prange(T, schedule="static", num_threads=n_threads):
                     kern.round_bf16(H, S.x32 + t * H, (<ktsft_bf16 *>S.x_act) + t * H)
             tf[2] = _now()
