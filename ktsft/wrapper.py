@@ -326,6 +326,19 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
         with self._lock:
             return self._kernel.last_phase_times()
 
+    def cache_entries(self) -> dict:
+        """The cache entries this layer holds, as the kernels' typed
+        CacheEntry objects (docs/cache.md): "cached" awaiting their backward
+        (oldest first) and "spare" kept for reuse.  For inspection: the
+        layer owns them."""
+        with self._lock:
+            return {"cached": tuple(self._cache), "spare": tuple(self._spare)}
+
+    @property
+    def workspace(self):
+        """The Workspace this layer shares with the layers of its shape."""
+        return self._ws
+
     def memory_info(self) -> dict:
         """Host memory this layer holds: cache entries awaiting backward and
         kept for reuse (count and bytes) and the workspace it shares with the

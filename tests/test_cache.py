@@ -77,16 +77,16 @@ def test_entries_are_reused_and_results_stay_exact():
         big.gate_proj, big.up_proj, big.down_proj, big.lora)
     m = big.wrapper(depth=1)
     first = big.run(m)
-    storage = m._spare[0].storage["G"]
+    storage = m.cache_entries()["spare"][0].storage["G"]
     got = small.run(m)                  # reuses the larger entry's memory
-    assert m._spare[0].storage["G"] is storage
+    assert m.cache_entries()["spare"][0].storage["G"] is storage
     ref = small.reference()
     assert rel_err(got["grad_input"], ref["grad_input"]) < 1e-5
     again = big.run(m)
     for n in first:
         assert np.array_equal(first[n], again[n]), n
     m.clear_cache()
-    assert not m._spare and m.cache_depth == 0
+    assert not m.cache_entries()["spare"] and m.cache_depth == 0
 
 
 def test_bf16_input_is_read_as_bf16():

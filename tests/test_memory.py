@@ -117,7 +117,7 @@ def test_layers_of_one_shape_share_one_workspace():
     for t in ts:
         t.join()
     assert not errors, errors
-    ref = weakref.ref(a._ws)
+    ref = weakref.ref(a.workspace)
     del a, b, m, ts
     gc.collect()
     assert ref() is None

@@ -89,13 +89,13 @@ def test_2000_steps_resident_memory_flat():
             gc.collect()
             samples.append(rss() - baseline)
     assert m.cache_depth == 0
-    assert len(m._spare) <= m.max_cache_depth + 1, len(m._spare)
+    assert len(m.cache_entries()["spare"]) <= m.max_cache_depth + 1, len(m.cache_entries()["spare"])
     growth = max(samples)
     assert growth < 6 * MiB, f"RSS grew by {growth / MiB:.1f} MiB after warm-up: {samples}"
 
 
 def _cache_arrays(m):
-    return [a for e in m._cache + m._spare for a in e.storage.values()]
+    return [a for e in m.cache_entries()["cached"] + m.cache_entries()["spare"] for a in e.storage.values()]
 
 
 def test_cache_freed_with_wrapper():
@@ -111,7 +111,7 @@ def test_cache_freed_with_wrapper():
     held = sum(a.nbytes for a in _cache_arrays(m))
     assert held >= 2 * T * (H + 2 * K * I) * 4
     refs = [weakref.ref(m)] + [weakref.ref(a) for a in _cache_arrays(m)]
-    refs += [weakref.ref(a) for a in m._ws.arrays.values()]
+    refs += [weakref.ref(a) for a in m.workspace.arrays.values()]
     gc.collect()
     before = rss()
     was_enabled = gc.isenabled()
@@ -137,7 +137,7 @@ def test_clear_cache_frees_memory():
     gc.collect()
     before = rss()
     m.clear_cache()
-    assert m.cache_depth == 0 and not m._spare
+    assert m.cache_depth == 0 and not m.cache_entries()["spare"]
     assert before - rss() > 0.8 * held
     # still usable afterwards
     m.forward_sft(p.x[:8], p.ids[:8], p.w[:8])
