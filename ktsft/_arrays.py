@@ -31,6 +31,9 @@ def describe(x) -> str:
 def as_numpy(x, name: str) -> np.ndarray:
     """A numpy view of x (numpy array or CPU torch tensor), sharing memory.
     A torch bfloat16 tensor becomes an ml_dtypes.bfloat16 array."""
+    if isinstance(x, np.ma.MaskedArray):  # the kernels would read the raw data under the mask
+        raise TypeError(f"{name}: masked arrays are not supported (the kernels read every "
+                        f"element, masked or not); pass {name}.filled(value) or the data you mean")
     if isinstance(x, np.ndarray):
         return x
     if is_torch_tensor(x):

@@ -82,6 +82,11 @@ def array(x, name: str, shape: tuple, dtypes=FLOAT_INPUTS, *, contiguous=False,
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(a.shape)}")
     if contiguous and not a.flags.c_contiguous:
         raise ValueError(f"{name}: must be C-contiguous (it is read in place), got strides {a.strides}")
+    if not a.flags.aligned:
+        if contiguous or writable:  # read or written in place: a copy would not do
+            raise ValueError(f"{name}: must be aligned to its {a.itemsize}-byte elements (it is "
+                             "used in place)")
+        a = np.require(a, requirements=["A"])  # an aligned copy: the kernels load whole elements
     if writable and not a.flags.writeable:
         raise ValueError(f"{name}: must be writable")
     if finite:
@@ -113,7 +118,7 @@ def expert_ids(x, name: str, T: int, k: int, num_experts: int) -> np.ndarray:
         if lo < 0 or hi >= num_experts:
             bad = lo if lo < 0 else hi
             raise ValueError(f"{name}: expert id {bad} out of range [0, {num_experts})")
-    return np.ascontiguousarray(a, dtype=np.int32)
+    return np.require(a, np.int32, ["C", "A"])  # contiguous and aligned (a copy where not)
 
 
 def routing_weights(x, name: str, T: int, k: int) -> np.ndarray:
@@ -122,8 +127,8 @@ def routing_weights(x, name: str, T: int, k: int) -> np.ndarray:
         raise TypeError(f"{name}: must hold floating-point routing weights, got {describe(x)}")
     if a.shape != (T, k):
         raise ValueError(f"{name}: expected shape ({T}, {k}) = (tokens, num_experts_per_tok), got {tuple(a.shape)}")
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    check_finite(a, name)
+    a = np.require(a, np.float32, ["C", "A"])  # contiguous and aligned (a copy where not)
+    check_finite(a, name)  # after the conversion: a float64 beyond float32 is inf here
     return a
 
 

@@ -162,3 +162,13 @@ def test_backward_refuses_a_corrupted_entry(field, value, match):
     with pytest.raises(ValueError, match="experts, the layer has"):
         kern.backward(entry, do, do, ws, grads, np.empty((T, K), np.float32),
                       np.empty((T, H), np.float32), 1)
+
+
+def test_misaligned_arrays_are_refused_at_the_boundary():
+    kern, _, _ = _layer()
+    x, ids, rw = _inputs()
+    buf = np.zeros(rw.nbytes + 1, np.uint8)
+    bad = np.frombuffer(buf.data, np.float32, rw.size, 1).reshape(rw.shape)
+    bad[...] = rw
+    with pytest.raises(ValueError, match="routing_weights: not aligned"):
+        _forward(kern, rw=bad)

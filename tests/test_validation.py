@@ -212,3 +212,58 @@ def test_tunables_can_change():
     got = p.run(m)
     for k in ref:
         assert np.array_equal(ref[k], got[k]), k
+
+
+def _misaligned(a):
+    """A copy of `a` whose data starts one byte past an aligned address."""
+    buf = np.zeros(a.nbytes + 1, np.uint8)
+    m = np.frombuffer(buf.data, dtype=a.dtype, count=a.size, offset=1).reshape(a.shape)
+    m[...] = a
+    assert not m.flags.aligned
+    return m
+
+
+def test_misaligned_inputs_are_copied_and_give_the_same_bits():
+    """Misaligned ids, routing weights, hidden states and dO (a view into a
+    byte buffer) are read through aligned copies: never loaded as
+    misaligned elements, and the results are those of aligned inputs."""
+    p = Problem(T=6, H=32, I=16, E=4, k=2, r=2, seed=3)
+    ref = p.run(p.wrapper())
+    m = p.wrapper()
+    out = m.forward_sft(_misaligned(p.x), _misaligned(p.ids.astype(np.int32)), _misaligned(p.w))
+    dx, grads = m.backward(_misaligned(p.dO))
+    assert np.array_equal(out, ref["out"]) and np.array_equal(dx, ref["grad_input"])
+    for n in grads:
+        assert np.array_equal(grads[n], ref[n]), n
+
+
+def test_in_place_arrays_must_be_aligned():
+    p = Problem(T=6, H=32, I=16, E=4, k=2, r=2, seed=3)
+    m = p.wrapper()
+    lora = [_misaligned(a) for a in p.lora]
+    with pytest.raises(ValueError, match="aligned"):
+        m.init_lora_weights(*lora)
+    with pytest.raises(ValueError, match="out: must be aligned"):
+        m.forward_sft(p.x, p.ids, p.w, out=_misaligned(np.zeros((6, 32), np.float32)))
+
+
+def test_masked_arrays_are_refused():
+    p = Problem(T=6, H=32, I=16, E=4, k=2, r=2, seed=3)
+    m = p.wrapper()
+    x = np.ma.masked_invalid(p.x.copy())
+    with pytest.raises(TypeError, match="hidden_states: masked arrays are not supported"):
+        m.forward_sft(x, p.ids, p.w)
+    with pytest.raises(TypeError, match="weights: masked arrays"):
+        m.forward_sft(p.x, p.ids, np.ma.masked_array(p.w))
+    assert m.cache_depth == 0
+
+
+def test_overflow_after_conversion_is_caught():
+    """float64 weights beyond float32 become inf in the conversion: the
+    finite check runs after it."""
+    p = Problem(T=6, H=32, I=16, E=4, k=2, r=2, seed=3)
+    m = p.wrapper()
+    w = p.w.astype(np.float64)
+    w[2, 1] = 1e300
+    with pytest.raises(ValueError, match=r"weights: contains a non-finite value at index \(2, 1\)"):
+        m.forward_sft(p.x, p.ids, w)

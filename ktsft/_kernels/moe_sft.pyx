@@ -828,6 +828,9 @@ cdef void *_arg(object a, str name, int kind, int64_t n, bint writable=False,
     cdef Py_ssize_t itemsize = buf.itemsize, length = buf.len
     cdef void *p = buf.buf
     PyBuffer_Release(&buf)
+    if <uintptr_t>p % <uintptr_t>size:
+        raise ValueError(f"{name}: not aligned to its {size}-byte elements (the kernels load "
+                         "whole elements)")
     if itemsize != size or got != fmt:
         raise ValueError(f"{name}: expected {what} elements, got format {got.decode()!r} of "
                          f"{itemsize} bytes")
