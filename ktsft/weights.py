@@ -255,6 +255,11 @@ class _KtsftLayer:
     def stored_shapes(self):
         return {n: tuple(self.f.get_slice(n).get_shape()) for n in NAMES}
 
+    def stored_layout(self):
+        """{name: (shape, safetensors dtype)} of every tensor in the file."""
+        return {n: (tuple(self.f.get_slice(n).get_shape()), self.f.get_slice(n).get_dtype())
+                for n in self.f.keys()}
+
     def stored_expert(self, e):
         """(arrays, scales or None) of logical expert e, as stored."""
         import ml_dtypes

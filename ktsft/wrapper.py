@@ -474,22 +474,39 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
         from .weights import NAMES
 
         E = len(p2l)
-        got = src.stored_shapes()
-        arrays = []
+        where = f"weight_path {self.weight_path!r}"
+        got = src.stored_layout()
+        # every tensor's exact shape and dtype, as this layer stores it, before
+        # anything is read: a crafted file cannot size what the kernels read
+        stored_dtype = {"bf16": "BF16", "fp32": "F32", "int8": "I8", "int4": "U8"}[self.dtype]
+        if self.dtype == "bf16" and any(got.get(n, (None, ""))[1] == "U16" for n in NAMES):
+            stored_dtype = "U16"  # bf16 bits as save_layer writes them
+        need = {}
         for n in NAMES:
-            shape = got[n]
-            if shape[:2] != want[n][:2] or shape[0] != E:
-                raise ValueError(f"weight_path {self.weight_path!r}: {n} has shape {shape}, "
-                                 f"this layer needs {want[n]}")
-            arrays.append(np.empty(shape, self._store))
-        scales = None
+            E_, rows, cols = want[n]
+            need[n] = ((E, rows, cols // 2 if self.dtype == "int4" else cols), stored_dtype)
+            if self.dtype == "int8":
+                need[n + "_scale"] = ((E, rows), "F32")
+            elif self.dtype == "int4":
+                need[n + "_scale"] = ((E, rows, cols // self.quant_group), "F32")
+        for n, (shape, dt) in need.items():
+            if n not in got:
+                raise ValueError(f"{where}: no tensor {n!r} (a ktsft {self.dtype} layer file "
+                                 f"holds {sorted(need)})")
+            if got[n] != (shape, dt):
+                raise ValueError(f"{where}: {n} is {got[n][1]} of shape {got[n][0]}, this layer "
+                                 f"needs {dt} of shape {shape}")
+        arrays = [np.empty(need[n][0], self._store) for n in NAMES]
+        scales = (None if self.dtype not in ("int8", "int4") else
+                  [np.empty(need[n + "_scale"][0], np.float32) for n in NAMES])
         for p, e in enumerate(p2l):
             stored, sc = src.stored_expert(int(e))
-            if sc is not None and scales is None:
-                scales = [np.empty((E, *s_.shape), np.float32) for s_ in sc]
             for i, a in enumerate(stored):
+                if self.dtype in ("bf16", "fp32"):
+                    V.check_finite(a, f"{where}: {NAMES[i]} of expert {int(e)}")
                 arrays[i][p] = a
-                if sc is not None:
+                if scales is not None:
+                    V.check_finite(sc[i], f"{where}: {NAMES[i]}_scale of expert {int(e)}")
                     scales[i][p] = sc[i]
         return arrays, scales
 

@@ -165,3 +165,60 @@ def test_reading_holds_one_expert_of_temporaries(tmp_path):
         th.join()
     grown = peak[0] - before
     assert grown < layer_bf16 + 4 * expert_fp32 + (4 << 20), (grown, layer_bf16, expert_fp32)
+
+
+def _crafted(tmp_path, dtype, edit):
+    """A save_weights file of `dtype`, with one tensor replaced by edit()."""
+    import safetensors.numpy as stn
+
+    p = Problem(T=4, H=64, I=32, E=3, k=2, r=2, seed=5)
+    m = p.wrapper(dtype=dtype)
+    path = str(tmp_path / f"layer_{dtype}.safetensors")
+    m.save_weights(path)
+    from safetensors import safe_open
+
+    with safe_open(path, framework="numpy") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors)
+    stn.save_file(tensors, path, metadata=meta)
+    return p, path
+
+
+@pytest.mark.parametrize("dtype, name, make, match", [
+    ("bf16", "down_proj", lambda a: a[:, :, :-1].copy(), "down_proj is U16 of shape"),
+    ("fp32", "gate_proj", lambda a: a[:, :, :-2].copy(), "gate_proj is F32 of shape"),
+    ("fp32", "up_proj", lambda a: a.astype(np.float16), "up_proj is F16 of shape"),
+    ("int8", "down_proj_scale", lambda a: a[:, :-1].copy(), "down_proj_scale is F32 of shape"),
+    ("int8", "gate_proj", lambda a: a.astype(np.int16), "gate_proj is I16"),
+    ("int8", "up_proj_scale", None, "no tensor 'up_proj_scale'"),
+])
+def test_crafted_layer_files_are_refused(tmp_path, dtype, name, make, match):
+    """A save_weights file whose tensors do not have this layer's exact
+    shapes and dtypes (shape[:2] alone used to be compared: a shorter last
+    dimension was read out of bounds) raises naming the file and tensor,
+    and the layer keeps no weights."""
+    def edit(t):
+        if make is None:
+            del t[name]
+        else:
+            t[name] = make(t[name])
+
+    p, path = _crafted(tmp_path, dtype, edit)
+    m = ktsft.SFTMoEWrapper(0, p.E, p.k, p.H, p.I, dtype=dtype, weight_path=path)
+    with pytest.raises(ValueError, match=match) as e:
+        m.load_weights()
+    assert path in str(e.value)
+    assert m.stored_weights() is None
+
+
+def test_layer_file_values_are_checked_finite(tmp_path):
+    def edit(t):
+        a = t["up_proj"].view(np.uint16).copy()
+        a[1, 2, 3] = 0x7FC0  # a bf16 NaN
+        t["up_proj"] = a
+
+    p, path = _crafted(tmp_path, "bf16", edit)
+    m = ktsft.SFTMoEWrapper(0, p.E, p.k, p.H, p.I, dtype="bf16", weight_path=path)
+    with pytest.raises(ValueError, match="up_proj of expert 1.*non-finite"):
+        m.load_weights()
