@@ -159,6 +159,10 @@ def _write_adapter(path, tensors: dict, config: dict, metadata: dict | None = No
     vLLM and SGLang ignore it (ktsft keeps training-only values there)."""
     import safetensors.numpy as stn
 
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path) or \
+            os.fspath(path) in (".", os.curdir):
+        raise ValueError(f"path: an adapter directory to write, got {path!r} (an empty path or "
+                         "'.' would write into, and could replace, the current directory)")
     path = os.path.realpath(os.fspath(path))  # a symlinked adapter directory: write where it points
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"{path}: exists and is not a directory (an adapter is a directory)")
@@ -471,8 +475,12 @@ class AdapterIO:
         layer's own lora_dropout is kept (a training choice, not part of
         the weights); the adapter's is config["lora_dropout"].  Projections
         the adapter does not target get B = 0 (see load_adapter)."""
+        from .validation import check_finite
+
         L, expect = self._adapter_expect()
         config, mats = load_adapter(path, L, **expect, **kw)
+        for n, a in mats.items():  # all checked before anything is written
+            check_finite(a, f"adapter {os.fspath(path)!r}: {n} of layer {L}")
         self._adapter_store(mats)
         return config
 
@@ -652,6 +660,8 @@ def _expert_selection(experts, num_experts) -> list:
     n = int(num_experts)
     if experts is None:
         return list(range(n))
+    if isinstance(experts, (str, bytes)):
+        raise TypeError(f"experts must be a sequence of expert ids, got the string {experts!r}")
     try:
         sel = [int(e) for e in experts]
     except (TypeError, ValueError):

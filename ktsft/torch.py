@@ -19,6 +19,7 @@ import weakref
 
 import numpy as np
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _grads, _overlap
 from .adapters import AdapterIO
@@ -268,6 +269,7 @@ class _ExpertsFunction(torch.autograd.Function):
         ctx.handle, ctx.pending = handle, None
 
     @staticmethod
+    @once_differentiable  # second-order gradients raise instead of being silently zero
     def backward(ctx, grad_out):
         h_dtype, w_dtype, dev = ctx.meta
         module = ctx.module
@@ -405,9 +407,15 @@ class LoRAExperts(AdapterIO, torch.nn.Module):
         super().__init__()
         self._requested = dict(threads=threads, isa=isa)  # re-resolved by a copy (pickle)
         self.recompute = bool(recompute)
-        self.num_experts, self.top_k = int(num_experts), int(top_k)
-        self.hidden_size, self.intermediate_size = int(hidden_size), int(intermediate_size)
-        self.r, self.alpha, self.use_rslora = int(r), float(alpha), bool(use_rslora)
+        from . import validation as V
+
+        # sizes as the numpy API takes them: integers (r=2.7 is refused, not truncated)
+        self.num_experts = V.check_int(num_experts, "num_experts")
+        self.top_k = V.check_int(top_k, "top_k")
+        self.hidden_size = V.check_int(hidden_size, "hidden_size")
+        self.intermediate_size = V.check_int(intermediate_size, "intermediate_size")
+        self.r = V.check_int(r, "r")
+        self.alpha, self.use_rslora = V.check_positive_float(alpha, "alpha"), bool(use_rslora)
         # the wrapper scales by lora_alpha / r; rsLoRA wants alpha / sqrt(r)
         wrapper_alpha = self.alpha * math.sqrt(self.r) if self.use_rslora else self.alpha
         self.wrapper = SFTMoEWrapper(layer_idx, self.num_experts, self.top_k, self.hidden_size,

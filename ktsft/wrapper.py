@@ -2,6 +2,7 @@
 numeric happens here; see ktsft/_kernels for that."""
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from typing import NamedTuple, Optional
@@ -29,6 +30,7 @@ class StoredWeights(NamedTuple):
     scales: Optional[tuple]
 
 
+_HANDLES = itertools.count(1)  # forward handles, unique across wrappers
 MAX_THREADS = 4096   # libgomp cannot create (and crashes on) absurd thread counts
 INT32_MAX = (1 << 31) - 1  # the native code indexes experts and (token, slot) pairs in int32
 
@@ -253,7 +255,6 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
         self._ws = Workspace.shared(H, I, self.num_experts_per_tok, r, dtype == "bf16")
         self._cache: list[CacheEntry] = []
         self._handles: list[int] = []        # one per cached entry, same order
-        self._next_handle = 0
         self._spare: list[CacheEntry] = []  # entries backward released, reused by forward
         self._lock = threading.Lock()
         self._base = None
@@ -661,8 +662,7 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
             self.last_dropout_seed = seed
             handle = None
             if save_for_backward:
-                handle = self._next_handle
-                self._next_handle += 1
+                handle = next(_HANDLES)  # unique in the process: another layer's is refused
                 self._cache.append(entry)
                 self._handles.append(handle)
             else:

@@ -333,3 +333,57 @@ def test_fused_load_rejects_full_gate_up_b(tmp_path):
         adapters.load_adapter(tmp_path / "f", 0, 3)
     with pytest.raises(ValueError, match=r"base_layer.lora_A.weight: shape \[12, 16\], expected \[16, 16\]"):
         adapters.load_adapter(tmp_path / "f", 0, 4)   # wrong expert count
+
+
+def test_adapter_path_and_experts_refusals(tmp_path, monkeypatch):
+    """An empty path or '.' would write into (and could replace) the current
+    directory; a string is not a list of experts."""
+    from ktsft import adapters
+
+    m = Problem(T=3, H=16, I=8, E=4, k=2, r=2, seed=1).wrapper()
+    monkeypatch.chdir(tmp_path)
+    for bad in ("", "."):
+        with pytest.raises(ValueError, match="current directory"):
+            m.save_adapter(bad)
+    assert list(tmp_path.iterdir()) == []
+    m.save_adapter(tmp_path / "a")
+    with pytest.raises(TypeError, match="string"):
+        adapters.load_adapter(tmp_path / "a", 0, 4, experts="01")
+
+
+def test_load_adapter_refuses_nan_for_every_front_end(tmp_path):
+    """A NaN in an adapter file is refused before anything is written, by
+    the numpy wrapper and the torch module alike (one implementation)."""
+    import safetensors.numpy as stn
+
+    torch = pytest.importorskip("torch")
+    import ktsft.torch as kt
+
+    p = Problem(T=3, H=16, I=8, E=4, k=2, r=2, seed=1)
+    m = p.wrapper()
+    m.save_adapter(tmp_path / "a")
+    f = tmp_path / "a" / "adapter_model.safetensors"
+    t = stn.load_file(str(f))
+    key = sorted(t)[0]
+    t[key] = t[key].copy()
+    t[key].flat[0] = np.nan
+    stn.save_file(t, str(f), metadata={"format": "pt"})
+    before = [a.copy() for a in m.adapter_layer()[1].values()]
+    with pytest.raises(ValueError, match="non-finite"):
+        m.load_adapter(tmp_path / "a")
+    for a, b in zip(before, m.adapter_layer()[1].values()):
+        assert np.array_equal(a, b)
+    mod = kt.LoRAExperts(4, 2, 16, 8, r=2, alpha=p.alpha if hasattr(p, "alpha") else 6.0,
+                         dtype="fp32", threads=1)
+    with pytest.raises(ValueError, match="non-finite"):
+        mod.load_adapter(tmp_path / "a")
+
+
+def test_a_handle_of_another_wrapper_is_refused():
+    p = Problem(T=3, H=16, I=8, E=4, k=2, r=2, seed=1)
+    a, b = p.wrapper(depth=2), p.wrapper(depth=2)
+    _, ha = a.forward_sft(p.x, p.ids, p.w, return_handle=True)
+    b.forward_sft(p.x, p.ids, p.w, return_handle=True)
+    with pytest.raises((ValueError, KeyError, RuntimeError)):
+        b.backward(p.dO, handle=ha)
+    assert b.cache_depth == 1

@@ -209,3 +209,22 @@ def test_leading_dims_and_numpy_free_import():
     ids[..., 1] = (ids[..., 0] + 1) % E
     w = torch.rand(2, 3, K)
     assert m(x, ids, w).shape == (2, 3, H)
+
+
+def test_second_order_gradients_raise():
+    """The experts' backward is not differentiable: a double backward
+    raises instead of returning silent zeros."""
+    m, _ = make("fp32")
+    x, ids, w = batch(5, 1)
+    x.requires_grad_(True)
+    (g,) = torch.autograd.grad(m(x, ids, w).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("kw, exc", [(dict(r=2.7), TypeError), (dict(r=0), ValueError),
+                                     (dict(alpha=-1.0), ValueError), (dict(top_k=1.5), TypeError)])
+def test_sizes_are_validated_not_truncated(kw, exc):
+    args = {**dict(num_experts=4, top_k=2, hidden_size=16, intermediate_size=8), **kw}
+    with pytest.raises(exc, match=next(iter(kw))):
+        kt.LoRAExperts(**args)

@@ -67,6 +67,7 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .. import profile
 from ..schema import LORA_GRAD_NAMES, lora_shapes
@@ -499,6 +500,7 @@ class _ExpertsFn(torch.autograd.Function):
         ctx.release = weakref.finalize(ctx, ctx.call.wrapper.release, handle) if cache else None
 
     @staticmethod
+    @once_differentiable  # second-order gradients raise instead of being silently zero
     def backward(ctx, grad_out):
         from .. import _overlap
         from ..torch import _run_backward, _run_forward
