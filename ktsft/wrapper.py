@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import weakref
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -37,12 +38,43 @@ INT32_MAX = (1 << 31) - 1  # the native code indexes experts and (token, slot) p
 _fork = {"parent_ran_parallel": False, "child": False, "warned": False}
 
 
+_WRAPPERS: "weakref.WeakSet" = weakref.WeakSet()  # for the fork handler below
+
+
 def _after_fork_in_child() -> None:
     _fork["child"] = True
+    # A thread of the parent may have held a lock at the fork: in the child
+    # that thread does not exist, so the lock would never be released and
+    # the next call would hang.  Every lock the calls take is made anew.
+    for w in list(_WRAPPERS):
+        w.__dict__["_lock"] = threading.Lock()
+    # (the workspaces' locks: ktsft/_kernels/cache.pxi's own handler)
+    from .buffers import KExpertsSFTBuffer
+
+    KExpertsSFTBuffer._staging_lock = threading.Lock()
+    for b in list(KExpertsSFTBuffer._staging.values()) + list(
+            KExpertsSFTBuffer.capture_buffers.values()):
+        b.lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _check_no_alias(out_grads: dict, lora_src) -> None:
+    """grads_out arrays are written by the kernels while the LoRA is read:
+    none may overlap another, or the registered LoRA."""
+    names = list(out_grads)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if np.shares_memory(out_grads[a], out_grads[b]):
+                raise ValueError(f"grads_out[{a!r}] and grads_out[{b!r}] overlap in memory: each "
+                                 "gradient needs its own array")
+    for n in names:
+        for m, src in zip(LORA_ARG_NAMES, lora_src or ()):
+            if np.shares_memory(out_grads[n], as_numpy(src, m)):
+                raise ValueError(f"grads_out[{n!r}] overlaps the registered LoRA matrix {m}: "
+                                 "the kernels read it while writing the gradient")
 
 
 def _out_array(out, name, shape):
@@ -257,6 +289,7 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
         self._handles: list[int] = []        # one per cached entry, same order
         self._spare: list[CacheEntry] = []  # entries backward released, reused by forward
         self._lock = threading.Lock()
+        _WRAPPERS.add(self)
         self._base = None
         self._lora_src = None
         self._lora = None
@@ -293,6 +326,18 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
             raise ValueError(f"lora_alpha={lora_alpha!r}: lora_alpha / lora_rank = "
                              f"{self.lora_scaling:g} is outside [1e-30, 1e30]")
         self.max_cache_depth = max_cache_depth
+
+    def __copy__(self):
+        raise TypeError("SFTMoEWrapper cannot be copied: a copy would share its native layer, "
+                        "cache and locks; build another wrapper (ktsft.torch.LoRAExperts "
+                        "supports copy.deepcopy)")
+
+    def __deepcopy__(self, memo):
+        self.__copy__()
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("SFTMoEWrapper cannot be pickled (it holds native state); "
+                        "ktsft.torch.LoRAExperts can")
 
     # ---- sizes -------------------------------------------------------------
     def bytes_per_token(self) -> int:
@@ -562,8 +607,12 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
         if self._lora_src is None:
             self.init_lora_weights(*arrays)
         else:
-            for dst, src in zip(self._lora_src, arrays):
-                dst_np = as_numpy(dst, "lora")
+            dsts = [as_numpy(d, "lora") for d in self._lora_src]
+            ro = [n for n, d in zip(LORA_ARG_NAMES, dsts) if not d.flags.writeable]
+            if ro:  # refused before any is written: the LoRA stays as it was
+                raise ValueError(f"load_adapter: the registered LoRA arrays {ro} are read-only; "
+                                 "register writable arrays (init_lora_weights) to load into")
+            for dst_np, src in zip(dsts, arrays):
                 np.copyto(dst_np, src.astype(dst_np.dtype))
             self.update_lora_weights()
 
@@ -722,6 +771,7 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
                 out_grads = {n: V.array(grads_out[n], f"grads_out[{n!r}]", shapes[n],
                                         (np.dtype(np.float32),), contiguous=True, writable=True)
                              for n in LORA_GRAD_NAMES}
+                _check_no_alias(out_grads, self._lora_src)
             threads = effective_threads(self.cpuinfer_threads)
             grad_w = np.empty((T, self.num_experts_per_tok), np.float32)
             with self._ws.lock:

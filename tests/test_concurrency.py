@@ -291,6 +291,42 @@ def test_fork_after_parallel_openmp_multithreaded_child():
     assert "forked after OpenMP ran" in r.stderr
 
 
+def test_fork_while_another_thread_holds_the_locks():
+    """A parent thread inside a call (holding the wrapper's, the shared
+    workspace's and the staging pool's locks) at the fork: the child, where
+    that thread does not exist, still runs the same wrapper."""
+    r = _python("""
+        import threading
+        from ktsft.buffers import KExpertsSFTBuffer
+        m = P.wrapper(threads=1)
+        want = P.run(m)
+        held, release = threading.Event(), threading.Event()
+        def hold():
+            with m._lock, m.workspace.lock, KExpertsSFTBuffer._staging_lock:
+                held.set()
+                release.wait()
+        t = threading.Thread(target=hold)
+        t.start()
+        held.wait()
+        pid = os.fork()
+        if pid == 0:
+            ok = same(P.run(m), want)
+            os._exit(0 if ok else 1)
+        release.set()
+        t.join()
+        deadline = time.time() + 40
+        while time.time() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                sys.exit(os.waitstatus_to_exitcode(status))
+            time.sleep(0.02)
+        os.kill(pid, signal.SIGKILL)
+        print("child HUNG")
+        sys.exit(3)
+    """)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 _MP = """
     import multiprocessing as mp
 

@@ -267,3 +267,32 @@ def test_overflow_after_conversion_is_caught():
     w[2, 1] = 1e300
     with pytest.raises(ValueError, match=r"weights: contains a non-finite value at index \(2, 1\)"):
         m.forward_sft(p.x, p.ids, w)
+
+
+def test_copies_of_a_wrapper_are_refused():
+    import copy
+    import pickle
+
+    m = Problem(T=3, H=16, I=8, E=4, k=2, r=2, seed=1).wrapper()
+    for f in (copy.copy, copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match="native"):
+            f(m)
+
+
+def test_aliased_grads_out_are_refused():
+    from ktsft.schema import lora_shapes
+
+    p = Problem(T=3, H=16, I=8, E=4, k=2, r=2, seed=1)
+    m = p.wrapper(depth=2)
+    shapes = lora_shapes(4, 16, 8, 2)
+    m.forward_sft(p.x, p.ids, p.w)
+    g = {n: np.zeros(s, np.float32) for n, s in shapes.items()}
+    g["grad_up_lora_a"] = g["grad_gate_lora_a"]  # the same memory twice
+    with pytest.raises(ValueError, match="overlap in memory"):
+        m.backward(p.dO, grads_out=g)
+    g = {n: np.zeros(s, np.float32) for n, s in shapes.items()}
+    g["grad_down_lora_b"] = p.lora[5]  # the registered LoRA itself
+    with pytest.raises(ValueError, match="overlaps the registered LoRA"):
+        m.backward(p.dO, grads_out=g)
+    assert m.cache_depth == 1  # the forward is still there
+    m.backward(p.dO)

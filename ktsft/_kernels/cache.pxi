@@ -72,6 +72,22 @@ cdef class CacheEntry:
         return self.arrays[name]
 
 
+_WS_LOCK = [threading.Lock()]  # guards Workspace.shared (a list: replaced after fork)
+
+
+def _locks_after_fork():
+    """In a forked child: a parent thread may have held these locks at the
+    fork, and it does not exist here; make them anew."""
+    _WS_LOCK[0] = threading.Lock()
+    for ws in list(Workspace._shared.values()):
+        ws.lock = threading.Lock()
+
+
+import os as _os
+if hasattr(_os, "register_at_fork"):
+    _os.register_at_fork(after_in_child=_locks_after_fork)
+
+
 cdef class Workspace:
     """Scratch of one forward_sft or backward call, reused across calls and
     grown on demand; nothing in it is kept between a forward and its
@@ -82,7 +98,6 @@ cdef class Workspace:
     use it (wrappers take it inside their own lock, never the other way)."""
 
     _shared = weakref.WeakValueDictionary()
-    _shared_lock = threading.Lock()
 
     def __init__(self, int64_t H, int64_t I, int64_t k, int64_t r, bint bf16):
         self.H, self.I, self.k, self.r, self.bf16 = H, I, k, r, bf16
@@ -95,7 +110,7 @@ cdef class Workspace:
         """The process's workspace for this shape, held weakly: it is freed
         with the last wrapper that uses it."""
         key = (int(H), int(I), int(k), int(r), bool(bf16))
-        with cls._shared_lock:
+        with _WS_LOCK[0]:
             ws = cls._shared.get(key)
             if ws is None:
                 ws = cls(*key)
