@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-import weakref
 from typing import ClassVar, Dict
 
 import numpy as np

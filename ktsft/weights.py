@@ -214,6 +214,30 @@ def check_source_shapes(src, want: dict, weight_path, where: str = "",
                              f"this layer needs {want[n]} ({sizes})")
 
 
+def check_expert(ws, want: dict, weight_path, e: int, where: str = "") -> tuple:
+    """One expert's (gate, up, down) as read from a source, checked: each of
+    the layer's [out, in] shape (a checkpoint's later experts are not
+    trusted to match its first), floating point (an integer or bool tensor,
+    e.g. a bitsandbytes int8 checkpoint, would be cast to garbage), and
+    finite.  Returns them as numpy arrays."""
+    from . import validation as V
+
+    out = []
+    for n, w in zip(NAMES, ws):
+        a = np.asarray(w)
+        what = f"weight_path {weight_path!r}: {where}{n} of expert {e}"
+        if a.dtype.kind in "iub":
+            raise TypeError(f"{what} is {a.dtype}: ktsft reads floating-point weights (bf16, fp16, "
+                            "fp32, fp8 with its scales); dequantize an integer-quantized checkpoint "
+                            "first, or load the float one with dtype='int8'/'int4'")
+        if tuple(a.shape) != tuple(want[n][1:]):
+            raise ValueError(f"{what} has shape {tuple(a.shape)}, this layer needs "
+                             f"{tuple(want[n][1:])}")
+        V.check_finite(a, what)
+        out.append(a)
+    return tuple(out)
+
+
 KTSFT_FORMAT = "ktsft-layer-v1"
 
 

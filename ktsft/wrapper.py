@@ -491,7 +491,7 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
 
     def _read_weights(self, p2l, want, key_prefix):
         """Storage filled from weight_path, slot p <- file expert p2l[p]."""
-        from .weights import NAMES, check_source_shapes, expert_source, ktsft_layer
+        from .weights import check_expert, check_source_shapes, expert_source, ktsft_layer
 
         own = ktsft_layer(self.weight_path)
         if own is not None and own.dtype == self.dtype and (
@@ -508,10 +508,7 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
 
         def expert(p):
             e = int(p2l[p])
-            ws = src.expert(e)
-            for n, w in zip(NAMES, ws):
-                V.check_finite(w, f"{n} (expert {e} of weight_path)")
-            return ws
+            return check_expert(src.expert(e), want, self.weight_path, e)
 
         return self._fill(want, expert, len(p2l), f"{self.weight_path!r}")
 

@@ -222,3 +222,29 @@ def test_layer_file_values_are_checked_finite(tmp_path):
     m = ktsft.SFTMoEWrapper(0, p.E, p.k, p.H, p.I, dtype="bf16", weight_path=path)
     with pytest.raises(ValueError, match="up_proj of expert 1.*non-finite"):
         m.load_weights()
+
+
+def test_every_experts_shape_and_dtype_are_checked(tmp_path):
+    """A checkpoint whose later expert has another shape (only expert 0's
+    used to be compared: it was broadcast), or integer weights (cast to
+    garbage), raises naming the file, the tensor and the expert."""
+    import torch
+    from safetensors.torch import save_file as save_torch
+
+    E, H, I = 3, 32, 16
+    g = torch.Generator().manual_seed(0)
+    t = {}
+    for e in range(E):
+        for n, s in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
+            t[f"model.layers.0.mlp.experts.{e}.{n}.weight"] = torch.randn(s, generator=g)
+    bad = dict(t)
+    bad["model.layers.0.mlp.experts.2.up_proj.weight"] = torch.randn(I, 1, generator=g)
+    save_torch(bad, str(tmp_path / "model.safetensors"))
+    m = ktsft.SFTMoEWrapper(0, E, 2, H, I, dtype="fp32", weight_path=str(tmp_path))
+    with pytest.raises(ValueError, match="up_proj of expert 2 has shape"):
+        m.load_weights()
+    ints = {k: (v * 100).to(torch.int8) for k, v in t.items()}
+    save_torch(ints, str(tmp_path / "model.safetensors"))
+    m = ktsft.SFTMoEWrapper(0, E, 2, H, I, dtype="fp32", weight_path=str(tmp_path))
+    with pytest.raises(TypeError, match="int8: ktsft reads floating-point weights"):
+        m.load_weights()

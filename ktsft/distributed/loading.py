@@ -6,7 +6,7 @@ import numpy as np
 
 from .._arrays import BF16
 from .. import validation as V
-from ..weights import NAMES, check_source_shapes, expert_source, ktsft_layer
+from ..weights import NAMES, check_expert, check_source_shapes, expert_source, ktsft_layer
 
 
 def read_expert_shard(weight_path, layer_idx: int, lo: int, hi: int, num_experts: int,
@@ -32,9 +32,11 @@ def read_expert_shard(weight_path, layer_idx: int, lo: int, hi: int, num_experts
     store = BF16 if dtype == "bf16" else np.dtype(np.float32)
     out = [np.empty((hi - lo, *want[n][1:]), store) for n in NAMES]
     for i, e in enumerate(range(lo, hi)):
-        for n, dst, w in zip(NAMES, out, src.expert(e)):
-            w = np.asarray(w)
-            V.check_finite(w, f"weight_path {weight_path!r}: {n} of expert {e} (layer {layer_idx})")
+        ws = src.expert(e)
+        if not isinstance(src, _Stored):  # stored files were checked whole when opened
+            ws = check_expert(ws, want, weight_path, e, where=f"layer {layer_idx} ")
+        for dst, w in zip(out, ws):
+            V.check_finite(w, f"weight_path {weight_path!r}: expert {e} (layer {layer_idx})")
             dst[i] = w
     return out
 
