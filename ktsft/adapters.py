@@ -500,16 +500,27 @@ def _read_all(path):
     for p in (cpath, wpath):
         if not os.path.isfile(p):
             raise FileNotFoundError(f"{path}: not a PEFT adapter directory (no {os.path.basename(p)})")
-    with open(cpath) as f:
-        config = json.load(f)
+    try:
+        with open(cpath) as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cpath!r}: not a readable adapter_config.json: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{cpath!r}: adapter_config.json must hold a JSON object, got "
+                         f"{type(config).__name__}")
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {config.get('peft_type')!r}, only LORA adapters are read")
     for k in ("use_dora", "lora_bias"):
         if config.get(k):
             raise ValueError(f"{path}: {k}=true is not plain LoRA; ktsft cannot represent it")
-    with safe_open(wpath, framework="numpy") as f:
-        meta = dict(f.metadata() or {})
-    return config, load_file(wpath), meta
+    try:
+        with safe_open(wpath, framework="numpy") as f:
+            meta = dict(f.metadata() or {})
+        tensors = load_file(wpath)
+    except Exception as e:  # noqa: BLE001 - safetensors' parse errors: named by the file
+        raise ValueError(f"{wpath!r}: not a readable safetensors file (corrupt or truncated?): "
+                         f"{type(e).__name__}: {e}") from None
+    return config, tensors, meta
 
 
 def _proj_names(given, config, tensors, prefix):

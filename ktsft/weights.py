@@ -30,17 +30,43 @@ NAMES = ("gate_proj", "up_proj", "down_proj")
 FP8_BLOCK = 128
 
 
-def _safe_open(path):
-    """safetensors reader; torch's framework when torch is installed (it
-    also reads fp8), else numpy (bf16 through ml_dtypes)."""
+def _unreadable(path, e, what="a safetensors file"):
+    """The error for a file that cannot be parsed: its path, what it should
+    be, and the parser's words."""
+    return ValueError(f"{os.fspath(path)!r}: not a readable {what} (corrupt or truncated?): "
+                      f"{type(e).__name__}: {e}")
+
+
+def open_safetensors(path, framework="numpy"):
+    """safe_open, with a parse failure named by the file."""
     from safetensors import safe_open
 
     try:
+        return safe_open(os.fspath(path), framework=framework)
+    except Exception as e:  # noqa: BLE001 - SafetensorError and friends: named by the file
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise _unreadable(path, e) from None
+
+
+def _safe_open(path):
+    """safetensors reader; torch's framework when torch is installed (it
+    also reads fp8), else numpy (bf16 through ml_dtypes)."""
+    try:
         import torch  # noqa: F401
 
-        return safe_open(path, framework="pt"), "pt"
+        return open_safetensors(path, "pt"), "pt"
     except ImportError:
-        return safe_open(path, framework="numpy"), "numpy"
+        return open_safetensors(path, "numpy"), "numpy"
+
+
+def _load_npy(path):
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise _unreadable(path, e, "npy file") from None
 
 
 def _to_numpy(t, fw):
@@ -192,7 +218,7 @@ def expert_source(weight_path, layer_idx: int = 0, key_prefix: str | None = None
         raise ValueError("load_weights: no arrays given and weight_path is None")
     path = os.fspath(weight_path)
     if os.path.isdir(path) and all(os.path.isfile(os.path.join(path, n + ".npy")) for n in NAMES):
-        return _Stacked(arrays={n: np.load(os.path.join(path, n + ".npy"), mmap_mode="r") for n in NAMES})
+        return _Stacked(arrays={n: _load_npy(os.path.join(path, n + ".npy")) for n in NAMES})
     if not os.path.exists(path):
         raise FileNotFoundError(f"weight_path {path!r} does not exist")
     if os.path.isfile(path) and not path.endswith(".safetensors"):
@@ -270,9 +296,7 @@ class _KtsftLayer:
     """A file written by save_layer: stored arrays, read one expert at a time."""
 
     def __init__(self, path, meta):
-        from safetensors import safe_open
-
-        self.f = safe_open(path, framework="numpy")
+        self.f = open_safetensors(path)
         self.dtype = meta["dtype"]
         self.group = int(meta.get("quant_group", "0"))
 
@@ -305,8 +329,6 @@ def ktsft_layer(path):
     path = os.fspath(path)
     if not (os.path.isfile(path) and path.endswith(".safetensors")):
         return None
-    from safetensors import safe_open
-
-    with safe_open(path, framework="numpy") as f:
+    with open_safetensors(path) as f:
         meta = f.metadata() or {}
     return _KtsftLayer(path, meta) if meta.get("format") == KTSFT_FORMAT else None

@@ -5,6 +5,7 @@ lora_alpha and use_rslora."""
 import os
 import stat
 
+import numpy as np
 import pytest
 
 from conftest import Problem
@@ -174,3 +175,36 @@ def test_load_lora_experts_other_shapes_and_formats(tmp_path):
     export_adapter(_patched(), tmp_path / "peft", peft_check=False)
     with pytest.raises(ValueError, match="PEFT adapter directory"):
         load_lora_experts(other, tmp_path / "peft")
+
+
+@pytest.mark.parametrize("kind", ["layer_file", "stacked_npy", "adapter_weights", "adapter_config"])
+def test_corrupt_files_are_named(tmp_path, kind):
+    """Truncated or garbage files raise naming the file and what it should
+    be, not the parser's bare words."""
+    import ktsft
+    from conftest import Problem
+
+    p = Problem(T=3, H=16, I=8, E=4, k=2, r=2, seed=1)
+    m = p.wrapper()
+    if kind == "layer_file":
+        path = tmp_path / "layer.safetensors"
+        m.save_weights(str(path))
+        path.write_bytes(path.read_bytes()[:50])
+        w = ktsft.SFTMoEWrapper(0, 4, 2, 16, 8, dtype="fp32", weight_path=str(path))
+        call, name = w.load_weights, str(path)
+    elif kind == "stacked_npy":
+        for n, a in zip(("gate_proj", "up_proj", "down_proj"),
+                        (p.gate_proj, p.up_proj, p.down_proj)):
+            np.save(tmp_path / f"{n}.npy", a)
+        (tmp_path / "up_proj.npy").write_bytes(b"\x93NUMPY garbage")
+        w = ktsft.SFTMoEWrapper(0, 4, 2, 16, 8, dtype="fp32", weight_path=str(tmp_path))
+        call, name = w.load_weights, "up_proj.npy"
+    else:
+        m.save_adapter(tmp_path / "a")
+        f = tmp_path / "a" / ("adapter_model.safetensors" if kind == "adapter_weights"
+                              else "adapter_config.json")
+        f.write_bytes(f.read_bytes()[:40])
+        call, name = (lambda: m.load_adapter(tmp_path / "a")), f.name
+    with pytest.raises(ValueError, match="not a readable") as e:
+        call()
+    assert name in str(e.value)
