@@ -43,7 +43,11 @@ def as_numpy(x, name: str) -> np.ndarray:
         x = x.detach()
         if x.dtype == torch.bfloat16:
             return x.view(torch.int16).numpy().view(BF16)
-        return x.numpy()
+        try:
+            return x.numpy()
+        except TypeError:  # float8 and other dtypes numpy has no type for
+            raise TypeError(f"{name}: torch {x.dtype} is not supported; convert it to "
+                            "torch.bfloat16 or torch.float32") from None
     raise TypeError(f"{name}: expected a numpy array or torch tensor, got {describe(x)}")
 
 

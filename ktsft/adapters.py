@@ -490,6 +490,34 @@ def _read(path):
     return config, tensors
 
 
+def _check_config_types(config: dict, cpath: str) -> None:
+    """The adapter_config.json fields ktsft reads, of the types PEFT writes."""
+    def bad(key, want):
+        raise ValueError(f"{cpath!r}: {key} must be {want}, got {config[key]!r}")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if "r" in config and not (is_int(config["r"]) and config["r"] > 0):
+        bad("r", "a positive integer")
+    for key in ("lora_alpha", "lora_dropout"):
+        v = config.get(key)
+        if key in config and v is not None and (isinstance(v, bool) or
+                                                not isinstance(v, (int, float))):
+            bad(key, "a number")
+    for key in ("target_modules", "target_parameters", "exclude_modules"):
+        v = config.get(key)
+        if v is not None and not (isinstance(v, str) or (
+                isinstance(v, list) and all(isinstance(x, str) for x in v))):
+            bad(key, "a string or a list of strings")
+    v = config.get("layers_to_transform")
+    if v is not None and not (is_int(v) or (isinstance(v, list) and all(is_int(x) for x in v))):
+        bad("layers_to_transform", "an integer or a list of integers")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            bad(key, "an object")
+
+
 def _read_all(path):
     """(config, tensors, safetensors metadata) of an adapter directory."""
     from safetensors import safe_open
@@ -508,6 +536,7 @@ def _read_all(path):
     if not isinstance(config, dict):
         raise ValueError(f"{cpath!r}: adapter_config.json must hold a JSON object, got "
                          f"{type(config).__name__}")
+    _check_config_types(config, cpath)
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {config.get('peft_type')!r}, only LORA adapters are read")
     for k in ("use_dora", "lora_bias"):

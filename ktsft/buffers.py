@@ -69,6 +69,11 @@ class KExpertsSFTBuffer:
             "grad_output_cpu": ((T, H), self.dtype), "grad_input_cpu": ((T, H), self.dtype),
             "expert_ids_cpu": ((T, k), np.int64), "weights_cpu": ((T, k), np.float32),
         }
+        from .validation import check_memory
+
+        check_memory(sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in specs.values()),
+                     f"KExpertsSFTBuffer of qlen={T} tokens (hidden_size={H}, "
+                     f"num_experts_per_tok={k})")
         self.lock = threading.Lock()
         self.tensors = {}
         for name, (shape, dt) in specs.items():

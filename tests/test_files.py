@@ -208,3 +208,36 @@ def test_corrupt_files_are_named(tmp_path, kind):
     with pytest.raises(ValueError, match="not a readable") as e:
         call()
     assert name in str(e.value)
+
+
+@pytest.mark.parametrize("key, value", [("r", "two"), ("r", 0), ("lora_alpha", "x"),
+                                        ("target_modules", 5), ("layers_to_transform", "3"),
+                                        ("layers_to_transform", [1, "2"]),
+                                        ("alpha_pattern", [1])])
+def test_adapter_config_field_types(tmp_path, key, value):
+    import json
+
+    m = Problem(T=3, H=16, I=8, E=4, k=2, r=2, seed=1).wrapper()
+    m.save_adapter(tmp_path / "a")
+    f = tmp_path / "a" / "adapter_config.json"
+    cfg = json.loads(f.read_text())
+    cfg[key] = value
+    f.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=f"adapter_config.json.*{key} must be"):
+        m.load_adapter(tmp_path / "a")
+
+
+def test_float8_and_huge_buffers_are_named():
+    torch = pytest.importorskip("torch")
+    from ktsft.buffers import KExpertsSFTBuffer
+
+    p = Problem(T=3, H=16, I=8, E=4, k=2, r=2, seed=1)
+    m = p.wrapper()
+    if hasattr(torch, "float8_e4m3fn"):
+        x = torch.tensor(p.x).to(torch.float8_e4m3fn)
+        with pytest.raises(TypeError, match="hidden_states: torch torch.float8_e4m3fn is not "
+                                            "supported"):
+            m.forward_sft(x, p.ids, p.w)
+    with pytest.raises(MemoryError, match="KExpertsSFTBuffer of qlen="):
+        KExpertsSFTBuffer.staging(10**13, 2048, 768, 128, 8, 16)
+    assert m.cache_depth == 0
