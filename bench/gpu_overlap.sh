@@ -4,15 +4,7 @@
 # DeepSeek-V3 shape (a shared expert per layer; as many layers as host
 # memory allows) with and without the overlap, taking turns in one run.
 # Results go to $OUT (default ./ktsft-bench-results).
-OUT=${OUT:-$PWD/ktsft-bench-results}
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-t0=$(date +%s)
-lscpu | grep -E "Model name|^CPU\(s\)"; free -g | head -2
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-python3 setup.py build_ext --inplace -q >/dev/null 2>&1 || { echo "build failed"; exit 1; }
-echo "== built at $(( $(date +%s) - t0 )) s"
+source "$(dirname "$0")/gpu_session.sh"
 timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_shared_overlap.py 2>&1 | tail -15
 echo "== tests done at $(( $(date +%s) - t0 )) s"
 timeout ${DSV3_S:-360} python3 -m bench.e2e --preset deepseek-v3 --tokens ${TOKENS:-512,2048} --steps ${STEPS:-3} --threads 16 --overlap both --no-gpu-baseline --out "$OUT" 2>&1 | grep -v Warning

@@ -20,6 +20,22 @@ def test_portable_units_cross_compile_for_aarch64(unit, tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+def _setup_py(expr, machine=None):
+    """Run setup.py with its setup() and cythonize stubbed (as on `machine`,
+    where given) and return the value of `expr` over its globals `g`."""
+    root = os.path.dirname(os.path.dirname(SRC))
+    code = ("import platform, runpy, setuptools, Cython.Build\n"
+            + (f"platform.machine = lambda: {machine!r}\n" if machine else "")
+            + "setuptools.setup = lambda **kw: None\n"
+            "Cython.Build.cythonize = lambda *a, **k: []\n"
+            "g = runpy.run_path('setup.py')\n"
+            f"print({expr})\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("machine,units", [
     ("aarch64", ["kernels_scalar"]),
     ("x86_64", ["kernels_scalar", "kernels_avx2", "kernels_avx512", "kernels_avx512bf16"]),
@@ -27,18 +43,8 @@ def test_portable_units_cross_compile_for_aarch64(unit, tmp_path):
 def test_isa_units_follow_the_machine(machine, units):
     """setup.py, run as on another machine (its setup() and cythonize stubbed):
     off x86 it builds only the portable unit."""
-    root = os.path.dirname(os.path.dirname(SRC))
-    code = (
-        "import platform, runpy, setuptools, Cython.Build\n"
-        f"platform.machine = lambda: {machine!r}\n"
-        "setuptools.setup = lambda **kw: None\n"
-        "Cython.Build.cythonize = lambda *a, **k: []\n"
-        "g = runpy.run_path('setup.py')\n"
-        "print(','.join(u for u, _ in g['ISA_UNITS']))\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().splitlines()[-1].split(",") == units
+    got = _setup_py("','.join(u for u, _ in g['ISA_UNITS'])", machine)
+    assert got.split(",") == units
 
 
 def test_one_isa_list():
@@ -49,16 +55,8 @@ def test_one_isa_list():
 
     names = [row["name"] for row in moe_sft.isa_table()]
     assert names == list(moe_sft.ISA_ORDER) == ["scalar", "avx2", "avx512", "avx512bf16", "amx"]
-    root = os.path.dirname(os.path.dirname(SRC))
-    code = ("import runpy, setuptools, Cython.Build\n"
-            "setuptools.setup = lambda **kw: None\n"
-            "Cython.Build.cythonize = lambda *a, **k: []\n"
-            "g = runpy.run_path('setup.py')\n"
-            "print(','.join(g['ISAS']))\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().splitlines()[-1].split(",") == names
+    got = _setup_py("','.join(g['ISAS'])")
+    assert got.split(",") == names
     info = ktsft.cpu_info()
     assert info["compiled_isas"] == [n["name"] for n in moe_sft.isa_table() if n["built"]]
     row = {n["name"]: n for n in moe_sft.isa_table()}[info["selected_isa"]]

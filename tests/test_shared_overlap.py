@@ -47,14 +47,10 @@ def ktsft_model(family):
 
 
 def grads_of(model, ids):
-    model.train()
-    emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-    out = model(inputs_embeds=emb, labels=ids)
-    out.loss.backward()
-    g = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    g["inputs_embeds"] = emb.grad.clone()
-    model.zero_grad(set_to_none=True)
-    return out.logits.detach(), g
+    """(logits, grads by name) of one step from input embeddings
+    (test_hf_experts.step; the routers stay frozen, as apply_lora_experts left them)."""
+    logits, _, grads = step(model, ids, train_router=False)
+    return logits, grads
 
 
 @pytest.mark.parametrize("family", SHARED)

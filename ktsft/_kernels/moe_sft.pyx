@@ -841,6 +841,11 @@ cdef void *_arg(object a, str name, int kind, int64_t n, bint writable=False,
     return p
 
 
+cdef float *_grad(dict grads, str name, int64_t n) except? NULL:
+    """The LoRA gradient `name` of `grads`: float32, exactly n elements, written."""
+    return <float *>_arg(_item(grads, "grads", name), name, K_F32, n, True, True)
+
+
 cdef object _item(dict d, str what, str key):
     try:
         return d[key]
@@ -1232,18 +1237,12 @@ cdef class MoEKernel:
         S.gbs_u = &ws.gbs_up[0, 0] if P and r else NULL
         S.grad_w = <float *>_arg(grad_w, "grad_routing_weights", K_F32, P, True, True)
         S.accum = accumulate
-        S.g_ag = <float *>_arg(_item(grads, "grads", "grad_gate_lora_a"), "grad_gate_lora_a",
-                               K_F32, E * r * H, True, True)
-        S.g_bg = <float *>_arg(_item(grads, "grads", "grad_gate_lora_b"), "grad_gate_lora_b",
-                               K_F32, E * I * r, True, True)
-        S.g_au = <float *>_arg(_item(grads, "grads", "grad_up_lora_a"), "grad_up_lora_a",
-                               K_F32, E * r * H, True, True)
-        S.g_bu = <float *>_arg(_item(grads, "grads", "grad_up_lora_b"), "grad_up_lora_b",
-                               K_F32, E * I * r, True, True)
-        S.g_ad = <float *>_arg(_item(grads, "grads", "grad_down_lora_a"), "grad_down_lora_a",
-                               K_F32, E * r * I, True, True)
-        S.g_bd = <float *>_arg(_item(grads, "grads", "grad_down_lora_b"), "grad_down_lora_b",
-                               K_F32, E * H * r, True, True)
+        S.g_ag = _grad(grads, "grad_gate_lora_a", E * r * H)
+        S.g_bg = _grad(grads, "grad_gate_lora_b", E * I * r)
+        S.g_au = _grad(grads, "grad_up_lora_a", E * r * H)
+        S.g_bu = _grad(grads, "grad_up_lora_b", E * I * r)
+        S.g_ad = _grad(grads, "grad_down_lora_a", E * r * I)
+        S.g_bd = _grad(grads, "grad_down_lora_b", E * H * r)
         cdef float *dx_p = <float *>_arg(dx, "grad_input", K_F32, TH, True, True)
         # the forward's expert order, kept in the entry
         cdef const int32_t *order = &cache.order[0]
