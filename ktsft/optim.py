@@ -32,7 +32,7 @@ import math
 import torch
 
 from . import _dispatch
-from .wrapper import MAX_THREADS, default_threads
+from ._threads import MAX_THREADS, default_threads, effective_threads
 
 __all__ = ["CPUAdamW"]
 
@@ -167,6 +167,9 @@ class CPUAdamW(torch.optim.Optimizer):
                 cpu.append((p, g if g.is_contiguous() else g.contiguous(), st))
             work.append((group, cpu, others))
         native = _native()
+        # before any state changes: a refused thread count leaves the step undone
+        threads = effective_threads(self._threads, "CPUAdamW threads") if any(
+            cpu for _, cpu, _ in work) else 1
         for group, cpu, others in work:
             lr = float(group["lr"])
             beta1, beta2 = (float(b) for b in group["betas"])
@@ -177,7 +180,7 @@ class CPUAdamW(torch.optim.Optimizer):
                 native.adamw_step(
                     _flat(p), _flat(g), _flat(st["exp_avg"]), _flat(st["exp_avg_sq"]),
                     _flat(st["max_exp_avg_sq"]) if amsgrad else None, lr, beta1, beta2, eps,
-                    wd, float(st["step"]), maximize, self._threads, self.isa)
+                    wd, float(st["step"]), maximize, threads, self.isa)
             if others:
                 self._step_torch(others, group, amsgrad, maximize, lr, beta1, beta2, eps, wd)
         return loss

@@ -194,21 +194,59 @@ def _dequant_blocks(w, scale_inv):
     return a
 
 
+INDEX = "model.safetensors.index.json"
+
+
+def read_index(index: str) -> dict:
+    """key -> shard file of a sharded checkpoint's index, checked: JSON
+    with a non-empty 'weight_map' of tensor name -> shard file name, every
+    shard a file next to the index.  Raises ValueError / FileNotFoundError
+    naming the index and what is wrong."""
+    what = f"{index!r}: expected a safetensors index, a JSON object with a 'weight_map' of " \
+           "tensor name -> shard file"
+    try:
+        with open(index, "rb") as fh:
+            doc = json.loads(fh.read().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what}; it is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what}; it is not valid JSON ({e.msg}, line {e.lineno} column "
+                         f"{e.colno}: truncated or corrupt?)") from None
+    if not isinstance(doc, dict) or "weight_map" not in doc:
+        got = f"keys {sorted(doc)[:8]}" if isinstance(doc, dict) else type(doc).__name__
+        raise ValueError(f"{what}; found {got}")
+    wm = doc["weight_map"]
+    if not isinstance(wm, dict) or not wm:
+        raise ValueError(f"{what}; its weight_map is "
+                         f"{'empty' if isinstance(wm, dict) else type(wm).__name__}")
+    bad = [(k, v) for k, v in wm.items() if not isinstance(v, str) or not v]
+    if bad:
+        raise ValueError(f"{what}; {bad[0][0]!r} maps to {bad[0][1]!r}, not a file name"
+                         + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+    where = os.path.dirname(index)
+    files = {k: os.path.join(where, v) for k, v in wm.items()}
+    for f in sorted(set(files.values())):
+        if not os.path.isfile(f):
+            n = sum(v == f for v in files.values())
+            raise FileNotFoundError(f"{index!r} names the shard {os.path.relpath(f, where)!r} "
+                                    f"(for {n} tensors), which is not a file in {where!r}: "
+                                    "an incomplete download?")
+    return files
+
+
 def _checkpoint_files(path: str) -> dict:
     """key -> file for a safetensors file or a sharded checkpoint directory."""
     if os.path.isfile(path):
         f, _ = _safe_open(path)
         return {k: path for k in f.keys()}
-    index = os.path.join(path, "model.safetensors.index.json")
+    index = os.path.join(path, INDEX)
     if os.path.isfile(index):
-        with open(index) as fh:
-            wm = json.load(fh)["weight_map"]
-        return {k: os.path.join(path, v) for k, v in wm.items()}
+        return read_index(index)
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(single):
         return _checkpoint_files(single)
     raise FileNotFoundError(f"weight_path {path!r}: no gate_proj.npy/up_proj.npy/down_proj.npy, "
-                            f"model.safetensors or model.safetensors.index.json; found "
+                            f"model.safetensors or {INDEX}; found "
                             f"{sorted(os.listdir(path))[:20]}")
 
 

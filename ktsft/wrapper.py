@@ -13,6 +13,7 @@ import numpy as np
 from . import validation as V
 from ._arrays import BF16, as_numpy, is_torch_tensor, to_like, wrap_like
 from ._dispatch import resolve_isa
+from ._threads import MAX_THREADS, default_threads, effective_threads  # noqa: F401
 from .adapters import AdapterIO
 from .compat import BaseSFTMoEWrapper, check_compat_args  # noqa: F401 - re-exported
 from ._kernels.moe_sft import MoEKernel, cast_checked
@@ -32,17 +33,12 @@ class StoredWeights(NamedTuple):
 
 
 _HANDLES = itertools.count(1)  # forward handles, unique across wrappers
-MAX_THREADS = 4096   # libgomp cannot create (and crashes on) absurd thread counts
 INT32_MAX = (1 << 31) - 1  # the native code indexes experts and (token, slot) pairs in int32
-
-_fork = {"parent_ran_parallel": False, "child": False, "warned": False}
-
 
 _WRAPPERS: "weakref.WeakSet" = weakref.WeakSet()  # for the fork handler below
 
 
 def _after_fork_in_child() -> None:
-    _fork["child"] = True
     # A thread of the parent may have held a lock at the fork: in the child
     # that thread does not exist, so the lock would never be released and
     # the next call would hang.  Every lock the calls take is made anew.
@@ -137,25 +133,6 @@ def _nonfinite(name, bad, shape):
                       f"{tuple(int(i) for i in idx)}")
 
 
-def effective_threads(requested: int) -> int:
-    """The OpenMP thread count a call really uses.  GNU OpenMP cannot run a
-    parallel region in a child forked after the parent ran one (it hangs):
-    such a child runs on one thread, with a warning (use multiprocessing's
-    'spawn' start method for parallel children)."""
-    if _fork["child"] and _fork["parent_ran_parallel"]:
-        if requested > 1 and not _fork["warned"]:
-            import warnings
-
-            warnings.warn("ktsft: this process was forked after OpenMP ran in its parent; "
-                          "kernels run on 1 thread here (use the 'spawn' start method for "
-                          "parallel workers)", RuntimeWarning, stacklevel=3)
-            _fork["warned"] = True
-        return 1
-    if requested > 1:
-        _fork["parent_ran_parallel"] = True
-    return requested
-
-
 def _in_place(a: np.ndarray, store: np.dtype) -> bool:
     """Whether the kernels can read `a` [E, rows, cols] where it is: the
     storage dtype, each expert's plane C-contiguous, experts at least a
@@ -167,17 +144,6 @@ def _in_place(a: np.ndarray, store: np.dtype) -> bool:
     isz = a.itemsize
     plane = (C == 1 or a.strides[2] == isz) and (R == 1 or a.strides[1] == C * isz)
     return plane and (E == 1 or (a.strides[0] >= R * C * isz and a.strides[0] % isz == 0))
-
-
-def default_threads() -> int:
-    """OMP_NUM_THREADS when set, else the cores this process may run on."""
-    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 # Attributes the native layer is built from: fixed once set (a new size in
@@ -682,29 +648,32 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
                 raise RuntimeError(
                     f"forward_sft: the activation cache is full (max_cache_depth={self.max_cache_depth}); "
                     "run backward() first, raise max_cache_depth, or pass save_for_backward=False")
+            threads = effective_threads(self.cpuinfer_threads)
             if p > 0.0 and seed is None:
                 seed = int(self._dropout_rng.integers(0, 1 << 64, dtype=np.uint64))
             if p == 0.0:
                 seed = None
             entry = self._take_entry(T)
-            threads = effective_threads(self.cpuinfer_threads)
-            # x into the cache (fp32), the finite check in the same parallel pass
-            bad = cast_checked(x, entry["x"], threads, self.isa)
-            if bad >= 0:
+            try:
+                # x into the cache (fp32), the finite check in the same parallel pass
+                bad = cast_checked(x, entry["x"], threads, self.isa)
+                if bad >= 0:
+                    raise _nonfinite("hidden_states", bad, (T, H))
+                entry.dropout = (p, 0 if seed is None else seed)
+                with self._ws.lock:  # shared by the layers of this shape
+                    ws = self._ws.view(T)
+                    y = _result_target(out_a, hidden_states, ws["y32"])
+                    # bf16 input in bf16 mode: the base GEMMs read it as it is
+                    # (rounding its fp32 widening back would give the same bits)
+                    given = (self.dtype == "bf16" and x.itemsize == 2 and x.flags.c_contiguous)
+                    x_act = (x.view(np.uint16) if given else
+                             ws["x_act"] if self.dtype == "bf16" else entry["x"])
+                    self._kernel.forward(entry["x"], x_act, ids, rw, entry, self._ws, y, threads,
+                                         *entry.dropout, not given)
+                    result = _deliver(y, out_a, out, hidden_states, threads, self.isa)
+            except BaseException:
                 self._spare.append(entry)  # the cache is as it was
-                raise _nonfinite("hidden_states", bad, (T, H))
-            entry.dropout = (p, 0 if seed is None else seed)
-            with self._ws.lock:  # shared by the layers of this shape
-                ws = self._ws.view(T)
-                y = _result_target(out_a, hidden_states, ws["y32"])
-                # bf16 input in bf16 mode: the base GEMMs read it as it is
-                # (rounding its fp32 widening back would give the same bits)
-                given = (self.dtype == "bf16" and x.itemsize == 2 and x.flags.c_contiguous)
-                x_act = (x.view(np.uint16) if given else
-                         ws["x_act"] if self.dtype == "bf16" else entry["x"])
-                self._kernel.forward(entry["x"], x_act, ids, rw, entry, self._ws, y, threads,
-                                     *entry.dropout, not given)
-                result = _deliver(y, out_a, out, hidden_states, threads, self.isa)
+                raise
             self.last_dropout_seed = seed
             handle = None
             if save_for_backward:
@@ -782,16 +751,17 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
                 if bad >= 0:  # before anything changed: the cache entry stays
                     raise _nonfinite("grad_output", bad, (T, H))
                 dx = _result_target(dx_out, grad_output, ws["y32"])
-                del self._cache[idx], self._handles[idx]
-                try:
-                    self._kernel.backward(entry, do32,
-                                          ws["do_act"] if self.dtype == "bf16" else do32,
-                                          self._ws, out_grads, grad_w, dx, threads,
-                                          *entry.dropout, bool(accumulate))
-                    grad_input = _deliver(dx, dx_out, grad_input_out, grad_output, threads,
-                                          self.isa)
-                finally:
-                    self._spare.append(entry)
+                # The kernel checks and allocates everything before it
+                # writes anything: when it raises (e.g. out of memory), the
+                # entry is intact and stays cached, so the step can be retried
+                self._kernel.backward(entry, do32,
+                                      ws["do_act"] if self.dtype == "bf16" else do32,
+                                      self._ws, out_grads, grad_w, dx, threads,
+                                      *entry.dropout, bool(accumulate))
+                del self._cache[idx], self._handles[idx]  # consumed: G/U hold dG/dU now
+                self._spare.append(entry)
+                grad_input = _deliver(dx, dx_out, grad_input_out, grad_output, threads,
+                                      self.isa)
         grads = {n: wrap_like(out_grads[n], grad_output) if grads_out is None else grads_out[n]
                  for n in LORA_GRAD_NAMES}
         grads["grad_routing_weights"] = wrap_like(grad_w, grad_output)

@@ -20,7 +20,8 @@ from libc.string cimport memset
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from cython.parallel cimport prange
 
-from ._openmp cimport KTSFT_OPENMP, omp_get_max_threads, omp_get_thread_num
+from ._openmp cimport (KTSFT_OPENMP, omp_get_max_threads, omp_get_thread_num,
+                      ktsft_probe_threads)
 from .kernels cimport (ktsft_kernels, ktsft_bf16, ktsft_gemm, ktsft_gemm_fn, KTSFT_W_F32,
                        KTSFT_W_BF16, KTSFT_W_Q8, KTSFT_W_Q4, ktsft_kernels_by_name, ktsft_amx_build,
                        ktsft_cpu_features, ktsft_probe_cpu, ktsft_amx_request,
@@ -148,6 +149,20 @@ def openmp_enabled():
 
 def openmp_max_threads():
     return omp_get_max_threads()
+
+
+def probe_threads(int n, size_t stack_bytes=0):
+    """Create n threads (stack_bytes each, 0: the default), all alive at
+    once, and join them: 0 when that worked, else the errno of the first
+    that failed.  ktsft._threads calls it before an OpenMP region would
+    have to grow its team, because GNU OpenMP exits the process when it
+    cannot create a thread."""
+    if n < 0:
+        raise ValueError(f"probe_threads: n={n} < 0")
+    cdef int err
+    with nogil:
+        err = ktsft_probe_threads(n, stack_bytes)
+    return err
 
 
 # --------------------------------------------------------------------------
@@ -369,7 +384,7 @@ cdef int _cmp_i64(const void *a, const void *b) noexcept nogil:
 
 cdef int64_t _expert_order(int64_t E, const int32_t *offs, int32_t *order) noexcept nogil:
     """Experts with tokens, most tokens first (ties by id); returns how many."""
-    cdef int64_t *keys = <int64_t *>malloc(max(E, 1) * sizeof(int64_t))
+    cdef int64_t *keys = <int64_t *>_alloc(max(E, 1) * sizeof(int64_t))
     cdef int64_t e, n = 0, cnt
     if keys == NULL:
         return -1
@@ -418,7 +433,7 @@ cdef Task *_blocks(int64_t n_exp, const int32_t *order, const int32_t *offs, int
             d = cnt if over_pairs else dims[part]
             blk = _block(blocks[part], d, cnt, whole_upto)
             cap += nch * ((d + blk - 1) // blk)
-    cdef Task *tasks = <Task *>malloc(max(cap, 1) * sizeof(Task))
+    cdef Task *tasks = <Task *>_alloc(max(cap, 1) * sizeof(Task))
     if tasks == NULL:
         ntasks[0] = -1
         return NULL
@@ -736,13 +751,18 @@ cdef inline int64_t _dim(const Layer *L, int kind) noexcept nogil:
     return L.H if kind == DIM_H else (L.I if kind == DIM_I else 0)
 
 
-cdef int _run(const Phase *ph, const Layer *L, const Step *S, int64_t n_exp,
-              const int32_t *order, int n_threads) noexcept nogil:
-    """One phase: its tasks (_blocks) over n_threads with dynamic scheduling;
-    each output element has one owner task.  -1: out of memory."""
-    cdef int64_t ntasks = 0, i, e, per = 0, blk
-    cdef int nslots = n_threads, part
-    cdef float *scratch = NULL
+cdef struct Plan:  # one phase's work, made before any phase runs
+    Task *tasks
+    int64_t ntasks
+    int64_t per      # dropout scratch: floats per thread slot (0: none)
+    int nslots       # threads the phase runs on
+
+
+cdef int _plan(const Phase *ph, const Layer *L, const Step *S, int64_t n_exp,
+               const int32_t *order, int n_threads, Plan *p) noexcept nogil:
+    """One phase's tasks (_blocks) and the scratch it needs.  -1: out of memory."""
+    cdef int64_t i, e, blk
+    cdef int part
     cdef int64_t dims[6]
     cdef int64_t blocks[6]
     blk = (PAIR_BLOCK if ph.split == SPLIT_PAIRS else L.nt_rows if ph.split == SPLIT_NT else
@@ -752,32 +772,89 @@ cdef int _run(const Phase *ph, const Layer *L, const Step *S, int64_t n_exp,
         blocks[part] = blk
     # experts of few pairs stream whole weight rows (memory-bound NN products)
     cdef int64_t whole_upto = L.nn_whole_upto if ph.split == SPLIT_NN else 0
-    cdef Task *tasks = _blocks(n_exp, order, S.offs, ph.nparts, dims, blocks,
-                               ph.split == SPLIT_PAIRS, &ntasks, whole_upto,
-                               PAIR_SPLIT if ph.base_gemm else 0)
-    if ntasks < 0:
+    p.per, p.nslots = 0, n_threads
+    p.tasks = _blocks(n_exp, order, S.offs, ph.nparts, dims, blocks,
+                      ph.split == SPLIT_PAIRS, &p.ntasks, whole_upto,
+                      PAIR_SPLIT if ph.base_gemm else 0)
+    if p.ntasks < 0:
         return -1
     if S.drop and ph.masked:
         # masked LoRA inputs are regenerated into per-thread scratch
         if ph.split == SPLIT_GRAD:   # an expert's pairs x one column sub-block
             for e in range(L.E):
                 i = S.offs[e + 1] - S.offs[e]
-                per = max(per, i * _drop_cols(i, GRAD_BLOCK))
+                p.per = max(p.per, i * _drop_cols(i, GRAD_BLOCK))
         else:                        # PAIR_BLOCK pairs x a row or column block
-            per = PAIR_BLOCK * max(L.H, L.I)
-        nslots = <int>max(<int64_t>1, min(<int64_t>n_threads, ntasks))
-        scratch = <float *>malloc(max(nslots * per, <int64_t>1) * sizeof(float))
-        if scratch == NULL:
-            free(tasks)
-            return -1
+            p.per = PAIR_BLOCK * max(L.H, L.I)
+        p.nslots = <int>max(<int64_t>1, min(<int64_t>n_threads, p.ntasks))
+    return 0
+
+
+cdef void _exec(const Phase *ph, const Layer *L, const Step *S, const Plan *p,
+                float *scratch) noexcept nogil:
+    """One phase: its tasks over p.nslots threads with dynamic scheduling;
+    each output element has one owner task."""
+    cdef int64_t i, per = p.per
+    cdef const Task *tasks = p.tasks
     cdef TaskFn fn = ph.fn
-    for i in prange(ntasks, schedule="dynamic", chunksize=1, num_threads=nslots):
+    scratch = scratch if per else NULL
+    for i in prange(p.ntasks, schedule="dynamic", chunksize=1, num_threads=p.nslots):
         # scratch: one slot of `per` floats per thread (dropout only, else NULL)
         fn(L, S, &tasks[i],
            scratch + <int64_t>omp_get_thread_num() * per if scratch != NULL else NULL)
+
+
+cdef int _run(const Phase *phases, int n, const Layer *L, const Step *S, int64_t n_exp,
+              const int32_t *order, int n_threads, double *tick) noexcept nogil:
+    """Every phase of a forward or backward, in order; tick[i]: the time
+    phase i ended.  Everything is allocated before the first phase runs, so
+    an allocation failure (-1) leaves the step's inputs and its cache entry
+    as they were: a backward can be retried.  One dropout scratch serves
+    every phase (they run one after another)."""
+    cdef Plan plans[8]
+    cdef int i, rc = 0
+    cdef int64_t need = 0
+    cdef float *scratch = NULL
+    memset(plans, 0, sizeof(plans))
+    for i in range(n):
+        if _plan(&phases[i], L, S, n_exp, order, n_threads, &plans[i]) < 0:
+            rc = -1
+            break
+        need = max(need, plans[i].nslots * plans[i].per)
+    if rc == 0 and need > 0:
+        scratch = <float *>_alloc(need * sizeof(float))
+        if scratch == NULL:
+            rc = -1
+    for i in range(n):
+        if rc == 0:
+            _exec(&phases[i], L, S, &plans[i], scratch)
+        tick[i] = _now()
+    for i in range(n):
+        free(plans[i].tasks)
     free(scratch)
-    free(tasks)
-    return 0
+    return rc
+
+
+# A test hook (ktsft's fault-injection tests): how many native allocations
+# of the layer calls succeed before one fails, once (-1: none fails).
+cdef int64_t _alloc_fail_after = -1
+
+
+cdef void *_alloc(size_t n) noexcept nogil:
+    global _alloc_fail_after
+    if _alloc_fail_after >= 0:
+        if _alloc_fail_after == 0:
+            _alloc_fail_after = -1
+            return NULL
+        _alloc_fail_after -= 1
+    return malloc(n)
+
+
+def _fail_allocation(int64_t after):
+    """Test hook: the native allocation `after` allocations from now (0:
+    the next) of a forward or backward fails, once; -1 disarms it."""
+    global _alloc_fail_after
+    _alloc_fail_after = after
 
 
 include "cache.pxi"
@@ -1172,7 +1249,7 @@ cdef class MoEKernel:
         # the expert order (count, then the experts with pairs, most first):
         # computed here, kept in the entry for the backward
         cdef int32_t *order = &cache.order[0]
-        cdef int32_t *cursor = <int32_t *>malloc(max(self.L.E, 1) * sizeof(int32_t))
+        cdef int32_t *cursor = <int32_t *>_alloc(max(self.L.E, 1) * sizeof(int32_t))
         if cursor == NULL:
             raise MemoryError("ktsft forward: cannot allocate the routing cursor")
         cdef const Layer *L = &self.L
@@ -1192,10 +1269,11 @@ cdef class MoEKernel:
                 for t in prange(T, schedule="static", num_threads=n_threads):
                     kern.round_bf16(H, S.x32 + t * H, (<ktsft_bf16 *>S.x_act) + t * H)
             tf[2] = _now()
-            for i in range(N_FWD):
-                if rc == 0:
-                    rc = _run(&_FWD[i], L, &S, n_exp, order + 1, n_threads)
-                tf[3 + i] = _now()
+            if rc == 0:
+                rc = _run(_FWD, N_FWD, L, &S, n_exp, order + 1, n_threads, tf + 3)
+            else:
+                for i in range(N_FWD):
+                    tf[3 + i] = _now()
             if rc == 0:
                 for t in prange(T, schedule="static", num_threads=n_threads):
                     kern.combine(k, H, S.ybuf, S.pos + t * k, S.rw + t * k, S.out + t * H)
@@ -1266,10 +1344,7 @@ cdef class MoEKernel:
                 for t in prange(T, schedule="static", num_threads=n_threads):
                     kern.round_bf16(H, S.do32 + t * H, (<ktsft_bf16 *>S.do_act) + t * H)
             tb[1] = _now()
-            for i in range(N_BWD):
-                if rc == 0:
-                    rc = _run(&_BWD[i], L, &S, n_exp, order + 1, n_threads)
-                tb[2 + i] = _now()
+            rc = _run(_BWD, N_BWD, L, &S, n_exp, order + 1, n_threads, tb + 2)
             if rc == 0 and not S.accum:  # experts without pairs: zero gradients
                 for i in prange(L.E, schedule="static", num_threads=n_threads):
                     if S.offs[i + 1] == S.offs[i]:

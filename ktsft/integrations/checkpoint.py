@@ -52,7 +52,7 @@ import re
 
 import torch
 
-from ..weights import _checkpoint_files, _Checkpoint, check_source_shapes
+from ..weights import INDEX, _checkpoint_files, _Checkpoint, check_source_shapes
 
 __all__ = ["load_moe_checkpoint", "fused_expert_modules"]
 
@@ -200,7 +200,7 @@ def _check_experts(src, plan, path):
             if len(problems) >= 3:  # enough to see the pattern
                 break
         if missing:
-            index = os.path.join(path, "model.safetensors.index.json")
+            index = os.path.join(path, INDEX)
             listing = index if os.path.isfile(index) else os.path.join(path, "model.safetensors")
             raise KeyError(f"{path!r}: {where}missing expert tensor {missing[0]!r}"
                            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
@@ -458,24 +458,11 @@ def load_moe_checkpoint(path, *, dtype=torch.bfloat16, device="cpu", experts_dty
     device_map = _device_map(device)
 
     # The files: index (or single file) -> key -> shard; every shard must exist.
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        try:
-            with open(index) as fh:
-                wm = json.load(fh)["weight_map"]
-            if not isinstance(wm, dict) or not wm:
-                raise ValueError("empty")
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{index!r}: not a safetensors index with a 'weight_map' of "
-                             f"key -> shard ({e!r})") from None
-    elif not os.path.isfile(os.path.join(path, "model.safetensors")):
-        raise FileNotFoundError(f"{path!r}: no model.safetensors.index.json and no "
+    if not os.path.isfile(os.path.join(path, INDEX)) and \
+            not os.path.isfile(os.path.join(path, "model.safetensors")):
+        raise FileNotFoundError(f"{path!r}: no {INDEX} and no "
                                 f"model.safetensors (found {sorted(os.listdir(path))[:20]})")
-    files = _checkpoint_files(path)
-    for f in sorted(set(files.values())):
-        if not os.path.isfile(f):
-            raise FileNotFoundError(f"{path!r}: model.safetensors.index.json names {os.path.basename(f)!r}, "
-                                    f"which is not in the directory")
+    files = _checkpoint_files(path)  # the index checked (weights.read_index)
 
     # The config as from_pretrained will see it (with the same overrides).
     config = kwargs.get("config")
