@@ -399,6 +399,36 @@ def _failures(rank, world):
     return seen
 
 
+def _disagreeing_sizes(rank, world):
+    """Ranks built with other sizes (or one rank's arguments refused):
+    every rank raises in the constructor, before any tensor moves (gloo
+    aborted the process on the mismatched all_to_all)."""
+    from ktsft.distributed import ExpertParallelLoRAExperts, RankFailedError
+
+    seen = {}
+    cases = {"hidden_size": dict(hidden_size=H if rank == 0 else H + 16),
+             "r": dict(r=R + rank),
+             "refused": dict(threads=1 if rank == 0 else 0)}  # refused on rank 1 only
+    for name, kw in cases.items():
+        args = dict(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I, r=R,
+                    dtype="fp32", threads=1)
+        args.update(kw)
+        try:
+            ExpertParallelLoRAExperts(**args)
+            seen[name] = "built"
+        except RankFailedError as e:
+            seen[name] = f"peer: {e}"
+        except Exception as e:  # noqa: BLE001
+            seen[name] = f"{type(e).__name__}: {e}"
+    # the group is still usable: a consistent layer trains
+    ep, _, wb, _ = make_pair()
+    ep.load_weights(*wb)
+    x, ids, w, dO = batch(4, seed=rank)
+    (ep(x, ids, w) * dO).sum().backward()
+    seen["recovered"] = bool(ep.gate_lora_a.grad.abs().sum() > 0)
+    return seen
+
+
 def _dies_before_forward(rank, world):
     ep, _, wb, _ = make_pair()
     ep.load_weights(*wb)
@@ -487,6 +517,17 @@ def test_a_failing_rank_makes_every_rank_raise_and_the_group_survives():
     assert r1["local_backward"].startswith("own: ValueError") and "non-finite" in r1["local_backward"]
     assert r0["local_backward"].startswith("peer:") and "non-finite" in r0["local_backward"]
     assert r0["recovered"] and r1["recovered"]
+
+
+def test_ranks_built_with_different_sizes_all_raise_before_any_exchange():
+    results = run_local(_disagreeing_sizes, 2, timeout=60, collective_timeout=20)
+    for rank, res in enumerate(results):
+        assert res["hidden_size"].startswith("ValueError") and \
+            f"hidden_size: rank 0 {H}, rank 1 {H + 16}" in res["hidden_size"], res
+        assert res["r"].startswith("ValueError") and f"r: rank 0 {R}, rank 1 {R + 1}" in res["r"]
+        assert res["recovered"]
+    assert results[1]["refused"].startswith("ValueError") and "threads" in results[1]["refused"]
+    assert results[0]["refused"].startswith("peer:") and "threads" in results[0]["refused"]
 
 
 def test_a_rank_that_dies_outside_the_module_does_not_hang_the_others():

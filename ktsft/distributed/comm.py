@@ -111,3 +111,31 @@ def exchange_counts(send: torch.Tensor, err, group, where: str) -> torch.Tensor:
     if failed:
         raise_together(err, failed, group, where)
     return got[:, :-1]
+
+
+def agree(settings: dict, build, group, where: str):
+    """Collective: every rank passes the settings it builds a layer with
+    and `build`, a callable that builds it (raising on arguments or memory
+    this rank refuses).  Returns build()'s result on every rank when no
+    rank's build raised and all settings are equal; else raises on every rank (the refusing rank its own error, the
+    others a RankFailedError quoting it; unequal settings: ValueError
+    naming each setting and every rank's value)."""
+    err = result = None
+    try:
+        result = build()
+    except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+        err = e
+    world = dist.get_world_size(group)
+    mine = {k: repr(v) for k, v in settings.items()}
+    got = [None] * world
+    dist.all_gather_object(got, (err is not None, mine), group=group)
+    failed = [r for r in range(world) if got[r][0]]
+    if failed:
+        raise_together(err, failed, group, where)
+    differ = [k for k in mine if len({g[1].get(k) for g in got}) > 1]
+    if differ:
+        detail = "; ".join(f"{k}: " + ", ".join(f"rank {r} {got[r][1].get(k)}"
+                                              for r in range(world)) for k in differ)
+        raise ValueError(f"{where}: the ranks were built with different settings ({detail}); "
+                         "every rank must build the layer with the same sizes")
+    return result

@@ -29,7 +29,7 @@ from torch.func import functional_call
 from ..adapters import AdapterIO
 from ..torch import PARAM_NAMES, LoRAExperts
 from ..wrapper import INT32_MAX
-from .comm import STATS, all_to_all, check_all, exchange_counts
+from .comm import STATS, agree, all_to_all, check_all, exchange_counts
 from .partition import ExpertPartition
 from .routing import plan_recv, plan_send
 
@@ -151,33 +151,50 @@ class ExpertParallelLoRAExperts(AdapterIO, torch.nn.Module):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        self.partition = ExpertPartition(num_experts, self.world_size, expert_counts)
-        self.num_experts, self.top_k = self.partition.num_experts, int(top_k)
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k={top_k}: need 1 <= top_k <= num_experts={self.num_experts}")
-        self.chunked_prefill_size = int(chunked_prefill_size)
-        if self.chunked_prefill_size < 1:
-            raise ValueError(f"chunked_prefill_size must be >= 1, got {chunked_prefill_size!r}")
-        lo, hi = self.partition.range_of(self.rank)
-        self.expert_range = (lo, hi)
+        # Collective, before anything else: ranks built with other sizes
+        # would exchange tensors of other shapes, and gloo aborts the
+        # process on that; a rank whose arguments (or memory) are refused
+        # would leave the others waiting in their first collective
+        settings = dict(num_experts=num_experts, top_k=top_k, hidden_size=hidden_size,
+                        intermediate_size=intermediate_size, r=r, alpha=alpha, dtype=dtype,
+                        use_rslora=use_rslora, chunked_prefill_size=chunked_prefill_size,
+                        layer_idx=layer_idx, recompute=recompute, lora_dropout=lora_dropout,
+                        expert_counts=None if expert_counts is None else list(expert_counts))
+
+        def build():
+            partition = ExpertPartition(num_experts, self.world_size, expert_counts)
+            if not 1 <= int(top_k) <= partition.num_experts:
+                raise ValueError(f"top_k={top_k}: need 1 <= top_k <= "
+                                 f"num_experts={partition.num_experts}")
+            if int(chunked_prefill_size) < 1:
+                raise ValueError(f"chunked_prefill_size must be >= 1, got {chunked_prefill_size!r}")
+            pairs = int(chunked_prefill_size) * int(top_k)
+            if pairs * self.world_size > INT32_MAX:
+                raise ValueError(f"chunked_prefill_size={chunked_prefill_size} x top_k={top_k} x "
+                                 f"world_size={self.world_size} pairs exceed 2^31 - 1, the "
+                                 "kernels' index range; pass fewer tokens per call")
+            lo, hi = partition.range_of(self.rank)
+            # Sized (and memory-checked) for balanced routing, chunked_prefill_size * top_k
+            # pairs, as a single-process layer is; one rank may still receive every rank's
+            # pairs in a skewed step, so the accepted maximum is world_size times that.
+            local = LoRAExperts(hi - lo, 1, hidden_size, intermediate_size, r=r, alpha=alpha,
+                                dtype=dtype, use_rslora=use_rslora, threads=threads,
+                                max_cache_depth=max_cache_depth, chunked_prefill_size=pairs,
+                                layer_idx=layer_idx, isa=isa, recompute=recompute,
+                                lora_dropout=lora_dropout)
+            local.wrapper.chunked_prefill_size = pairs * self.world_size
+            return partition, local
+
         # The global RNG is left where a LoRAExperts of all experts would
         # leave it: reset_lora_parameters replays that init for our slice.
         rng = torch.get_rng_state()
-        pairs = self.chunked_prefill_size * self.top_k
-        if pairs * self.world_size > INT32_MAX:
-            raise ValueError(f"chunked_prefill_size={chunked_prefill_size} x top_k={top_k} x "
-                             f"world_size={self.world_size} pairs exceed 2^31 - 1, the kernels' "
-                             "index range; pass fewer tokens per call")
-        # Sized (and memory-checked) for balanced routing, chunked_prefill_size * top_k
-        # pairs, as a single-process layer is; one rank may still receive every rank's
-        # pairs in a skewed step, so the accepted maximum is world_size times that.
-        self.local = LoRAExperts(hi - lo, 1, hidden_size, intermediate_size, r=r, alpha=alpha,
-                                 dtype=dtype, use_rslora=use_rslora, threads=threads,
-                                 max_cache_depth=max_cache_depth, chunked_prefill_size=pairs,
-                                 layer_idx=layer_idx, isa=isa, recompute=recompute,
-                                 lora_dropout=lora_dropout)
-        self.local.wrapper.chunked_prefill_size = pairs * self.world_size
-        torch.set_rng_state(rng)
+        try:
+            self.partition, self.local = agree(settings, build, group, "ExpertParallelLoRAExperts")
+        finally:
+            torch.set_rng_state(rng)
+        self.num_experts, self.top_k = self.partition.num_experts, int(top_k)
+        self.chunked_prefill_size = int(chunked_prefill_size)
+        self.expert_range = self.partition.range_of(self.rank)
         self.reset_lora_parameters()
         self._owner = self.partition.owner_table()
         self._first = torch.tensor(self.partition.offsets[:-1], dtype=torch.int64)
