@@ -152,13 +152,74 @@ def _set_mode_like_open(tmp: str, target: str, directory: bool = False) -> None:
     os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
 
 
+def _write_failed(target: str, e: BaseException) -> OSError:
+    """An I/O failure while writing `target`, as an OSError that names it
+    (safetensors raises its own SafetensorError, and a failed write() of a
+    full disk names no file)."""
+    m = re.search(r"os error (\d+)", str(e))
+    code = getattr(e, "errno", None) or (int(m.group(1)) if m else None)
+    why = os.strerror(code) if code else str(e)
+    err = OSError(code, f"{target}: cannot write it ({why}; the disk full, a file-size "
+                        "limit, or no permission?)")
+    err.filename = target
+    return err
+
+
+def save_safetensors(tensors: dict, tmp: str, target: str, metadata: dict | None = None,
+                     save_file=None) -> None:
+    """save_file(tensors, tmp) (default safetensors.numpy's; torch tensors:
+    safetensors.torch's), its failures an OSError naming `target` (the file
+    being written through `tmp`)."""
+    if save_file is None:
+        from safetensors.numpy import save_file
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+    except OSError as e:
+        raise _write_failed(target, e) from None
+    except Exception as e:  # noqa: BLE001 - SafetensorError (no public class to name)
+        if "I/O error" not in str(e) and "os error" not in str(e):
+            raise
+        raise _write_failed(target, e) from None
+
+
+def write_file_atomically(target, write) -> str:
+    """Write the file `target` by write(tmp), into a temporary file next to
+    it; given open()'s mode, fsynced and renamed over `target`: never a
+    partial file there, whatever fails (the temporary is removed).  Every
+    failure is an OSError naming `target`.  Returns target's real path."""
+    target = os.path.realpath(os.fspath(target))
+    if os.path.isdir(target):
+        raise IsADirectoryError(f"{target}: is a directory; give a file name")
+    parent = os.path.dirname(target)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    except OSError as e:
+        err = type(e)(e.errno, f"{target}: cannot create a file in {parent!r} ({e.strerror})")
+        err.filename = target
+        raise err from None
+    os.close(fd)
+    try:
+        try:
+            write(tmp)
+            _set_mode_like_open(tmp, target)  # mkstemp / safetensors create 0600
+            _fsync_path(tmp)
+        except OSError as e:
+            if e.filename == target:
+                raise
+            raise _write_failed(target, e) from None
+        os.replace(tmp, target)
+        _fsync_path(parent)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+    return target
+
+
 def _write_adapter(path, tensors: dict, config: dict, metadata: dict | None = None) -> None:
     """Write an adapter directory atomically: never a partial file or a
     half-updated directory at `path`, whatever fails mid-save.  `metadata`
     (str -> str) goes into the safetensors header next to format=pt: PEFT,
     vLLM and SGLang ignore it (ktsft keeps training-only values there)."""
-    import safetensors.numpy as stn
-
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path) or \
             os.fspath(path) in (".", os.curdir):
         raise ValueError(f"path: an adapter directory to write, got {path!r} (an empty path or "
@@ -173,14 +234,17 @@ def _write_adapter(path, tensors: dict, config: dict, metadata: dict | None = No
         wpath = os.path.join(tmp, WEIGHTS)
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
         meta["format"] = "pt"
-        stn.save_file(tensors, wpath, metadata=meta)
+        save_safetensors(tensors, wpath, os.path.join(path, WEIGHTS), meta)
         _fsync_path(wpath)
         cpath = os.path.join(tmp, CONFIG)
-        with open(cpath, "w") as f:
-            json.dump(config, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(cpath, "w") as f:
+                json.dump(config, f, indent=2)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise _write_failed(os.path.join(path, CONFIG), e) from None
         for name in (WEIGHTS, CONFIG):  # safetensors writes 0600, mkdtemp makes 0700
             _set_mode_like_open(os.path.join(tmp, name), os.path.join(path, name))
         _set_mode_like_open(tmp, path, directory=True)

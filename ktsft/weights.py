@@ -310,8 +310,6 @@ def save_layer(path, arrays, scales, dtype: str, group: int, slot) -> None:
     safetensors file that expert_source() reads back without converting:
     quantized layers are reloaded as they are, never quantized twice.
     The file is written next to `path` and renamed into place."""
-    from safetensors.numpy import save_file
-
     order = np.asarray(slot)  # slot[logical] = physical: logical order = arrays[slot]
     tensors = {}
     for n, a in zip(NAMES, arrays):
@@ -321,13 +319,10 @@ def save_layer(path, arrays, scales, dtype: str, group: int, slot) -> None:
         for n, sc in zip(NAMES, scales):
             tensors[n + "_scale"] = np.ascontiguousarray(sc[order])
     meta = {"format": KTSFT_FORMAT, "dtype": dtype, "quant_group": str(group)}
-    from .adapters import _set_mode_like_open
+    from .adapters import save_safetensors, write_file_atomically
 
     path = os.fspath(path)
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=meta)
-    _set_mode_like_open(tmp, path)  # safetensors creates 0600; give it open()'s mode
-    os.replace(tmp, path)
+    write_file_atomically(path, lambda tmp: save_safetensors(tensors, tmp, path, meta))
 
 
 class _KtsftLayer:

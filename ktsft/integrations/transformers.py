@@ -36,7 +36,6 @@ import functools
 import math
 import os
 import re
-import tempfile
 from collections import OrderedDict
 
 import torch
@@ -653,7 +652,7 @@ def save_lora_experts(model, path, metadata=None) -> str:
     it (0o666 less the umask, or the replaced file's).  Returns path."""
     from safetensors.torch import save_file
 
-    from ..adapters import _fsync_path, _set_mode_like_open
+    from ..adapters import save_safetensors, write_file_atomically
 
     mods = _lora_modules(model)
     if not mods:
@@ -663,19 +662,10 @@ def save_lora_experts(model, path, metadata=None) -> str:
             "use_rslora": str(m0.use_rslora).lower(), "lora_dropout": str(m0.lora_dropout),
             "shapes": "A [E, r, in], B [E, out, r]; gate/up: in=H, out=I; down: in=I, out=H"}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
-    target = os.path.realpath(os.fspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.tmp-",
-                               dir=os.path.dirname(target))
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous().clone() for k, v in lora_state_dict(model).items()}, tmp,
-                  metadata=meta)
-        _set_mode_like_open(tmp, target)
-        _fsync_path(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
+    tensors = {k: v.contiguous().clone() for k, v in lora_state_dict(model).items()}
+    target = os.fspath(path)
+    write_file_atomically(target, lambda tmp: save_safetensors(tensors, tmp, target, meta,
+                                                               save_file))
     return str(path)
 
 # ---- one PEFT adapter for the whole model ---------------------------------
