@@ -241,3 +241,61 @@ def test_float8_and_huge_buffers_are_named():
     with pytest.raises(MemoryError, match="KExpertsSFTBuffer of qlen="):
         KExpertsSFTBuffer.staging(10**13, 2048, 768, 128, 8, 16)
     assert m.cache_depth == 0
+
+
+def _sharded(tmp_path, p):
+    """p's experts as a two-shard HF checkpoint with its index."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    shards = {}
+    for e in range(p.E):
+        for n, a in (("gate_proj", p.gate_proj), ("up_proj", p.up_proj),
+                     ("down_proj", p.down_proj)):
+            shards.setdefault(f"model-0000{e % 2 + 1}-of-00002.safetensors", {})[
+                f"model.layers.0.mlp.experts.{e}.{n}.weight"] = a[e]
+    wm = {}
+    for f, t in shards.items():
+        save_file(t, str(tmp_path / f))
+        wm.update({k: f for k in t})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    return wm
+
+
+@pytest.mark.parametrize("case, text", [
+    ("truncated", "not valid JSON"),
+    ("binary", "not UTF-8"),
+    ("list", "found list"),
+    ("no_weight_map", "found keys ['metadata']"),
+    ("empty_map", "weight_map is empty"),
+    ("map_is_list", "weight_map is list"),
+    ("null_shard", "maps to None, not a file name"),
+    ("missing_shard", "names the shard 'model-00002-of-00002.safetensors' (for"),
+])
+def test_bad_index_json_is_named(tmp_path, case, text):
+    import json
+
+    p = Problem(T=4, H=24, I=16, E=4, k=2, r=3)
+    wm = _sharded(tmp_path, p)
+    index = tmp_path / "model.safetensors.index.json"
+    good = index.read_text()
+    key = next(iter(wm))
+    body = {"truncated": good[: len(good) // 2].encode(), "binary": b"\xff\xfe\x00garbage",
+            "list": b"[1, 2]", "no_weight_map": b'{"metadata": {}}',
+            "empty_map": b'{"weight_map": {}}', "map_is_list": b'{"weight_map": []}',
+            "null_shard": json.dumps({"weight_map": {**wm, key: None}}).encode(),
+            "missing_shard": good.encode()}[case]
+    index.write_bytes(body)
+    if case == "missing_shard":
+        os.remove(tmp_path / "model-00002-of-00002.safetensors")
+    import ktsft
+
+    m = ktsft.SFTMoEWrapper(0, p.E, p.k, p.H, p.I, lora_rank=p.r, weight_path=str(tmp_path),
+                            dtype="fp32")
+    with pytest.raises((ValueError, FileNotFoundError)) as info:
+        m.load_weights()
+    assert "model.safetensors.index.json" in str(info.value) and text in str(info.value), \
+        str(info.value)
+    with pytest.raises(RuntimeError):  # nothing was loaded
+        m.forward_sft(p.x, p.ids, p.w)
