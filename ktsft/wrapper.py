@@ -57,6 +57,14 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _hashable(x) -> bool:
+    try:
+        hash(x)
+    except TypeError:
+        return False
+    return True
+
+
 def _check_no_alias(out_grads: dict, lora_src) -> None:
     """grads_out arrays are written by the kernels while the LoRA is read:
     none may overlap another, or the registered LoRA."""
@@ -251,8 +259,10 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
                                  dtype if dtype in ("int8", "int4") else "auto",
                                  self.quant_group if dtype == "int4" else 0)
         self._ws = Workspace.shared(H, I, self.num_experts_per_tok, r, dtype == "bf16")
-        self._cache: list[CacheEntry] = []
-        self._handles: list[int] = []        # one per cached entry, same order
+        # handle -> cached entry, oldest first: one dict, so that every
+        # change is one operation (a signal between two could not leave a
+        # handle without its entry)
+        self._cached: dict[int, CacheEntry] = {}
         self._spare: list[CacheEntry] = []  # entries backward released, reused by forward
         self._lock = threading.Lock()
         _WRAPPERS.add(self)
@@ -313,7 +323,7 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
 
     @property
     def cache_depth(self) -> int:
-        return len(self._cache)
+        return len(self._cached)
 
     def stored_weights(self) -> "StoredWeights":
         """The base weights as the kernels read them: read-only views of the
@@ -344,7 +354,7 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
         (oldest first) and "spare" kept for reuse.  For inspection: the
         layer owns them."""
         with self._lock:
-            return {"cached": tuple(self._cache), "spare": tuple(self._spare)}
+            return {"cached": tuple(self._cached.values()), "spare": tuple(self._spare)}
 
     @property
     def workspace(self):
@@ -356,8 +366,8 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
         kept for reuse (count and bytes) and the workspace it shares with the
         layers of its shape (``workspace_id`` equal across those layers)."""
         with self._lock:
-            return dict(cache_entries=len(self._cache), spare_entries=len(self._spare),
-                        cache_bytes=sum(e.nbytes for e in self._cache + self._spare),
+            return dict(cache_entries=len(self._cached), spare_entries=len(self._spare),
+                        cache_bytes=sum(e.nbytes for e in [*self._cached.values(), *self._spare]),
                         workspace_bytes=sum(a.nbytes for a in self._ws.arrays.values()),
                         workspace_id=id(self._ws))
 
@@ -644,7 +654,7 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
                                                                            "lora_dropout")
         seed = None if dropout_seed is None else V.check_seed(dropout_seed, "dropout_seed")
         with self._lock:
-            if save_for_backward and len(self._cache) >= self.max_cache_depth:
+            if save_for_backward and len(self._cached) >= self.max_cache_depth:
                 raise RuntimeError(
                     f"forward_sft: the activation cache is full (max_cache_depth={self.max_cache_depth}); "
                     "run backward() first, raise max_cache_depth, or pass save_for_backward=False")
@@ -678,8 +688,7 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
             handle = None
             if save_for_backward:
                 handle = next(_HANDLES)  # unique in the process: another layer's is refused
-                self._cache.append(entry)
-                self._handles.append(handle)
+                self._cached[handle] = entry
             else:
                 self._spare.append(entry)
         return (result, handle) if return_handle else result
@@ -693,7 +702,7 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
             entry = min(fits, key=lambda e: e.capacity)
             self._spare.remove(entry)
             return entry.resize(T)
-        if len(self._spare) + len(self._cache) >= self.max_cache_depth and self._spare:
+        if len(self._spare) + len(self._cached) >= self.max_cache_depth and self._spare:
             self._spare.pop(0)  # too small for T: let it go
         return CacheEntry(T, self.num_experts, self.hidden_size, self.moe_intermediate_size,
                           self.num_experts_per_tok, self.lora_rank)
@@ -715,17 +724,21 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
         grad_input, as forward_sft's ``out``."""
         self._ready("backward")
         with self._lock:
-            if not self._cache:
+            if not self._cached:
                 raise RuntimeError("backward: no cached forward; call forward_sft(..., "
                                    "save_for_backward=True) first")
             if handle is None:
-                idx = len(self._cache) - 1
-            elif handle in self._handles:
-                idx = self._handles.index(handle)
-            else:
+                handle = next(reversed(self._cached))
+            elif not _hashable(handle) or handle not in self._cached:
                 raise RuntimeError(f"backward: handle={handle!r} names no cached forward (it was "
                                    "already used by a backward, released, or never cached)")
-            entry = self._cache[idx]
+            entry = self._cached[handle]
+            if not entry.written:  # a backward whose kernels ran was interrupted (a signal)
+                del self._cached[handle]
+                self._spare.append(entry)
+                raise RuntimeError("backward: this cached forward was already consumed by a "
+                                   "backward that was interrupted after its kernels ran (e.g. "
+                                   "by KeyboardInterrupt); run the forward again")
             T, H = entry.T, self.hidden_size
             g = V.array(grad_output, "grad_output", (T, H))  # finite: checked natively
             dx_out = _out_array(grad_input_out, "grad_input_out", (T, H))
@@ -758,7 +771,7 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
                                       ws["do_act"] if self.dtype == "bf16" else do32,
                                       self._ws, out_grads, grad_w, dx, threads,
                                       *entry.dropout, bool(accumulate))
-                del self._cache[idx], self._handles[idx]  # consumed: G/U hold dG/dU now
+                del self._cached[handle]  # consumed: G/U hold dG/dU now
                 self._spare.append(entry)
                 grad_input = _deliver(dx, dx_out, grad_input_out, grad_output, threads,
                                       self.isa)
@@ -771,17 +784,15 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
         """Drop the cached forward `handle` without running its backward
         (e.g. its graph was freed).  Returns whether it was still cached."""
         with self._lock:
-            if handle not in self._handles:
+            entry = self._cached.pop(handle, None) if _hashable(handle) else None
+            if entry is None:
                 return False
-            idx = self._handles.index(handle)
-            self._spare.append(self._cache.pop(idx))
-            del self._handles[idx]
+            self._spare.append(entry)
             return True
 
     def clear_cache(self) -> None:
         """Drop every cached forward (e.g. after an aborted step) and free
         the cache memory kept for reuse."""
         with self._lock:
-            self._cache.clear()
-            self._handles.clear()
+            self._cached.clear()
             self._spare.clear()

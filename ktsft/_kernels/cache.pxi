@@ -20,7 +20,9 @@ cdef class CacheEntry:
     plus (E + 1) int32 expert offsets and the (E + 1) int32 expert order
     (count, then the experts with pairs, most first), and ``dropout`` = (p,
     seed) of the forward.  Allocated for `capacity` tokens so a wrapper can
-    reuse entries across steps (``resize``)."""
+    reuse entries across steps (``resize``).  ``written``: a forward wrote
+    it and no backward has consumed it yet (the kernels set it; a backward
+    of an entry without it is refused, since G/U would already be dG/dU)."""
 
     def __init__(self, int64_t capacity, int64_t E, int64_t H, int64_t I, int64_t k, int64_t r):
         if min(capacity, E, H, I, k, r) < 0 or E == 0:
@@ -50,6 +52,7 @@ cdef class CacheEntry:
         if not 0 <= T <= self.capacity:
             raise ValueError(f"resize({T}): this entry holds {self.capacity} tokens")
         self.T = T
+        self.written = False
         k = self.k
         self.arrays = {n: (a if n in ("offs", "order") else a[:T] if n == "x" else a[:T * k])
                        for n, a in self.storage.items()}

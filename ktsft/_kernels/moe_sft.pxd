@@ -9,6 +9,7 @@ cdef class CacheEntry:
     cdef readonly int64_t capacity, E, H, I, k, r
     cdef readonly int64_t T            # tokens of the forward it holds (<= capacity)
     cdef public object dropout         # (p, seed) of that forward
+    cdef readonly bint written         # holds a forward its backward has not consumed yet
     cdef readonly dict storage         # name -> the whole array (capacity tokens)
     cdef readonly dict arrays          # name -> its view for T tokens
     cdef float[:, ::1] x, G, U, xs_gate, xs_up, hs_down

@@ -1236,6 +1236,7 @@ cdef class MoEKernel:
         S.T = T
         S.P = P
         _bind_cache(&self.L, &S, cache, ws, "forward")
+        cache.written = False  # until this forward has written all of it
         _set_dropout(&S, lora_dropout, dropout_seed)
         S.rw = <const float *>_arg(rw, "routing_weights", K_F32, P, False, True)
         S.x32 = <const float *>_arg(x32, "x32", K_F32, TH, False, True)
@@ -1281,6 +1282,7 @@ cdef class MoEKernel:
         free(cursor)
         if rc != 0:
             raise MemoryError("ktsft forward: cannot allocate a task list or dropout scratch")
+        cache.written = True
 
     def backward(self, CacheEntry cache, do32, do_act, Workspace ws, grads, grad_w, dx,
                  int n_threads,
@@ -1300,6 +1302,9 @@ cdef class MoEKernel:
         S.P = P
         # the entry holds exactly its forward's tokens: a dO of another T
         # would be indexed by pairs routed for that one (_bind_cache checks)
+        if not cache.written:
+            raise ValueError("cache: the entry holds no forward (a backward consumed it, or no "
+                             "forward wrote it)")
         _bind_cache(&self.L, &S, cache, ws, "backward")
         _set_dropout(&S, lora_dropout, dropout_seed)
         S.x32 = &cache.x[0, 0] if TH else NULL
@@ -1354,6 +1359,8 @@ cdef class MoEKernel:
                 for t in prange(T, schedule="static", num_threads=n_threads):
                     kern.combine(k, H, S.ybuf, S.pos + t * k, NULL, dx_p + t * H)
             tb[7] = _now()
+        if rc == 0:  # before any Python code can run (a signal handler): consumed
+            cache.written = False
         if rc != 0:
             raise MemoryError("ktsft backward: cannot allocate a task list or dropout scratch")
 
