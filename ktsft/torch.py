@@ -374,6 +374,39 @@ class _SharedBase:
             wrapper._base = (list(arrays), slot, scales)
 
 
+def _check_call(x, ids, w, H: int, k: int, E: int) -> None:
+    """The module's arguments, named as the caller passed them (the wrapper
+    checks again under its own names): tensors; hidden_states [..., H]
+    floating point; topk_ids and topk_weights of hidden_states' leading
+    shape and k; ids integers in [0, E); weights floating point, finite as
+    float32 (the dtype the kernels read them in)."""
+    for name, t in (("hidden_states", x), ("topk_ids", ids), ("topk_weights", w)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if x.dim() < 1 or x.shape[-1] != H:
+        raise ValueError(f"hidden_states: expected shape [..., {H}] (hidden_size), got "
+                         f"{tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"hidden_states: expected a floating-point tensor, got {x.dtype}")
+    want = (*x.shape[:-1], k)
+    for name, t in (("topk_ids", ids), ("topk_weights", w)):
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name}: expected shape {want} (hidden_states' leading shape, "
+                             f"top_k), got {tuple(t.shape)}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"topk_ids: expected an integer tensor (the router's top-k indices), "
+                        f"got {ids.dtype}")
+    if ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= E:
+            raise ValueError(f"topk_ids: expert id {lo if lo < 0 else hi} out of range [0, {E})")
+    if not w.is_floating_point():
+        raise TypeError(f"topk_weights: expected a floating-point tensor, got {w.dtype}")
+    if w.numel() and not bool(torch.isfinite(w.detach().float()).all()):
+        raise ValueError("topk_weights: contains a value that is not finite as float32 (NaN, "
+                         "inf, or beyond float32's range)")
+
+
 class LoRAExperts(AdapterIO, torch.nn.Module):
     """Routed experts of one MoE layer with LoRA on gate, up and down.
 
@@ -524,6 +557,10 @@ class LoRAExperts(AdapterIO, torch.nn.Module):
 
     def forward(self, hidden_states, topk_ids, topk_weights):
         """hidden_states [..., H], topk_ids / topk_weights [..., k] -> [..., H]."""
+        _check_call(hidden_states, topk_ids, topk_weights, self.hidden_size, self.top_k,
+                    self.num_experts)
+        if topk_ids.dtype not in (torch.int32, torch.int64):
+            topk_ids = topk_ids.long()  # int8 / int16 / uint8 indices: the values as they are
         lead = hidden_states.shape[:-1]
         x = hidden_states.reshape(-1, self.hidden_size)
         ids = topk_ids.reshape(-1, self.top_k)

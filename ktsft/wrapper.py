@@ -57,6 +57,16 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _check_stored(a, name, dtype) -> None:
+    """Values finite once converted to the storage dtype (or, quantized,
+    their scales): a finite float64 1e300, or a float32 beyond bf16's range,
+    would otherwise be stored as inf."""
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name}: holds a value that is not finite once converted to this "
+                         f"layer's dtype={dtype!r} storage (beyond its range: float32 up to "
+                         "3.4028e38, bfloat16 up to 3.3895e38)")
+
+
 def _hashable(x) -> bool:
     try:
         hash(x)
@@ -135,10 +145,15 @@ def _cast_like(y, like, threads, isa):
     return to_like(y, like)
 
 
-def _nonfinite(name, bad, shape):
-    idx = np.unravel_index(bad, shape)
-    return ValueError(f"{name}: contains a non-finite value at index "
-                      f"{tuple(int(i) for i in idx)}")
+def _nonfinite(name, bad, shape, a=None):
+    """The error for cast_checked's first bad element of `a` (flat index)."""
+    idx = tuple(int(i) for i in np.unravel_index(bad, shape))
+    v = None if a is None else float(np.asarray(a).reshape(-1)[bad])
+    if v is not None and np.isfinite(v):  # finite, but inf once rounded to bf16
+        return ValueError(f"{name}: the value {v:.6g} at index {idx} overflows bfloat16, the "
+                          "dtype this layer (dtype='bf16') computes in (|v| must stay below "
+                          "3.3961e38)")
+    return ValueError(f"{name}: contains a non-finite value at index {idx}")
 
 
 def _in_place(a: np.ndarray, store: np.dtype) -> bool:
@@ -409,8 +424,13 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
             if self.dtype in ("int8", "int4"):
                 arrays, scales = self._fill(want, lambda p: tuple(a[p] for a in src), E)
             else:
-                arrays = [a if _in_place(a, self._store) else
-                          np.ascontiguousarray(a, dtype=self._store) for a in src]
+                arrays = []
+                for name, a in zip(("gate_proj", "up_proj", "down_proj"), src):
+                    if not _in_place(a, self._store):
+                        with np.errstate(over="ignore"):
+                            a = np.ascontiguousarray(a, dtype=self._store)
+                        _check_stored(a, name, self.dtype)
+                    arrays.append(a)
         else:
             arrays, scales = self._read_weights(p2l, want, key_prefix)
         views = [a.view(np.uint16) if self.dtype == "bf16" else a for a in arrays]
@@ -445,12 +465,16 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
             scales = [np.empty((*want[n][:2], want[n][2] // G), np.float32) for n in NAMES]
         for p in range(n_slots):
             for i, w in enumerate(expert(p)):
-                if self.dtype == "int8":
-                    arrays[i][p], scales[i][p] = quantize_int8(w)
-                elif self.dtype == "int4":
-                    arrays[i][p], scales[i][p] = quantize_int4(w, G)
-                else:
-                    arrays[i][p] = w
+                where = f"{what}: {NAMES[i]} of expert slot {p}"
+                with np.errstate(over="ignore"):
+                    if self.dtype == "int8":
+                        arrays[i][p], scales[i][p] = quantize_int8(w)
+                    elif self.dtype == "int4":
+                        arrays[i][p], scales[i][p] = quantize_int4(w, G)
+                    else:
+                        arrays[i][p] = w
+                _check_stored(arrays[i][p] if scales is None else scales[i][p], where,
+                              self.dtype)
         return arrays, scales
 
     def save_weights(self, path) -> None:
@@ -666,9 +690,10 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
             entry = self._take_entry(T)
             try:
                 # x into the cache (fp32), the finite check in the same parallel pass
-                bad = cast_checked(x, entry["x"], threads, self.isa)
+                bf16_in = self.dtype == "bf16" and x.itemsize == 4  # rounded to bf16 below
+                bad = cast_checked(x, entry["x"], threads, self.isa, True, bf16_in)
                 if bad >= 0:
-                    raise _nonfinite("hidden_states", bad, (T, H))
+                    raise _nonfinite("hidden_states", bad, (T, H), x)
                 entry.dropout = (p, 0 if seed is None else seed)
                 with self._ws.lock:  # shared by the layers of this shape
                     ws = self._ws.view(T)
@@ -755,14 +780,16 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
             grad_w = np.empty((T, self.num_experts_per_tok), np.float32)
             with self._ws.lock:
                 ws = self._ws.view(T)
+                bf16_in = self.dtype == "bf16" and g.itemsize == 4  # rounded to bf16 natively
                 if g.dtype == np.float32 and g.flags.c_contiguous:
                     do32 = g
-                    bad = cast_checked(g, None, threads, self.isa)
+                    bad = cast_checked(g, None, threads, self.isa, True, bf16_in)
                 else:
                     do32 = ws["do32"]
-                    bad = cast_checked(np.ascontiguousarray(g), do32, threads, self.isa)
+                    bad = cast_checked(np.ascontiguousarray(g), do32, threads, self.isa, True,
+                                       bf16_in)
                 if bad >= 0:  # before anything changed: the cache entry stays
-                    raise _nonfinite("grad_output", bad, (T, H))
+                    raise _nonfinite("grad_output", bad, (T, H), g)
                 dx = _result_target(dx_out, grad_output, ws["y32"])
                 # The kernel checks and allocates everything before it
                 # writes anything: when it raises (e.g. out of memory), the

@@ -22,23 +22,32 @@ cdef int64_t _first_bad16(const uint16_t *s, int64_t lo, int64_t hi) noexcept no
     return -1
 
 
-cdef int64_t _first_bad32(const uint32_t *s, int64_t lo, int64_t hi) noexcept nogil:
+cdef enum:
+    F32_INF = 0x7f800000      # |bits| from here: inf or NaN
+    F32_BF16_INF = 0x7f7f8000  # |bits| from here: inf or NaN once rounded to bf16 (RNE)
+
+
+cdef int64_t _first_bad32(const uint32_t *s, int64_t lo, int64_t hi, uint32_t lim) noexcept nogil:
+    """First element whose magnitude bits reach `lim` (F32_INF: not finite;
+    F32_BF16_INF: not finite in bf16)."""
     cdef int64_t i
     cdef uint32_t any_bad = 0
     for i in range(lo, hi):
-        any_bad |= (s[i] & 0x7f800000u) == 0x7f800000u
+        any_bad |= (s[i] & 0x7fffffffu) >= lim
     if any_bad:
         for i in range(lo, hi):
-            if (s[i] & 0x7f800000u) == 0x7f800000u:
+            if (s[i] & 0x7fffffffu) >= lim:
                 return i
     return -1
 
 
-def cast_checked(src, dst, int threads, str isa, bint check=True):
+def cast_checked(src, dst, int threads, str isa, bint check=True, bint bf16_range=False):
     """dst[:] = src for two C-contiguous arrays of the same size, each
     float32 or bfloat16 (itemsize 4 or 2); dst None: check only.  Returns
     the flat index of the first non-finite element of src (check=True), or
-    -1.  dst is written whatever src holds; the caller decides what to do
+    -1; bf16_range: also of the first float32 element that is finite but
+    becomes inf once rounded to bfloat16 (|v| >= 2^128 - 2^119, the values
+    a bf16 layer rounds its inputs from).  dst is written whatever src holds; the caller decides what to do
     with it.  bf16 -> fp32 is exact, fp32 -> bf16 rounds to nearest even
     (the kernels' rounding)."""
     cdef const ktsft_kernels *kern = ktsft_kernels_by_name(isa.encode())
@@ -62,13 +71,14 @@ def cast_checked(src, dst, int threads, str isa, bint check=True):
     first = np.full(nb, -1, np.int64)
     cdef int64_t[::1] fb = first
     cdef uint32_t u
+    cdef uint32_t lim = F32_BF16_INF if bf16_range else F32_INF
     with nogil:
         for b in prange(nb, schedule="static", num_threads=nt):
             lo = b * CAST_BLOCK
             hi = n if n - lo < CAST_BLOCK else lo + CAST_BLOCK
             if check:
                 fb[b] = (_first_bad16(<const uint16_t *>sp, lo, hi) if s16
-                         else _first_bad32(<const uint32_t *>sp, lo, hi))
+                         else _first_bad32(<const uint32_t *>sp, lo, hi, lim))
             if dp == NULL:
                 continue
             if s16 == d16:
