@@ -364,10 +364,13 @@ def _outcome(arg, cls, name, make):
         return REFUSED, f"{type(e).__name__}: {e}"
     if seen is None:
         return "different", "accepted an input that should be refused"
-    if arg.role in ("out", "out_grad"):
-        want = arg.run(np.zeros(np.shape(seen), np.float32))
-    else:
-        want = _clean_result(arg, seen)
+    try:
+        if arg.role in ("out", "out_grad"):
+            want = arg.run(np.zeros(np.shape(seen), np.float32))
+        else:
+            want = _clean_result(arg, seen)
+    except (ValueError, TypeError, RuntimeError) as e:  # the values themselves are refused
+        return "different", f"accepted values the plain call refuses ({e})"
     tol = ROUNDED.get(name) if cls == "dtype" and arg.role in ("in", "t_in", "out",
                                                                 "out_grad") else None
     diff = [n for n in want if not (np.array_equal(got[n], want[n]) if tol is None
@@ -421,30 +424,56 @@ def _mentions(detail, arg):
     return base in detail or key in detail
 
 
+def judge(dtype, arg, cls, name, make):
+    """(verdict, detail): ok; silent (accepted with another result, or
+    accepted what must be refused); unnamed (refused, the message does not
+    name the argument); refused_valid (refused what must be accepted);
+    error (the call failed some other way)."""
+    want = expect(arg.role, cls, name, dtype)
+    try:
+        got, detail = _outcome(arg, cls, name, make)
+    except Exception as e:  # noqa: BLE001 - e.g. an accepted input broke a later step
+        return "error", f"{type(e).__name__}: {e}"
+    if got == "different" or (want == REFUSED and got == SAME):
+        return "silent", detail or "accepted"
+    if want == SAME and got == REFUSED:
+        return "refused_valid", detail
+    if got == REFUSED and not _mentions(detail, arg):
+        return "unnamed", f"the message does not name {arg.name}: {detail}"
+    return "ok", got
+
+
 @pytest.mark.parametrize("dtype,arg,cls,name,make", CELLS,
                          ids=[f"{c[0]}-{c[1].call}-{c[1].name}-{c[2]}-{c[3]}" for c in CELLS])
 def test_cell(dtype, arg, cls, name, make):
-    want = expect(arg.role, cls, name, dtype)
-    got, detail = _outcome(arg, cls, name, make)
-    assert got != "different", f"silently accepted: {detail}"
-    if want != EITHER:
-        assert got == want, f"expected {want}, got {got}: {detail}"
-    if got == REFUSED:
-        assert _mentions(detail, arg), f"the message does not name {arg.name}: {detail}"
+    verdict, detail = judge(dtype, arg, cls, name, make)
+    assert verdict == "ok", f"{verdict}: {detail}"
+
+
+VERDICTS = ("ok", "silent", "unnamed", "refused_valid", "error")
 
 
 def counts():
-    """Cells by class and outcome (for docs/reliability.md)."""
+    """Cells by class and verdict, and by class and outcome (for
+    docs/reliability.md)."""
     c = collections.Counter()
     for dtype, arg, cls, name, make in CELLS:
-        got, _ = _outcome(arg, cls, name, make)
-        c[(cls, got)] += 1
+        verdict, detail = judge(dtype, arg, cls, name, make)
+        c[(cls, verdict)] += 1
+        c[(cls, detail if verdict == "ok" else "")] += 1
     return c
 
 
 if __name__ == "__main__":
     c = counts()
+    print("| class | cells | accepted, same results | refused, argument named | "
+          + " | ".join(VERDICTS[1:]) + " |")
+    print("|---|---|---|---|" + "---|" * (len(VERDICTS) - 1))
     for cls in ("layout", "dtype", "value", "size", "alias"):
-        row = {o: c[(cls, o)] for o in (SAME, REFUSED, "different")}
-        print(f"| {cls} | {sum(row.values())} | {row[SAME]} | {row[REFUSED]} | {row['different']} |")
-    print("total", sum(c.values()))
+        n = sum(c[(cls, v)] for v in VERDICTS)
+        print(f"| {cls} | {n} | {c[(cls, SAME)]} | {c[(cls, REFUSED)]} | "
+              + " | ".join(str(c[(cls, v)]) for v in VERDICTS[1:]) + " |")
+    print("| all | " + str(sum(c[(k, v)] for k in ("layout", "dtype", "value", "size", "alias")
+                               for v in VERDICTS)) + " | | | "
+          + " | ".join(str(sum(c[(k, v)] for k in ("layout", "dtype", "value", "size", "alias")))
+                       for v in VERDICTS[1:]) + " |")
