@@ -374,37 +374,42 @@ class _SharedBase:
             wrapper._base = (list(arrays), slot, scales)
 
 
-def _check_call(x, ids, w, H: int, k: int, E: int) -> None:
+def _check_call(x, ids, w, H: int, k: int, E: int,
+                names=("hidden_states", "topk_ids", "topk_weights"), sentinel=False) -> None:
     """The module's arguments, named as the caller passed them (the wrapper
     checks again under its own names): tensors; hidden_states [..., H]
     floating point; topk_ids and topk_weights of hidden_states' leading
     shape and k; ids integers in [0, E); weights floating point, finite as
-    float32 (the dtype the kernels read them in)."""
-    for name, t in (("hidden_states", x), ("topk_ids", ids), ("topk_weights", w)):
+    float32 (the dtype the kernels read them in).  `names`: the caller's
+    names of the three; sentinel: ids == E allowed (transformers' mark of a
+    slot no local expert owns)."""
+    nx, ni, nw = names
+    for name, t in ((nx, x), (ni, ids), (nw, w)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if x.dim() < 1 or x.shape[-1] != H:
-        raise ValueError(f"hidden_states: expected shape [..., {H}] (hidden_size), got "
-                         f"{tuple(x.shape)}")
+        raise ValueError(f"{nx}: expected shape [..., {H}] (hidden_size), got {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise TypeError(f"hidden_states: expected a floating-point tensor, got {x.dtype}")
+        raise TypeError(f"{nx}: expected a floating-point tensor, got {x.dtype}")
     want = (*x.shape[:-1], k)
-    for name, t in (("topk_ids", ids), ("topk_weights", w)):
+    for name, t in ((ni, ids), (nw, w)):
         if tuple(t.shape) != want:
-            raise ValueError(f"{name}: expected shape {want} (hidden_states' leading shape, "
-                             f"top_k), got {tuple(t.shape)}")
+            raise ValueError(f"{name}: expected shape {want} ({nx}' leading shape, top_k), got "
+                             f"{tuple(t.shape)}")
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise TypeError(f"topk_ids: expected an integer tensor (the router's top-k indices), "
-                        f"got {ids.dtype}")
+        raise TypeError(f"{ni}: expected an integer tensor (the router's top-k indices), got "
+                        f"{ids.dtype}")
+    top = E + 1 if sentinel else E
     if ids.numel():
         lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= E:
-            raise ValueError(f"topk_ids: expert id {lo if lo < 0 else hi} out of range [0, {E})")
+        if lo < 0 or hi >= top:
+            raise ValueError(f"{ni}: expert id {lo if lo < 0 else hi} out of range [0, {E})"
+                             + (f" (or {E}, the mark of no local expert)" if sentinel else ""))
     if not w.is_floating_point():
-        raise TypeError(f"topk_weights: expected a floating-point tensor, got {w.dtype}")
+        raise TypeError(f"{nw}: expected a floating-point tensor, got {w.dtype}")
     if w.numel() and not bool(torch.isfinite(w.detach().float()).all()):
-        raise ValueError("topk_weights: contains a value that is not finite as float32 (NaN, "
-                         "inf, or beyond float32's range)")
+        raise ValueError(f"{nw}: contains a value that is not finite as float32 (NaN, inf, or "
+                         "beyond float32's range)")
 
 
 class LoRAExperts(AdapterIO, torch.nn.Module):

@@ -212,14 +212,20 @@ def _wrapper_args(dtype):
     return args
 
 
-def _torch_args(dtype):
+def _torch_args(dtype, hf=False):
     import ktsft.torch as kt
 
     p = _problem()
+    if hf:
+        from ktsft.integrations.transformers import HFLoRAExperts as cls
+        call, names = "HFLoRAExperts.forward", ("hidden_states", "top_k_index", "top_k_weights")
+    else:
+        cls = kt.LoRAExperts
+        call, names = "LoRAExperts.forward", ("hidden_states", "topk_ids", "topk_weights")
 
     def run(x=None, ids=None, w=None):
         torch.manual_seed(0)
-        mod = kt.LoRAExperts(E, K, H, I, r=R, alpha=p.alpha, dtype=dtype, threads=1)
+        mod = cls(E, K, H, I, r=R, alpha=p.alpha, dtype=dtype, threads=1)
         mod.load_weights(torch.from_numpy(p.gate_proj), torch.from_numpy(p.up_proj),
                          torch.from_numpy(p.down_proj))
         x = torch.from_numpy(p.x.copy()) if x is None else x
@@ -233,9 +239,53 @@ def _torch_args(dtype):
         res.update({n: getattr(mod, n).grad.numpy().copy() for n in LORA_NAMES})
         return res
 
-    return [Arg("LoRAExperts.forward", "hidden_states", "t_in", p.x, lambda a: run(x=a)),
-            Arg("LoRAExperts.forward", "topk_ids", "t_ids", p.ids, lambda a: run(ids=a)),
-            Arg("LoRAExperts.forward", "topk_weights", "t_w", p.w, lambda a: run(w=a))]
+    return [Arg(call, names[0], "t_in", p.x, lambda a: run(x=a)),
+            Arg(call, names[1], "t_ids", p.ids, lambda a: run(ids=a)),
+            Arg(call, names[2], "t_w", p.w, lambda a: run(w=a))]
+
+
+def _ep_args(dtype):
+    """ExpertParallelLoRAExperts on a one-rank gloo group (made and torn
+    down around each call, so no other test sees a group)."""
+    import torch.distributed as dist
+
+    from ktsft.distributed import ExpertParallelLoRAExperts
+
+    p = _problem()
+
+    def run(x=None, ids=None, w=None):
+        store = tempfile.mktemp(dir=_TMP)
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+        try:
+            torch.manual_seed(0)
+            mod = ExpertParallelLoRAExperts(E, K, H, I, r=R, alpha=p.alpha, dtype=dtype,
+                                            threads=1)
+            mod.load_weights(torch.from_numpy(p.gate_proj), torch.from_numpy(p.up_proj),
+                             torch.from_numpy(p.down_proj))
+            x = torch.from_numpy(p.x.copy()) if x is None else x
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                x = x.detach().requires_grad_(True)
+            out = mod(x, torch.from_numpy(p.ids) if ids is None else ids,
+                      torch.from_numpy(p.w) if w is None else w)
+            (out.float() * torch.from_numpy(p.dO)).sum().backward()
+            res = {"out": out.detach().float().numpy(), "grad_input": x.grad.float().numpy()}
+            res.update({n: getattr(mod, n).grad.numpy().copy() for n in LORA_NAMES})
+            return res
+        finally:
+            dist.destroy_process_group()
+
+    call = "ExpertParallelLoRAExperts.forward"
+    return [Arg(call, "hidden_states", "t_in", p.x, lambda a: run(x=a)),
+            Arg(call, "topk_ids", "t_ids", p.ids, lambda a: run(ids=a)),
+            Arg(call, "topk_weights", "t_w", p.w, lambda a: run(w=a))]
+
+
+def _ep_available():
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover
+        return False
+    return dist.is_available() and not dist.is_initialized()
 
 
 # ---------------------------------------------------------------------------
@@ -272,7 +322,10 @@ def variants(arg, dtype):
             # finite in float32, inf once rounded to bf16 (the kernels' dtype)
             out.append(("value", "overflow_bf16", lambda a: conv(_set(a, 3.4e38))))
     if role in ("ids", "t_ids"):
-        for name, v in {"negative": -1, "num_experts": E, "beyond_int32": 1 << 40}.items():
+        ids_vals = {"negative": -1, "num_experts": E, "beyond_int32": 1 << 40}
+        if arg.call.startswith("HF"):  # id == E: transformers' mark of no local expert
+            ids_vals["num_experts_plus_one"] = ids_vals.pop("num_experts") + 1
+        for name, v in ids_vals.items():
             out.append(("value", name, lambda a, v=v: conv(_set(a, v, np.int64))))
     if role == "out_grad":
         out.append(("alias", "another_grads_out", None))
@@ -330,7 +383,11 @@ def _close(a, b, tol):
 def _cells():
     cells = []
     for dtype in ("fp32", "bf16"):
-        args = _wrapper_args(dtype) + (_torch_args(dtype) if torch is not None else [])
+        args = _wrapper_args(dtype)
+        if torch is not None:
+            args += _torch_args(dtype) + _torch_args(dtype, hf=True)
+            if _ep_available():
+                args += _ep_args(dtype)
         for arg in args:
             for cls, name, make in variants(arg, dtype):
                 cells.append((dtype, arg, cls, name, make))
@@ -361,7 +418,7 @@ def _outcome(arg, cls, name, make):
             warnings.simplefilter("ignore")
             got = arg.run(variant)
     except (ValueError, TypeError, RuntimeError, OverflowError, IndexError) as e:
-        return REFUSED, f"{type(e).__name__}: {e}"
+        return REFUSED, f"{type(e).__name__}: {e}"  # (RankFailedError: a RuntimeError)
     if seen is None:
         return "different", "accepted an input that should be refused"
     try:

@@ -316,17 +316,21 @@ class ExpertParallelLoRAExperts(AdapterIO, torch.nn.Module):
             raise TypeError(f"hidden_states: expected a floating-point tensor, got "
                             f"{getattr(x, 'dtype', type(x).__name__)}")
         if x.dim() != 2 or x.shape[1] != H:
-            raise ValueError(f"hidden_states: expected [..., {H}], got {tuple(x.shape)}")
+            raise ValueError(f"hidden_states: expected shape [..., {H}] with topk_ids and "
+                             "topk_weights of its leading shape and top_k; got hidden_states "
+                             f"{tuple(x.shape)}, topk_ids {tuple(getattr(ids, 'shape', ()))}, "
+                             f"topk_weights {tuple(getattr(w, 'shape', ()))}")
         T = x.shape[0]
         if T > self.chunked_prefill_size:
             raise ValueError(f"hidden_states: {T} tokens exceed chunked_prefill_size="
                              f"{self.chunked_prefill_size}; split the batch or raise the limit")
-        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"topk_ids: expected an int64 or int32 tensor, got "
-                            f"{getattr(ids, 'dtype', type(ids).__name__)}")
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() \
+                or ids.dtype == torch.bool:
+            raise TypeError(f"topk_ids: expected an integer tensor (the router's top-k "
+                            f"indices), got {getattr(ids, 'dtype', type(ids).__name__)}")
         if tuple(ids.shape) != (T, k):
-            raise ValueError(f"topk_ids: expected shape ({T}, {k}) = (tokens, top_k), got "
-                             f"{tuple(ids.shape)}")
+            raise ValueError(f"topk_ids: expected shape ({T}, {k}) = (tokens of hidden_states, "
+                             f"top_k), got {tuple(ids.shape)}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_experts):
             bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
             raise ValueError(f"topk_ids: expert id {bad} out of range [0, {self.num_experts})")
@@ -336,8 +340,9 @@ class ExpertParallelLoRAExperts(AdapterIO, torch.nn.Module):
         if tuple(w.shape) != (T, k):
             raise ValueError(f"topk_weights: expected shape ({T}, {k}), got {tuple(w.shape)}")
         for name, t in (("hidden_states", x), ("topk_weights", w)):
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{name}: contains a non-finite value")
+            if not bool(torch.isfinite(t.float() if name == "topk_weights" else t).all()):
+                raise ValueError(f"{name}: contains a value that is not finite"
+                                 + (" as float32" if name == "topk_weights" else ""))
 
     def forward(self, hidden_states, topk_ids, topk_weights):
         """hidden_states [..., H], topk_ids / topk_weights [..., k] -> [..., H]."""
@@ -345,12 +350,13 @@ class ExpertParallelLoRAExperts(AdapterIO, torch.nn.Module):
         dev = hidden_states.device if isinstance(hidden_states, torch.Tensor) else None
         lead = hidden_states.shape[:-1] if isinstance(hidden_states, torch.Tensor) else ()
         x, ids, w = hidden_states, topk_ids, topk_weights
-        if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == H:
-            x = x.reshape(-1, H).cpu()
-        if isinstance(ids, torch.Tensor) and ids.dim() >= 1 and ids.shape[-1] == k:
-            ids = ids.reshape(-1, k).cpu()
-        if isinstance(w, torch.Tensor) and w.dim() >= 1 and w.shape[-1] == k:
-            w = w.reshape(-1, k).cpu()
+        # flattened to [T, H] / [T, k] only when the shapes agree ([..., H] and
+        # [..., k] of the same leading shape): anything else reaches
+        # _check_inputs as it is, which refuses it on every rank together
+        want = (*lead, k)
+        if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == H and all(
+                isinstance(t, torch.Tensor) and tuple(t.shape) == want for t in (ids, w)):
+            x, ids, w = x.reshape(-1, H).cpu(), ids.reshape(-1, k).cpu(), w.reshape(-1, k).cpu()
         out = _ExpertParallelFunction.apply(self, x, ids, w, *self.lora_parameters())
         return out.reshape(*lead, H).to(dev)
 

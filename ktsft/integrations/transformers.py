@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ..eager import eager_moe_forward
-from ..torch import PARAM_NAMES, LoRAExperts
+from ..torch import PARAM_NAMES, LoRAExperts, _check_call
 from .hf_experts import is_silu, mask_sentinel
 from .shared_experts import overlap_shared_experts
 
@@ -90,6 +90,9 @@ class HFLoRAExperts(LoRAExperts):
     checkpoint_layout = None
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
+        _check_call(hidden_states, top_k_index, top_k_weights, self.hidden_size, self.top_k,
+                    self.num_experts, ("hidden_states", "top_k_index", "top_k_weights"),
+                    sentinel=True)
         top_k_index, top_k_weights = mask_sentinel(top_k_index, top_k_weights, self.num_experts)
         return super().forward(hidden_states, top_k_index, top_k_weights)
 
