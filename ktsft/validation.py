@@ -112,7 +112,8 @@ def expert_ids(x, name: str, T: int, k: int, num_experts: int) -> np.ndarray:
     if a.dtype not in (np.dtype(np.int64), np.dtype(np.int32)):
         raise TypeError(f"{name}: dtype must be int64 or int32, got {describe(x)}")
     if a.shape != (T, k):
-        raise ValueError(f"{name}: expected shape ({T}, {k}) = (tokens of hidden_states, num_experts_per_tok), got {tuple(a.shape)}")
+        raise ValueError(f"{name}: expected shape ({T}, {k}) = (tokens of hidden_states, "
+                         f"num_experts_per_tok), got {tuple(a.shape)}")
     if a.size:
         lo, hi = int(a.min()), int(a.max())
         if lo < 0 or hi >= num_experts:
@@ -126,7 +127,8 @@ def routing_weights(x, name: str, T: int, k: int) -> np.ndarray:
     if not (np.issubdtype(a.dtype, np.floating) or a.dtype == BF16):
         raise TypeError(f"{name}: must hold floating-point routing weights, got {describe(x)}")
     if a.shape != (T, k):
-        raise ValueError(f"{name}: expected shape ({T}, {k}) = (tokens of hidden_states, num_experts_per_tok), got {tuple(a.shape)}")
+        raise ValueError(f"{name}: expected shape ({T}, {k}) = (tokens of hidden_states, "
+                         f"num_experts_per_tok), got {tuple(a.shape)}")
     a = np.require(a, np.float32, ["C", "A"])  # contiguous and aligned (a copy where not)
     check_finite(a, name)  # after the conversion: a float64 beyond float32 is inf here
     return a

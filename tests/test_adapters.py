@@ -387,3 +387,23 @@ def test_a_handle_of_another_wrapper_is_refused():
     with pytest.raises((ValueError, KeyError, RuntimeError)):
         b.backward(p.dO, handle=ha)
     assert b.cache_depth == 1
+
+
+def test_load_adapter_into_partly_read_only_lora_changes_nothing(tmp_path):
+    """Registered LoRA arrays of which some are read-only: load_adapter is
+    refused before any array is written (validate everything, then write)."""
+    p = Problem(T=5, H=24, I=16, E=4, k=2, r=3, seed=2)
+    src = p.wrapper()
+    src.init_lora_weights(*[a * 3 for a in p.lora])
+    src.save_adapter(tmp_path / "ad")
+    lora = [a.copy() for a in p.lora]
+    lora[4].setflags(write=False)  # down_lora_a read-only, the others writable
+    m = ktsft.SFTMoEWrapper(0, p.E, p.k, p.H, p.I, cpuinfer_threads=1, lora_rank=p.r,
+                            lora_alpha=p.alpha, dtype="fp32")
+    m.load_weights(gate_proj=p.gate_proj, up_proj=p.up_proj, down_proj=p.down_proj)
+    m.init_lora_weights(*lora)
+    before = [a.copy() for a in lora]
+    with pytest.raises(ValueError, match=r"down_lora_a.*read-only"):
+        m.load_adapter(tmp_path / "ad")
+    for a, b in zip(lora, before):
+        assert np.array_equal(a, b)

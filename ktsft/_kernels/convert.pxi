@@ -47,9 +47,9 @@ def cast_checked(src, dst, int threads, str isa, bint check=True, bint bf16_rang
     the flat index of the first non-finite element of src (check=True), or
     -1; bf16_range: also of the first float32 element that is finite but
     becomes inf once rounded to bfloat16 (|v| >= 2^128 - 2^119, the values
-    a bf16 layer rounds its inputs from).  dst is written whatever src holds; the caller decides what to do
-    with it.  bf16 -> fp32 is exact, fp32 -> bf16 rounds to nearest even
-    (the kernels' rounding)."""
+    a bf16 layer rounds its inputs from).  dst is written whatever src
+    holds; the caller decides what to do with it.  bf16 -> fp32 is exact,
+    fp32 -> bf16 rounds to nearest even (the kernels' rounding)."""
     cdef const ktsft_kernels *kern = ktsft_kernels_by_name(isa.encode())
     if kern == NULL:
         raise ValueError(f"ISA {isa!r} is not compiled in")

@@ -117,9 +117,10 @@ def agree(settings: dict, build, group, where: str):
     """Collective: every rank passes the settings it builds a layer with
     and `build`, a callable that builds it (raising on arguments or memory
     this rank refuses).  Returns build()'s result on every rank when no
-    rank's build raised and all settings are equal; else raises on every rank (the refusing rank its own error, the
-    others a RankFailedError quoting it; unequal settings: ValueError
-    naming each setting and every rank's value)."""
+    rank's build raised and all settings are equal; else raises on every
+    rank (the refusing rank its own error, the others a RankFailedError
+    quoting it; unequal settings: ValueError naming each setting and every
+    rank's value)."""
     err = result = None
     try:
         result = build()
