@@ -20,7 +20,6 @@ def flops(shape, T: int, rank: int) -> dict:
 
 
 QUANTIZED = ("int8", "int4")
-INT4_GROUP = 128  # ktsft's default quant_group
 
 
 def weight_bytes_per_element(dtype: str, shape) -> float:
@@ -28,8 +27,10 @@ def weight_bytes_per_element(dtype: str, shape) -> float:
     per row; int4: half a byte plus one fp32 scale per group)."""
     if dtype == "int8":
         return 1 + 4 * (2 / shape.H + 1 / shape.I) / 3
-    if dtype == "int4":
-        return 0.5 + 4 / INT4_GROUP
+    if dtype == "int4":  # the group the layer picks (quant_group=None)
+        from ktsft.wrapper import _int4_group
+
+        return 0.5 + 4 / _int4_group(None, "int4", shape.H, shape.I)
     return 2 if dtype == "bf16" else 4
 
 

@@ -22,8 +22,7 @@ def build(shape, dtype: str, isa, rank: int, threads: int, base: dict, lora: tup
     m = ktsft.SFTMoEWrapper(layer_idx=0, num_experts=shape.E, num_experts_per_tok=shape.k,
                             hidden_size=shape.H, moe_intermediate_size=shape.I,
                             cpuinfer_threads=threads, lora_rank=rank, lora_alpha=LORA_ALPHA,
-                            max_cache_depth=1, dtype=dtype, isa=isa,
-                            quant_group=32 if shape.H % 128 or shape.I % 128 else 128)
+                            max_cache_depth=1, dtype=dtype, isa=isa)  # int4: group picked
     m.load_weights(**base)
     m.init_lora_weights(*lora)
     return m

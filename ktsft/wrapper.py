@@ -67,6 +67,32 @@ def _check_stored(a, name, dtype) -> None:
                          "3.4028e38, bfloat16 up to 3.3895e38)")
 
 
+INT4_GROUPS = (128, 64, 32)  # the group sizes the int4 kernels are built for, largest first
+
+
+def _int4_group(group, dtype: str, H: int, I: int) -> int:
+    """quant_group as given (checked), or None: for int4 the largest of
+    INT4_GROUPS dividing both input sizes (hidden_size for gate/up,
+    moe_intermediate_size for down), e.g. 32 for I=160, 64 for gpt-oss'
+    2880; other dtypes keep 128 (recorded, unused)."""
+    if group is None:
+        if dtype != "int4":
+            return 128
+        fits = [g for g in INT4_GROUPS if H % g == 0 and I % g == 0]
+        if not fits:
+            raise ValueError(f"dtype='int4': no quant_group in {INT4_GROUPS} divides both "
+                             f"hidden_size={H} and moe_intermediate_size={I} (each row's inputs "
+                             "are quantized in whole groups); use dtype='int8' for this layer")
+        return fits[0]
+    g = V.check_int(group, "quant_group")
+    if dtype == "int4" and (g not in INT4_GROUPS or H % g or I % g):
+        raise ValueError(f"quant_group={group}: int4 needs one of {INT4_GROUPS} dividing "
+                         f"hidden_size={H} and moe_intermediate_size={I}"
+                         + (f" (None picks one: {_int4_group(None, dtype, H, I)})"
+                            if any(H % c == 0 and I % c == 0 for c in INT4_GROUPS) else ""))
+    return g
+
+
 def _hashable(x) -> bool:
     try:
         hash(x)
@@ -241,7 +267,7 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
     def __init__(self, layer_idx, num_experts, num_experts_per_tok, hidden_size,
                  moe_intermediate_size, num_gpu_experts=0, cpuinfer_threads=None,
                  threadpool_count=1, weight_path=None, chunked_prefill_size=8192, lora_rank=16,
-                 lora_alpha=32.0, max_cache_depth=1, dtype="bf16", *, isa=None, quant_group=128,
+                 lora_alpha=32.0, max_cache_depth=1, dtype="bf16", *, isa=None, quant_group=None,
                  lora_dropout=0.0, dropout_seed=None):
         self._configure(layer_idx, num_experts, num_experts_per_tok, hidden_size,
                         moe_intermediate_size, num_gpu_experts, cpuinfer_threads,
@@ -249,13 +275,7 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
                         lora_alpha, max_cache_depth)
         if dtype not in ("fp32", "bf16", "int8", "int4"):
             raise ValueError(f"dtype must be 'fp32', 'bf16', 'int8' or 'int4', got {dtype!r}")
-        self.quant_group = V.check_int(quant_group, "quant_group")
-        if dtype == "int4" and (self.quant_group not in (32, 64, 128) or
-                                hidden_size % self.quant_group or
-                                moe_intermediate_size % self.quant_group):
-            raise ValueError(f"quant_group={quant_group}: int4 needs 32, 64 or 128 dividing "
-                             f"hidden_size={hidden_size} and moe_intermediate_size="
-                             f"{moe_intermediate_size}")
+        self.quant_group = _int4_group(quant_group, dtype, hidden_size, moe_intermediate_size)
         self.dtype = dtype
         self.lora_dropout = lora_dropout
         if dropout_seed is not None:

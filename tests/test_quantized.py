@@ -119,6 +119,34 @@ def test_int4_storage_and_bad_groups():
         ktsft.SFTMoEWrapper(0, 3, 2, 128, 64, dtype="int4", quant_group=48)
 
 
+@pytest.mark.parametrize("H,I,group", [(128, 768, 128), (64, 160, 32), (2880, 2880, 64),
+                                        (96, 64, 32)])
+def test_int4_group_picked_when_not_given(H, I, group):
+    """quant_group=None: the largest built group dividing both input sizes
+    (I=160 and gpt-oss' 2880 no longer refused with the default)."""
+    m = ktsft.SFTMoEWrapper(0, 2, 1, H, I, dtype="int4", lora_rank=1, chunked_prefill_size=4)
+    assert m.quant_group == group
+    assert ktsft.SFTMoEWrapper(0, 2, 1, H, I, dtype="bf16", lora_rank=1,
+                               chunked_prefill_size=4).quant_group == 128
+    with pytest.raises(ValueError, match=r"quant_group=48.*None picks one"):
+        ktsft.SFTMoEWrapper(0, 2, 1, H, I, dtype="int4", quant_group=48)
+
+
+def test_int4_picked_group_matches_reference():
+    p = Problem(T=9, H=96, I=160, E=3, k=2, r=2, seed=77)
+    m = ktsft.SFTMoEWrapper(0, p.E, p.k, p.H, p.I, lora_rank=p.r, lora_alpha=p.alpha,
+                            dtype="int4", cpuinfer_threads=2)
+    assert m.quant_group == 32
+    m.load_weights(gate_proj=p.gate_proj, up_proj=p.up_proj, down_proj=p.down_proj)
+    m.init_lora_weights(*p.lora)
+    check_against_reference(dequantized4(p, 32), p.run(m), "fp32")
+
+
+def test_int4_without_a_dividing_group_says_what_to_do():
+    with pytest.raises(ValueError, match=r"no quant_group in \(128, 64, 32\) divides.*int8"):
+        ktsft.SFTMoEWrapper(0, 2, 1, 100, 64, dtype="int4")
+
+
 @pytest.mark.parametrize("dtype", ["int8", "int4", "bf16", "fp32"])
 def test_saved_layer_reloads_as_stored(tmp_path, dtype):
     """save_weights then weight_path: the same stored bytes (no second
