@@ -113,10 +113,6 @@ INT_DTYPES = {"int8": np.int8, "int16": np.int16, "int32": np.int32, "int64": np
 OTHER_DTYPES = {"bool": np.bool_, "complex64": np.complex64, "object": object}
 
 
-def _astype(a, dt):
-    return a.astype(dt)
-
-
 # ---------------------------------------------------------------------------
 # the calls
 # ---------------------------------------------------------------------------
@@ -212,6 +208,31 @@ def _wrapper_args(dtype):
     return args
 
 
+def _module_step(p, make, x=None, ids=None, w=None):
+    """One forward and backward of a torch experts module make() with
+    p's inputs, any of them replaced; its results as numpy arrays."""
+    torch.manual_seed(0)
+    mod = make()
+    mod.load_weights(torch.from_numpy(p.gate_proj), torch.from_numpy(p.up_proj),
+                     torch.from_numpy(p.down_proj))
+    x = torch.from_numpy(p.x.copy()) if x is None else x
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        x = x.detach().requires_grad_(True)
+    out = mod(x, torch.from_numpy(p.ids) if ids is None else ids,
+              torch.from_numpy(p.w) if w is None else w)
+    (out.float() * torch.from_numpy(p.dO)).sum().backward()
+    res = {"out": out.detach().float().numpy(), "grad_input": x.grad.float().numpy()}
+    res.update({n: getattr(mod, n).grad.numpy().copy() for n in LORA_NAMES})
+    return res
+
+
+def _module_args(call, names, run):
+    p = _problem()
+    return [Arg(call, names[0], "t_in", p.x, lambda a: run(x=a)),
+            Arg(call, names[1], "t_ids", p.ids, lambda a: run(ids=a)),
+            Arg(call, names[2], "t_w", p.w, lambda a: run(w=a))]
+
+
 def _torch_args(dtype, hf=False):
     import ktsft.torch as kt
 
@@ -223,25 +244,11 @@ def _torch_args(dtype, hf=False):
         cls = kt.LoRAExperts
         call, names = "LoRAExperts.forward", ("hidden_states", "topk_ids", "topk_weights")
 
-    def run(x=None, ids=None, w=None):
-        torch.manual_seed(0)
-        mod = cls(E, K, H, I, r=R, alpha=p.alpha, dtype=dtype, threads=1)
-        mod.load_weights(torch.from_numpy(p.gate_proj), torch.from_numpy(p.up_proj),
-                         torch.from_numpy(p.down_proj))
-        x = torch.from_numpy(p.x.copy()) if x is None else x
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
-            x = x.detach().requires_grad_(True)
-        out = mod(x, torch.from_numpy(p.ids) if ids is None else ids,
-                  torch.from_numpy(p.w) if w is None else w)
-        (out.float() * torch.from_numpy(p.dO)).sum().backward()
-        res = {"out": out.detach().float().numpy(),
-               "grad_input": x.grad.float().numpy()}
-        res.update({n: getattr(mod, n).grad.numpy().copy() for n in LORA_NAMES})
-        return res
+    def run(**kw):
+        return _module_step(p, lambda: cls(E, K, H, I, r=R, alpha=p.alpha, dtype=dtype,
+                                           threads=1), **kw)
 
-    return [Arg(call, names[0], "t_in", p.x, lambda a: run(x=a)),
-            Arg(call, names[1], "t_ids", p.ids, lambda a: run(ids=a)),
-            Arg(call, names[2], "t_w", p.w, lambda a: run(w=a))]
+    return _module_args(call, names, run)
 
 
 def _ep_args(dtype):
@@ -253,31 +260,17 @@ def _ep_args(dtype):
 
     p = _problem()
 
-    def run(x=None, ids=None, w=None):
+    def run(**kw):
         store = tempfile.mktemp(dir=_TMP)
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
         try:
-            torch.manual_seed(0)
-            mod = ExpertParallelLoRAExperts(E, K, H, I, r=R, alpha=p.alpha, dtype=dtype,
-                                            threads=1)
-            mod.load_weights(torch.from_numpy(p.gate_proj), torch.from_numpy(p.up_proj),
-                             torch.from_numpy(p.down_proj))
-            x = torch.from_numpy(p.x.copy()) if x is None else x
-            if isinstance(x, torch.Tensor) and x.is_floating_point():
-                x = x.detach().requires_grad_(True)
-            out = mod(x, torch.from_numpy(p.ids) if ids is None else ids,
-                      torch.from_numpy(p.w) if w is None else w)
-            (out.float() * torch.from_numpy(p.dO)).sum().backward()
-            res = {"out": out.detach().float().numpy(), "grad_input": x.grad.float().numpy()}
-            res.update({n: getattr(mod, n).grad.numpy().copy() for n in LORA_NAMES})
-            return res
+            return _module_step(p, lambda: ExpertParallelLoRAExperts(
+                E, K, H, I, r=R, alpha=p.alpha, dtype=dtype, threads=1), **kw)
         finally:
             dist.destroy_process_group()
 
-    call = "ExpertParallelLoRAExperts.forward"
-    return [Arg(call, "hidden_states", "t_in", p.x, lambda a: run(x=a)),
-            Arg(call, "topk_ids", "t_ids", p.ids, lambda a: run(ids=a)),
-            Arg(call, "topk_weights", "t_w", p.w, lambda a: run(w=a))]
+    return _module_args("ExpertParallelLoRAExperts.forward",
+                        ("hidden_states", "topk_ids", "topk_weights"), run)
 
 
 def _ep_available():
