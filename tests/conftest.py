@@ -106,6 +106,20 @@ def dtype(request):
 # markers (registered in pyproject.toml), one table: module -> marks, and the
 # single slow tests of otherwise quick modules
 # ---------------------------------------------------------------------------
+def run_python(args, timeout):
+    """A Python subprocess (args after the interpreter: ["-c", code] or a
+    script path), output captured; a hang fails the test instead of
+    stalling CI."""
+    import subprocess
+    import sys
+
+    try:
+        return subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"subprocess hung for {timeout} s: {e.stdout}{e.stderr}")
+
+
 MARKS = {
     "test_kernels": ("native",), "test_determinism": ("native",), "test_amx": ("native",),
     "test_native_boundary": ("native",), "test_portability": ("native",),

@@ -8,7 +8,6 @@ Every subprocess runs under a timeout so that a hang fails the test instead
 of stalling CI.
 """
 import os
-import subprocess
 import sys
 import textwrap
 import threading
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 
 import ktsft
-from conftest import Problem
+from conftest import Problem, run_python
 
 ISAS = ktsft.cpu_info()["runnable_isas"]
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -244,13 +243,7 @@ _PRELUDE = textwrap.dedent(f"""
 
 
 def _python(code, timeout=CHILD_TIMEOUT):
-    """Run a script; a hang becomes a failed assertion, not a stalled CI."""
-    try:
-        r = subprocess.run([sys.executable, "-c", _PRELUDE + textwrap.dedent(code)],
-                           capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"subprocess hung for {timeout} s: {e.stdout}{e.stderr}")
-    return r
+    return run_python(["-c", _PRELUDE + textwrap.dedent(code)], timeout)
 
 
 _FORK = """
@@ -353,11 +346,7 @@ def _python_file(tmp_path, code, timeout=CHILD_TIMEOUT):
     """spawn re-imports __main__: it must be a file."""
     path = tmp_path / "mp_job.py"
     path.write_text(_PRELUDE + textwrap.dedent(code))
-    try:
-        return subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"subprocess hung for {timeout} s: {e.stdout}{e.stderr}")
+    return run_python([str(path)], timeout)
 
 
 def test_multiprocessing_spawn(tmp_path):

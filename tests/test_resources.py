@@ -15,14 +15,13 @@ and loses no state.
 Subprocesses run under a timeout, so a crash or hang fails the test.
 """
 import os
-import subprocess
 import sys
 import textwrap
 
 import numpy as np
 import pytest
 
-from conftest import Problem
+from conftest import Problem, run_python
 from ktsft._kernels import moe_sft
 from ktsft.schema import LORA_GRAD_NAMES, lora_shapes
 
@@ -50,11 +49,7 @@ def same(a, b):
 
 
 def _python(code):
-    try:
-        return subprocess.run([sys.executable, "-c", _PRELUDE + textwrap.dedent(code)],
-                              capture_output=True, text=True, timeout=TIMEOUT)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"subprocess hung for {TIMEOUT} s: {e.stdout}{e.stderr}")
+    return run_python(["-c", _PRELUDE + textwrap.dedent(code)], TIMEOUT)
 
 
 needs_openmp = pytest.mark.skipif(not moe_sft.openmp_enabled(), reason="built without OpenMP")

@@ -172,13 +172,13 @@ def test_reading_holds_one_expert_of_temporaries(tmp_path):
     in a fresh interpreter: in the suite's process, threads other tests
     left behind can allocate during the sampled window."""
     import os
-    import subprocess
-    import sys
+
+    from conftest import run_python
 
     tests = os.path.dirname(os.path.abspath(__file__))
     code = _PEAK_WHILE_LOADING.format(tests=tests, path=str(tmp_path / "model.safetensors"),
                                       root=str(tmp_path))
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = run_python(["-c", code], 120)
     assert r.returncode == 0, r.stdout + r.stderr
     grown = int(r.stdout.split("grown", 1)[1].split()[0])
     E, H, I = 32, 512, 256

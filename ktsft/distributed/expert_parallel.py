@@ -27,7 +27,7 @@ from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
 from ..adapters import AdapterIO
-from ..torch import PARAM_NAMES, LoRAExperts
+from ..torch import PARAM_NAMES, LoRAExperts, _check_call
 from ..wrapper import INT32_MAX
 from .comm import STATS, agree, all_to_all, check_all, exchange_counts
 from .partition import ExpertPartition
@@ -310,39 +310,17 @@ class ExpertParallelLoRAExperts(AdapterIO, torch.nn.Module):
 
     # ---- compute ---------------------------------------------------------------
     def _check_inputs(self, x, ids, w) -> None:
-        """Raised before any payload moves; exchange_counts makes every rank raise."""
-        H, k = self.hidden_size, self.top_k
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"hidden_states: expected a floating-point tensor, got "
-                            f"{getattr(x, 'dtype', type(x).__name__)}")
-        if x.dim() != 2 or x.shape[1] != H:
-            raise ValueError(f"hidden_states: expected shape [..., {H}] with topk_ids and "
-                             "topk_weights of its leading shape and top_k; got hidden_states "
-                             f"{tuple(x.shape)}, topk_ids {tuple(getattr(ids, 'shape', ()))}, "
-                             f"topk_weights {tuple(getattr(w, 'shape', ()))}")
+        """Raised before any payload moves; exchange_counts makes every rank
+        raise.  The module's argument checks (ktsft.torch._check_call), then
+        what this layer adds: the token limit, and finite hidden states (the
+        local experts check only the rows they receive)."""
+        _check_call(x, ids, w, self.hidden_size, self.top_k, self.num_experts)
         T = x.shape[0]
         if T > self.chunked_prefill_size:
             raise ValueError(f"hidden_states: {T} tokens exceed chunked_prefill_size="
                              f"{self.chunked_prefill_size}; split the batch or raise the limit")
-        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() \
-                or ids.dtype == torch.bool:
-            raise TypeError(f"topk_ids: expected an integer tensor (the router's top-k "
-                            f"indices), got {getattr(ids, 'dtype', type(ids).__name__)}")
-        if tuple(ids.shape) != (T, k):
-            raise ValueError(f"topk_ids: expected shape ({T}, {k}) = (tokens of hidden_states, "
-                             f"top_k), got {tuple(ids.shape)}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_experts):
-            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-            raise ValueError(f"topk_ids: expert id {bad} out of range [0, {self.num_experts})")
-        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
-            raise TypeError(f"topk_weights: expected a floating-point tensor, got "
-                            f"{getattr(w, 'dtype', type(w).__name__)}")
-        if tuple(w.shape) != (T, k):
-            raise ValueError(f"topk_weights: expected shape ({T}, {k}), got {tuple(w.shape)}")
-        for name, t in (("hidden_states", x), ("topk_weights", w)):
-            if not bool(torch.isfinite(t.float() if name == "topk_weights" else t).all()):
-                raise ValueError(f"{name}: contains a value that is not finite"
-                                 + (" as float32" if name == "topk_weights" else ""))
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("hidden_states: contains a value that is not finite")
 
     def forward(self, hidden_states, topk_ids, topk_weights):
         """hidden_states [..., H], topk_ids / topk_weights [..., k] -> [..., H]."""
