@@ -78,12 +78,14 @@ U_BF16 = 2.0 ** -8
 # layer input x and the intermediate h (before the base GEMMs), backward the
 # output gradient and the gate/up gradient (before the transposed base GEMMs)
 ROUNDINGS_PER_LAYER = 4
-# ktsft's bf16 gradient error may be at most this multiple of the measured
-# sensitivity: the median error of PERTURBED_TRIALS bf16-sized random
-# perturbations of the fp32 oracle on the same step (the median: one trial in
-# a few lands on an ill-conditioned direction and is off by 10x)
+# ktsft's bf16 gradient error may be at most this multiple of the worst of
+# PERTURBED_TRIALS bf16-sized random perturbations of the fp32 oracle on the
+# same step, at the layer's four rounding points (forward input and output,
+# backward output and input gradient).  The worst, not the median: the trials'
+# errors are heavy-tailed (measured, --steps 20: the worst of 7 is 1.5-26x their
+# median), and ktsft's own rounding is one more draw from that distribution
 SENSITIVITY_FACTOR = 2.0
-PERTURBED_TRIALS = 5
+PERTURBED_TRIALS = 7
 FP32_BAR = 1e-5
 
 
@@ -715,9 +717,12 @@ class Demo:
         the gradient's sensitivity is the median error of the fp32 oracle
         with every experts layer's input and output multiplied by
         1 + U_BF16 * xi (xi uniform in [-1, 1]: one bf16 rounding each),
-        over PERTURBED_TRIALS trials.  ktsft may be off by at
-        most SENSITIVITY_FACTOR times that, and never needs to beat the
-        first-order floor ROUNDINGS_PER_LAYER * layers * U_BF16.  A short
+        and so are the gradients flowing into its output and out of its input
+        (ROUNDINGS_PER_LAYER roundings per layer, as ktsft's), over
+        PERTURBED_TRIALS trials (the median is reported as the sensitivity).
+        ktsft may be off by at most SENSITIVITY_FACTOR times the worst trial,
+        and never needs to beat the first-order floor ROUNDINGS_PER_LAYER *
+        layers * U_BF16.  A short
         run's gradients are larger and less cancelled than a long run's, so a
         fixed bar fails there while this one scales with the step.  fp32:
         FP32_BAR.  Then every experts layer alone against a float64 oracle on
@@ -764,8 +769,9 @@ class Demo:
                "layers": L}
         if self.dtype == "bf16":
             # the sensitivity of this gradient to bf16-sized errors where ktsft rounds:
-            # the oracle again with every experts layer's input and output multiplied
-            # by 1 + U_BF16 * xi, xi uniform in [-1, 1] (independent per element and trial)
+            # the oracle again with every experts layer's input and output, and the
+            # gradients of both, multiplied by 1 + U_BF16 * xi, xi uniform in [-1, 1]
+            # (independent per element and trial)
             trials = []
             for t in range(PERTURBED_TRIALS):
                 gen = torch.Generator().manual_seed(1000 * self.seed + t)
@@ -774,10 +780,20 @@ class Demo:
                     xi = torch.rand(v.shape, generator=gen, dtype=torch.float32) * 2 - 1
                     return v * (1 + U_BF16 * xi).to(v.dtype)
 
+                def pre(mod, a):
+                    x = noise(a[0])
+                    if x.requires_grad:  # dx, as it leaves the layer
+                        x.register_hook(noise)
+                    return (x,) + tuple(a[1:])
+
+                def post(mod, a, o):
+                    if o.requires_grad:  # dO, before it enters the layer
+                        o.register_hook(noise)
+                    return noise(o)
+
                 mods = _experts_modules(twin32)
-                hs = [m.register_forward_pre_hook(lambda mod, a: (noise(a[0]),) + tuple(a[1:]))
-                      for m in mods]
-                hs += [m.register_forward_hook(lambda mod, a, o: noise(o)) for m in mods]
+                hs = [m.register_forward_pre_hook(pre) for m in mods]
+                hs += [m.register_forward_hook(post) for m in mods]
                 try:
                     trials.append(_rel(flat(replay(twin32)[1]), flat(g_32)))
                 finally:
@@ -789,7 +805,7 @@ class Demo:
             sens = statistics.median(trials)
             res.update(eager_bf16_grad_rel_err=err_e, eager_bf16_loss_rel_err=_rel(l16, l32),
                        perturbed_grad_rel_err=trials, sensitivity=sens,
-                       bar_floor=floor, bar=max(SENSITIVITY_FACTOR * sens, floor))
+                       bar_floor=floor, bar=max(SENSITIVITY_FACTOR * max(trials), floor))
         else:
             res["bar"] = FP32_BAR
         res["ok"] = err_k <= res["bar"]
@@ -1019,8 +1035,9 @@ def report(s, say=print):
             f"weights, LoRA and routing), {gc['tensors']} LoRA gradients: ktsft bf16 "
             f"{gc['grad_rel_err']:.1e} (eager bf16 PyTorch {gc['eager_bf16_grad_rel_err']:.1e}); "
             f"bf16 sensitivity of this step {gc['sensitivity']:.1e} (median of "
-            f"{len(gc['perturbed_grad_rel_err'])} bf16-sized perturbations); bar "
-            f"max({SENSITIVITY_FACTOR:g} x sensitivity, {ROUNDINGS_PER_LAYER} x "
+            f"{len(gc['perturbed_grad_rel_err'])} bf16-sized perturbations, worst "
+            f"{max(gc['perturbed_grad_rel_err']):.1e}); bar max({SENSITIVITY_FACTOR:g} x "
+            f"worst, {ROUNDINGS_PER_LAYER} x "
             f"{gc['layers']} layers x 2^-8) = {gc['bar']:.1e}: {'ok' if gc['ok'] else 'FAIL'}")
     else:
         say(f"gradient check vs the fp32 eager oracle: {gc['grad_rel_err']:.1e}, bar "

@@ -38,14 +38,16 @@ def test_gradient_check_steps_20_seeds_0_9(seed):
     """What `python -m ktsft demo --steps 20 --seed N` checks, N = 0..9."""
     d = _short(SWEEP_SIZE, seed, 20)
     g = d.check_gradients()
-    assert g["ok"] and g["layers_ok"], g
+    brief = {k: g[k] for k in ("grad_rel_err", "bar", "sensitivity", "perturbed_grad_rel_err",
+                               "eager_bf16_grad_rel_err", "layer_max_rel_err", "layer_bar")}
+    assert g["ok"] and g["layers_ok"], brief
     # the bar is the bf16 error model's, measured on this step, not a loose constant
     import statistics
 
     assert len(g["perturbed_grad_rel_err"]) == demo.PERTURBED_TRIALS
     sens = statistics.median(g["perturbed_grad_rel_err"])
     assert g["sensitivity"] == sens
-    assert g["bar"] == max(demo.SENSITIVITY_FACTOR * sens,
+    assert g["bar"] == max(demo.SENSITIVITY_FACTOR * max(g["perturbed_grad_rel_err"]),
                            demo.ROUNDINGS_PER_LAYER * g["layers"] * demo.U_BF16)
     assert g["bar"] < 0.5  # a bar that could not fail would be no check
     assert g["loss_rel_err"] < 1e-2
