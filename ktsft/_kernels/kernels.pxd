@@ -4,6 +4,7 @@ from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, 
 cdef extern from "ktsft/kernels.h" nogil:
     ctypedef uint16_t ktsft_bf16
     enum: KT_NN_STREAM_MAX
+    enum: KT_NN_STREAM_FEW
     ctypedef struct ktsft_gemm:
         int64_t M, N, K
         const void *A

@@ -25,7 +25,8 @@ from ._openmp cimport (KTSFT_OPENMP, omp_get_max_threads, omp_get_thread_num,
 from .kernels cimport (ktsft_kernels, ktsft_bf16, ktsft_gemm, ktsft_gemm_fn, KTSFT_W_F32,
                        KTSFT_W_BF16, KTSFT_W_Q8, KTSFT_W_Q4, ktsft_kernels_by_name, ktsft_amx_build,
                        ktsft_cpu_features, ktsft_probe_cpu, ktsft_amx_request,
-                       ktsft_feature_mask, ktsft_isa_info, ktsft_isa_table, KT_NN_STREAM_MAX)
+                       ktsft_feature_mask, ktsft_isa_info, ktsft_isa_table, KT_NN_STREAM_MAX,
+                       KT_NN_STREAM_FEW)
 
 
 def isa_table():
@@ -49,7 +50,6 @@ cdef enum:
     AMX_COL_BLOCK = 2048  # AMX: up to 4 KiB runs of each weight row per task, streamed
     PAIR_BLOCK = 32     # (token, slot) pairs per task
     GRAD_BLOCK = 256    # LoRA-gradient rows/columns per task
-    FEW_TOKENS = 8      # experts with at most this many pairs: NN tasks span whole rows
     # Base-GEMM tasks of an expert with more pairs take them in near-equal
     # chunks of at most this many: a skewed router (a random-init Qwen3-MoE
     # sends a tenth of a layer's pairs to one expert) would otherwise leave
@@ -1138,7 +1138,7 @@ cdef class MoEKernel:
         self.L.nt_rows = AMX_ROW_BLOCK if amx else ROW_BLOCK
         self.L.nn_cols = AMX_COL_BLOCK if amx else COL_BLOCK
         # the vdpbf16ps NN kernel streams without a pack up to KT_NN_STREAM_MAX tokens
-        self.L.nn_whole_upto = KT_NN_STREAM_MAX if (isa == "avx512bf16" and bf16) else FEW_TOKENS
+        self.L.nn_whole_upto = KT_NN_STREAM_MAX if (isa == "avx512bf16" and bf16) else KT_NN_STREAM_FEW
         self.isa = isa
         self._keep = {}
         if kern.release_scratch != NULL:

@@ -34,6 +34,10 @@ typedef uint16_t ktsft_bf16;
  * Harness on cold weights, 2-core Zen 5: 9-11 tokens 11-20% faster than
  * pack + tiles, 12 even, 16 twice slower. */
 #define KT_NN_STREAM_MAX 11
+/* The fp32-FMA NN products (fp32, int8, int4 weights, and bf16 below
+ * AVX512-BF16) stream W row by row for at most this many tokens, and
+ * moe_sft.pyx gives those experts whole-row tasks. */
+#define KT_NN_STREAM_FEW 8
 
 /* One GEMM, described: the base products (weights of the layer's kind) and
  * the fp32 LoRA products all go through the two entry points of a table,
