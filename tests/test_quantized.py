@@ -9,7 +9,9 @@ from ktsft.quantize import quantize_int8
 
 CASES = [dict(T=7, H=37, I=29, E=5, k=3, r=3),
          dict(T=40, H=300, I=200, E=4, k=2, r=8),      # packed NN path, row chunks
-         dict(T=1, H=33, I=17, E=3, k=1, r=1)]
+         dict(T=1, H=33, I=17, E=3, k=1, r=1),
+         # 1-3 tokens per expert: the row-streaming NT and NN kernels, with tails
+         dict(T=10, H=300, I=200, E=12, k=2, r=4)]
 
 
 def dequantized(p):
@@ -63,8 +65,9 @@ def test_int8_from_checkpoint_and_map(tmp_path):
         assert np.array_equal(got[n], want[n]), n
 
 
-def test_int8_deterministic_across_threads(isa):
-    p = Problem(T=45, H=301, I=203, E=6, k=3, r=5, seed=45)
+@pytest.mark.parametrize("T", [45, 9])  # tiles; the few-token streaming kernels
+def test_int8_deterministic_across_threads(isa, T):
+    p = Problem(T=T, H=301, I=203, E=6 if T > 9 else 14, k=3, r=5, seed=45)
     base = p.run(p.wrapper(dtype="int8", isa=isa, threads=1))
     got = p.run(p.wrapper(dtype="int8", isa=isa, threads=3))
     for n in base:
@@ -85,7 +88,8 @@ def dequantized4(p, group):
 
 CASES4 = [dict(T=7, H=64, I=128, E=5, k=3, r=3),
           dict(T=40, H=320, I=256, E=4, k=2, r=8),    # packed NN path, row chunks, tails
-          dict(T=1, H=64, I=64, E=3, k=1, r=1)]
+          dict(T=1, H=64, I=64, E=3, k=1, r=1),
+          dict(T=10, H=320, I=192, E=12, k=2, r=4)]   # 1-3 tokens per expert: streaming
 
 
 @pytest.mark.parametrize("group", [32, 64])
@@ -175,3 +179,20 @@ def test_saved_quantized_layer_needs_its_dtype(tmp_path):
         b = ktsft.SFTMoEWrapper(0, p.E, p.k, p.H, p.I, weight_path=str(tmp_path / "q.safetensors"), **kw)
         with pytest.raises(ValueError, match="saved by ktsft"):
             b.load_weights()
+
+
+@pytest.mark.parametrize("T", [40, 9])  # tiles; the few-token streaming kernels
+def test_int4_deterministic_across_threads(isa, T):
+    p = Problem(T=T, H=320, I=192, E=5 if T > 9 else 14, k=3, r=4, seed=46)
+
+    def run(threads):
+        m = ktsft.SFTMoEWrapper(0, p.E, p.k, p.H, p.I, lora_rank=p.r, lora_alpha=p.alpha,
+                                dtype="int4", quant_group=32, isa=isa, cpuinfer_threads=threads)
+        m.load_weights(gate_proj=p.gate_proj, up_proj=p.up_proj, down_proj=p.down_proj)
+        m.init_lora_weights(*p.lora)
+        return p.run(m)
+
+    base, got = run(1), run(3)
+    for n in base:
+        assert np.array_equal(base[n], got[n]), n
+

@@ -9,6 +9,7 @@ typedef __m512 VF;
 #define V_ZERO() _mm512_setzero_ps()
 #define V_SET1(x) _mm512_set1_ps(x)
 #define V_MUL(a, b) _mm512_mul_ps(a, b)
+#define V_ADD(a, b) _mm512_add_ps(a, b)
 #define V_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define V_LOADN(p, n) _mm512_maskz_loadu_ps(kt_mask16(n), p)
 #define V_STOREN(p, v, n) _mm512_mask_storeu_ps(p, kt_mask16(n), v)
@@ -79,6 +80,36 @@ static inline __m512 kt_loadn_i4x16(const uint8_t *p, int64_t n)
     const int64_t bytes = (n + 1) / 2;
     return _mm512_maskz_mov_ps(kt_mask16(n), kt_widen_i4x16(_mm_maskz_loadu_epi8(kt_mask16(bytes), p)));
 }
+/* int4 through a table: t holds (q - 8) * s for q = 0..15 (one rounding, as
+ * the convert-and-multiply above), and vpermps picks lane i's value by the
+ * low four bits of index lane i.  Byte b of 8 goes to qword b; b | b << 28
+ * leaves the low nibble in the low bits of dword 2b and the high nibble in
+ * those of dword 2b + 1: four instructions per 16 weights instead of eight. */
+static inline __m512 kt_i4_table(float s)
+{
+    const __m512 q = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm512_mul_ps(q, _mm512_set1_ps(s));
+}
+
+static inline __m512 kt_deq_i4x16_bytes(__m128i b, __m512 t)
+{
+    const __m512i q = _mm512_cvtepu8_epi64(b);
+    return _mm512_permutexvar_ps(_mm512_or_si512(q, _mm512_slli_epi64(q, 28)), t);
+}
+
+static inline __m512 kt_deq_i4x16(const uint8_t *p, __m512 t)
+{
+    return kt_deq_i4x16_bytes(_mm_loadl_epi64((const __m128i *)p), t);
+}
+
+static inline __m512 kt_deqn_i4x16(const uint8_t *p, int64_t n, __m512 t)
+{
+    const int64_t bytes = (n + 1) / 2;
+    return _mm512_maskz_mov_ps(kt_mask16(n), kt_deq_i4x16_bytes(_mm_maskz_loadu_epi8(kt_mask16(bytes), p), t));
+}
+#define KT_I4_TABLE(s) kt_i4_table(s)
+#define KT_DEQ_I4(row, k, t) kt_deq_i4x16((row) + ((k) >> 1), t)
+#define KT_DEQN_I4(row, k, n, t) kt_deqn_i4x16((row) + ((k) >> 1), n, t)
 #define KT_LOAD_I4(row, k) kt_load_i4x16((row) + ((k) >> 1))
 #define KT_LOADN_I4(row, k, n) kt_loadn_i4x16((row) + ((k) >> 1), n)
 #define OUT_RT 16

@@ -8,6 +8,7 @@ typedef __m256 VF;
 #define V_ZERO() _mm256_setzero_ps()
 #define V_SET1(x) _mm256_set1_ps(x)
 #define V_MUL(a, b) _mm256_mul_ps(a, b)
+#define V_ADD(a, b) _mm256_add_ps(a, b)
 #define V_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define V_LOADN(p, n) _mm256_maskload_ps(p, kt_mask8(n))
 #define V_STOREN(p, v, n) _mm256_maskstore_ps(p, kt_mask8(n), v)

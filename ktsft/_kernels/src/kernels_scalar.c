@@ -8,6 +8,7 @@ typedef float VF;
 #define V_ZERO() 0.0f
 #define V_SET1(x) (x)
 #define V_MUL(a, b) ((a) * (b))
+#define V_ADD(a, b) ((a) + (b))
 #define V_FMA(a, b, c) ((a) * (b) + (c))
 #define V_LOADN(p, n) ((n) > 0 ? *(p) : 0.0f)
 #define V_STOREN(p, v, n) do { if ((n) > 0) *(p) = (v); } while (0)
