@@ -62,26 +62,9 @@ static inline __m512 kt_hsum16(const __m512 in[16])
 #define KT_LOAD_I8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
 #define KT_LOADN_I8(p, n) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(kt_mask16(n), p)))
 
-/* int4: two per byte, element 2i in the low nibble, stored as q + 8 */
-static inline __m512 kt_widen_i4x16(__m128i b)
-{
-    const __m128i m = _mm_set1_epi8(0x0f);
-    const __m128i v = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
-    return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(v), _mm512_set1_epi32(8)));
-}
-
-static inline __m512 kt_load_i4x16(const uint8_t *p)
-{
-    return kt_widen_i4x16(_mm_loadl_epi64((const __m128i *)p));
-}
-
-static inline __m512 kt_loadn_i4x16(const uint8_t *p, int64_t n)
-{
-    const int64_t bytes = (n + 1) / 2;
-    return _mm512_maskz_mov_ps(kt_mask16(n), kt_widen_i4x16(_mm_maskz_loadu_epi8(kt_mask16(bytes), p)));
-}
-/* int4 through a table: t holds (q - 8) * s for q = 0..15 (one rounding, as
- * the convert-and-multiply above), and vpermps picks lane i's value by the
+/* int4 (two per byte, element 2i in the low nibble, stored as q + 8) through
+ * a table: t holds (q - 8) * s for q = 0..15 (one rounding, as converting q - 8
+ * and multiplying by s would give), and vpermps picks lane i's value by the
  * low four bits of index lane i.  Byte b of 8 goes to qword b; b | b << 28
  * leaves the low nibble in the low bits of dword 2b and the high nibble in
  * those of dword 2b + 1: four instructions per 16 weights instead of eight. */
@@ -110,8 +93,6 @@ static inline __m512 kt_deqn_i4x16(const uint8_t *p, int64_t n, __m512 t)
 #define KT_I4_TABLE(s) kt_i4_table(s)
 #define KT_DEQ_I4(row, k, t) kt_deq_i4x16((row) + ((k) >> 1), t)
 #define KT_DEQN_I4(row, k, n, t) kt_deqn_i4x16((row) + ((k) >> 1), n, t)
-#define KT_LOAD_I4(row, k) kt_load_i4x16((row) + ((k) >> 1))
-#define KT_LOADN_I4(row, k, n) kt_loadn_i4x16((row) + ((k) >> 1), n)
 #define OUT_RT 16
 
 #endif
