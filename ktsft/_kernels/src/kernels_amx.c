@@ -287,6 +287,16 @@ static void amx_w2_transpose(int64_t nr, int64_t K2, const float *W2__nq, int64_
         for (int j = 0; j < 16; ++j) w2t[16 * q + j] = j < nr ? W2__nq[j * ldw2 + q] : 0.0f;
 }
 
+/* The tokens' pack is taken KT_AMX_NT_KPACK bytes at a time (a chunk of k
+ * blocks), so that the chunk stays in L2 while every weight row pair of the
+ * call reads it: a whole pack (M x K bf16, 3.5 MiB for 256 tokens of
+ * DeepSeek-V3's H = 7168) was read from L3 once per 32 weight rows.  The
+ * fp32 sums of a tile are carried between chunks in a buffer (exact: the
+ * tile's accumulation order is the same k blocks in the same order). */
+#ifndef KT_AMX_NT_KPACK
+#define KT_AMX_NT_KPACK (1024 * 1024)
+#endif
+
 static void gemm_nt_bf16_amx(int64_t M, int64_t N, int64_t K, const ktsft_bf16 *A__mk,
                              int64_t lda, const int32_t *arows, const ktsft_bf16 *W__nk,
                              int64_t ldw, int64_t K2, const float *A2__mq, int64_t lda2,
@@ -310,79 +320,111 @@ static void gemm_nt_bf16_amx(int64_t M, int64_t N, int64_t K, const ktsft_bf16 *
     }
     const int64_t nkb = (K + 31) / 32, kfull = K / 32;
     const int64_t mtiles = ((M + 15) / 16 + 1) & ~(int64_t)1; /* even: tokens go in pairs */
-    const size_t xt_bytes = (size_t)mtiles * nkb * 1024;
+    /* k blocks per chunk of the pack (1 KiB per token tile and k block) */
+    int64_t ckb = KT_AMX_NT_KPACK / (mtiles * 1024);
+    ckb = ckb < 1 ? 1 : ckb > nkb ? nkb : ckb;
+    const int64_t nchunks = (nkb + ckb - 1) / ckb;
+    const int64_t ntiles = (N16 + 15) / 16;
+    const size_t xt_bytes = (size_t)mtiles * ckb * 1024;
+    const size_t cs_bytes = nchunks > 1 ? (size_t)ntiles * mtiles * 1024 : 0;
     const size_t w2_bytes = (size_t)(K2 > 0 ? K2 : 1) * 2 * 16 * sizeof(float);
-    char *mem = kt_scratch(xt_bytes + w2_bytes + 2 * 1024 + 4 * 1024);
+    char *mem = kt_scratch(xt_bytes + cs_bytes + w2_bytes + 2 * 1024 + 4 * 1024);
     if (!mem) { /* out of memory for the packs: the in-place kernels */
         gemm_nt_bf16_dp(M, N, K, A__mk, lda, arows, W__nk, ldw, K2, A2__mq, lda2, W2__nq, ldw2,
                         C__mn, ldc);
         return;
     }
     uint32_t *xt = (uint32_t *)mem;
-    float *w2t = (float *)(mem + xt_bytes);                  /* [2][K2][16] */
-    ktsft_bf16 *pad = (ktsft_bf16 *)(mem + xt_bytes + w2_bytes); /* [2][16][32] */
-    float *tmp = (float *)(mem + xt_bytes + w2_bytes + 2048); /* [4][16][16] */
-    amx_pack_tokens(M, K, mtiles, nkb, A__mk, lda, arows, xt);
+    float *cs = (float *)(mem + xt_bytes); /* [ntiles][mtiles][16][16]: C^T tiles */
+    float *w2t = (float *)(mem + xt_bytes + cs_bytes);                  /* [2][K2][16] */
+    ktsft_bf16 *pad = (ktsft_bf16 *)(mem + xt_bytes + cs_bytes + w2_bytes); /* [2][16][32] */
+    float *tmp = (float *)(mem + xt_bytes + cs_bytes + w2_bytes + 2048); /* [4][16][16] */
 
     kt_tilecfg cfg;
     kt_tilecfg_init(&cfg);
-    kt_tile_config(&cfg);
     const int64_t sw = ldw * (int64_t)sizeof(ktsft_bf16);
-    /* tiles: 0..3 C^T (n tile i, token tile j at 2i + j), 4..5 W, 6..7 tokens */
-    for (int64_t n0 = 0; n0 < N16; n0 += 32) {
-        const int two = n0 + 32 <= N16; /* a second 16-row tile */
-        const ktsft_bf16 *w0 = W__nk + n0 * ldw, *w1 = w0 + 16 * ldw;
-        if (nkb > kfull) {
-            amx_pad_rows(16, w0, ldw, 32 * kfull, K, pad);
-            if (two) amx_pad_rows(16, w1, ldw, 32 * kfull, K, pad + 512);
-        }
-        if (K2) {
-            amx_w2_transpose(16, K2, W2__nq + n0 * ldw2, ldw2, w2t);
-            if (two) amx_w2_transpose(16, K2, W2__nq + (n0 + 16) * ldw2, ldw2, w2t + 16 * K2);
-        }
-        for (int64_t mt = 0; mt < mtiles; mt += 2) {
-            const uint32_t *x0 = xt + mt * nkb * 256, *x1 = x0 + nkb * 256;
-            TZERO(0);
-            TZERO(1);
-            if (two) {
-                TZERO(2);
-                TZERO(3);
+    for (int64_t ch = 0; ch < nchunks; ++ch) {
+        const int64_t kb0 = ch * ckb, kb1 = kb0 + ckb < nkb ? kb0 + ckb : nkb;
+        const int first = ch == 0, last = ch == nchunks - 1;
+        /* the chunk's tokens: k from 32 kb0, zero past K */
+        amx_pack_tokens(M, K - 32 * kb0, mtiles, kb1 - kb0, A__mk + 32 * kb0, lda, arows, xt);
+        kt_tile_config(&cfg); /* (again: the pack may have run AVX-512 code that the
+                                 tile state does not care about; cheap) */
+        /* tiles: 0..3 C^T (n tile i, token tile j at 2i + j), 4..5 W, 6..7 tokens */
+        for (int64_t n0 = 0; n0 < N16; n0 += 32) {
+            const int two = n0 + 32 <= N16; /* a second 16-row tile */
+            const ktsft_bf16 *w0 = W__nk + n0 * ldw, *w1 = w0 + 16 * ldw;
+            if (kb1 > kfull) {
+                amx_pad_rows(16, w0, ldw, 32 * kfull, K, pad);
+                if (two) amx_pad_rows(16, w1, ldw, 32 * kfull, K, pad + 512);
             }
-            /* the first token pair brings the weight rows in; later ones hit L2 */
-            const int64_t pfd = mt == 0 ? KT_AMX_NT_PF : 0;
-            for (int64_t kb = 0; kb < nkb; ++kb) {
-                const int tail = kb == kfull;
-                if (pfd && kb + pfd < kfull)
-                    for (int i = 0; i < 16; ++i) {
-                        _mm_prefetch((const char *)(w0 + i * ldw + 32 * (kb + pfd)), _MM_HINT_T0);
-                        if (two) _mm_prefetch((const char *)(w1 + i * ldw + 32 * (kb + pfd)), _MM_HINT_T0);
+            if (last && K2) {
+                amx_w2_transpose(16, K2, W2__nq + n0 * ldw2, ldw2, w2t);
+                if (two) amx_w2_transpose(16, K2, W2__nq + (n0 + 16) * ldw2, ldw2, w2t + 16 * K2);
+            }
+            float *cs0 = cs + (n0 / 16) * mtiles * 256, *cs1 = cs0 + mtiles * 256;
+            for (int64_t mt = 0; mt < mtiles; mt += 2) {
+                const uint32_t *x0 = xt + mt * (kb1 - kb0) * 256, *x1 = x0 + (kb1 - kb0) * 256;
+                if (first) {
+                    TZERO(0);
+                    TZERO(1);
+                    if (two) {
+                        TZERO(2);
+                        TZERO(3);
                     }
-                TLOAD(6, x0 + kb * 256, 64);
-                TLOAD(7, x1 + kb * 256, 64);
-                if (tail) TLOAD(4, pad, 64);
-                else TLOAD(4, w0 + 32 * kb, sw);
-                TDP(0, 4, 6);
-                TDP(1, 4, 7);
+                } else {
+                    TLOAD(0, cs0 + mt * 256, 64);
+                    TLOAD(1, cs0 + mt * 256 + 256, 64);
+                    if (two) {
+                        TLOAD(2, cs1 + mt * 256, 64);
+                        TLOAD(3, cs1 + mt * 256 + 256, 64);
+                    }
+                }
+                /* the first token pair brings the weight rows in; later ones hit L2 */
+                const int64_t pfd = mt == 0 ? KT_AMX_NT_PF : 0;
+                for (int64_t kb = kb0; kb < kb1; ++kb) {
+                    const int tail = kb == kfull;
+                    if (pfd && kb + pfd < kfull)
+                        for (int i = 0; i < 16; ++i) {
+                            _mm_prefetch((const char *)(w0 + i * ldw + 32 * (kb + pfd)), _MM_HINT_T0);
+                            if (two) _mm_prefetch((const char *)(w1 + i * ldw + 32 * (kb + pfd)), _MM_HINT_T0);
+                        }
+                    TLOAD(6, x0 + (kb - kb0) * 256, 64);
+                    TLOAD(7, x1 + (kb - kb0) * 256, 64);
+                    if (tail) TLOAD(4, pad, 64);
+                    else TLOAD(4, w0 + 32 * kb, sw);
+                    TDP(0, 4, 6);
+                    TDP(1, 4, 7);
+                    if (two) {
+                        if (tail) TLOAD(5, pad + 512, 64);
+                        else TLOAD(5, w1 + 32 * kb, sw);
+                        TDP(2, 5, 6);
+                        TDP(3, 5, 7);
+                    }
+                }
+                if (!last) {
+                    TSTORE(0, cs0 + mt * 256, 64);
+                    TSTORE(1, cs0 + mt * 256 + 256, 64);
+                    if (two) {
+                        TSTORE(2, cs1 + mt * 256, 64);
+                        TSTORE(3, cs1 + mt * 256 + 256, 64);
+                    }
+                    continue;
+                }
+                TSTORE(0, tmp, 64);
+                TSTORE(1, tmp + 256, 64);
                 if (two) {
-                    if (tail) TLOAD(5, pad + 512, 64);
-                    else TLOAD(5, w1 + 32 * kb, sw);
-                    TDP(2, 5, 6);
-                    TDP(3, 5, 7);
+                    TSTORE(2, tmp + 512, 64);
+                    TSTORE(3, tmp + 768, 64);
                 }
+                for (int i = 0; i < (two ? 2 : 1); ++i)
+                    for (int j = 0; j < 2; ++j) {
+                        const int64_t m0 = 16 * (mt + j);
+                        if (m0 >= M) continue;
+                        amx_nt_epilogue(tmp + 256 * (2 * i + j), m0, M, 16, K2, A2__mq, lda2,
+                                        w2t + 16 * K2 * i, C__mn + n0 + 16 * i, ldc);
+                    }
             }
-            TSTORE(0, tmp, 64);
-            TSTORE(1, tmp + 256, 64);
-            if (two) {
-                TSTORE(2, tmp + 512, 64);
-                TSTORE(3, tmp + 768, 64);
-            }
-            for (int i = 0; i < (two ? 2 : 1); ++i)
-                for (int j = 0; j < 2; ++j) {
-                    const int64_t m0 = 16 * (mt + j);
-                    if (m0 >= M) continue;
-                    amx_nt_epilogue(tmp + 256 * (2 * i + j), m0, M, 16, K2, A2__mq, lda2,
-                                    w2t + 16 * K2 * i, C__mn + n0 + 16 * i, ldc);
-                }
         }
     }
     TRELEASE();
@@ -399,8 +441,12 @@ static void gemm_nt_bf16_amx(int64_t M, int64_t N, int64_t K, const ktsft_bf16 *
  * KT_AMX_NN_OCHUNK rows (1 MiB, in a 2 MiB L2): each row's columns are read
  * as one contiguous run of up to 4 KiB, so the prefetchers stream them (a
  * 32-column panel alone would take 64 bytes from each 4 KiB-apart row). */
+#ifndef KT_AMX_NN_COLS
 #define KT_AMX_NN_COLS 2048
+#endif
+#ifndef KT_AMX_NN_OCHUNK
 #define KT_AMX_NN_OCHUNK 256
+#endif
 
 /* tmp[16][16] (tokens x columns) -> C rows m0.., columns n0.. (nc of them),
  * plus the LoRA term (tmp is overwritten) */
