@@ -47,7 +47,13 @@ cdef enum:
     ROW_BLOCK = 64      # NT output rows per task
     AMX_ROW_BLOCK = 256  # the same on AMX tiles: the tokens' pack is amortised over more rows
     COL_BLOCK = 256     # NN output columns per task (one packed block)
-    AMX_COL_BLOCK = 2048  # AMX: up to 4 KiB runs of each weight row per task, streamed
+    # AMX: 2 KiB runs of each weight row per task, streamed.  2048 columns
+    # left DeepSeek-V3's dh (I = 2048) one task per expert, 16 for 16 threads:
+    # on the lent Xeon 1024 took its backward from 161 to 129-140 ms (down_T
+    # 53 -> 37-43 ms) and Qwen3's T = 2048 step from 135-151 to 130-136 ms;
+    # 512 did no better (docs/performance.md).  Each output element is still
+    # computed whole by one task, so the bits do not change.
+    AMX_COL_BLOCK = 1024
     PAIR_BLOCK = 32     # (token, slot) pairs per task
     GRAD_BLOCK = 256    # LoRA-gradient rows/columns per task
     # Base-GEMM tasks of an expert with more pairs take them in near-equal
