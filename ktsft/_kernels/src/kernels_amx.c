@@ -293,9 +293,7 @@ static void amx_w2_transpose(int64_t nr, int64_t K2, const float *W2__nq, int64_
  * DeepSeek-V3's H = 7168) was read from L3 once per 32 weight rows.  The
  * fp32 sums of a tile are carried between chunks in a buffer (exact: the
  * tile's accumulation order is the same k blocks in the same order). */
-#ifndef KT_AMX_NT_KPACK
 #define KT_AMX_NT_KPACK (1024 * 1024)
-#endif
 
 static void gemm_nt_bf16_amx(int64_t M, int64_t N, int64_t K, const ktsft_bf16 *A__mk,
                              int64_t lda, const int32_t *arows, const ktsft_bf16 *W__nk,
@@ -342,14 +340,13 @@ static void gemm_nt_bf16_amx(int64_t M, int64_t N, int64_t K, const ktsft_bf16 *
 
     kt_tilecfg cfg;
     kt_tilecfg_init(&cfg);
+    kt_tile_config(&cfg);
     const int64_t sw = ldw * (int64_t)sizeof(ktsft_bf16);
     for (int64_t ch = 0; ch < nchunks; ++ch) {
         const int64_t kb0 = ch * ckb, kb1 = kb0 + ckb < nkb ? kb0 + ckb : nkb;
         const int first = ch == 0, last = ch == nchunks - 1;
         /* the chunk's tokens: k from 32 kb0, zero past K */
         amx_pack_tokens(M, K - 32 * kb0, mtiles, kb1 - kb0, A__mk + 32 * kb0, lda, arows, xt);
-        kt_tile_config(&cfg); /* (again: the pack may have run AVX-512 code that the
-                                 tile state does not care about; cheap) */
         /* tiles: 0..3 C^T (n tile i, token tile j at 2i + j), 4..5 W, 6..7 tokens */
         for (int64_t n0 = 0; n0 < N16; n0 += 32) {
             const int two = n0 + 32 <= N16; /* a second 16-row tile */
