@@ -86,6 +86,11 @@ ROUNDINGS_PER_LAYER = 4
 # median), and ktsft's own rounding is one more draw from that distribution
 SENSITIVITY_FACTOR = 2.0
 PERTURBED_TRIALS = 7
+# ... and never above this: on an ill-conditioned step the worst trial reached
+# 0.25 (CI, seed 6: a bar of 0.506), and a bar above 0.5 could no longer tell a
+# structural error (a dropped slot or a wrong scale, off by O(1)) from rounding.
+# ktsft's own error on the steps measured was 1e-3 to 5e-2.
+BAR_CAP = 0.5
 FP32_BAR = 1e-5
 
 
@@ -805,7 +810,8 @@ class Demo:
             sens = statistics.median(trials)
             res.update(eager_bf16_grad_rel_err=err_e, eager_bf16_loss_rel_err=_rel(l16, l32),
                        perturbed_grad_rel_err=trials, sensitivity=sens,
-                       bar_floor=floor, bar=max(SENSITIVITY_FACTOR * max(trials), floor))
+                       bar_floor=floor,
+                       bar=min(max(SENSITIVITY_FACTOR * max(trials), floor), BAR_CAP))
         else:
             res["bar"] = FP32_BAR
         res["ok"] = err_k <= res["bar"]
