@@ -438,12 +438,8 @@ static void gemm_nt_bf16_amx(int64_t M, int64_t N, int64_t K, const ktsft_bf16 *
  * KT_AMX_NN_OCHUNK rows (1 MiB, in a 2 MiB L2): each row's columns are read
  * as one contiguous run of up to 4 KiB, so the prefetchers stream them (a
  * 32-column panel alone would take 64 bytes from each 4 KiB-apart row). */
-#ifndef KT_AMX_NN_COLS
 #define KT_AMX_NN_COLS 2048
-#endif
-#ifndef KT_AMX_NN_OCHUNK
 #define KT_AMX_NN_OCHUNK 256
-#endif
 
 /* tmp[16][16] (tokens x columns) -> C rows m0.., columns n0.. (nc of them),
  * plus the LoRA term (tmp is overwritten) */
