@@ -3,8 +3,9 @@
 ``BaseSFTMoEWrapper`` is the abstract interface kt-kernel's training
 wrapper has (ktsft.SFTMoEWrapper implements it): the constructor's
 ``num_gpu_experts`` (only 0: every routed expert on the CPU) and
-``threadpool_count`` (accepted; one pool of ``cpuinfer_threads`` serves a
-layer), the abstract training entry points, and the inference entry points
+``threadpool_count`` (NUMA pools: the layer's ``cpuinfer_threads`` split
+into that many pools, each pinned to its node's CPUs and owning a range of
+experts whose weights it places there; ktsft/_numa.py), the abstract training entry points, and the inference entry points
 of an inference wrapper, which raise: training needs the synchronous,
 cached ``forward_sft`` and its ``backward``.  Nothing here holds state.
 """

@@ -429,6 +429,7 @@ class LoRAExperts(AdapterIO, torch.nn.Module):
     forward draws its mask seed from torch's default generator, so
     ``torch.manual_seed`` reproduces a run (and torch.utils.checkpoint,
     which restores the RNG state, recomputes with the same masks).
+    ``threadpool_count``: NUMA pools of the layer's threads (SFTMoEWrapper).
 
     ``copy.deepcopy``, ``pickle`` and ``torch.save`` / ``torch.load``
     (``weights_only=False``) work: the copy has its own kernel state and
@@ -441,7 +442,7 @@ class LoRAExperts(AdapterIO, torch.nn.Module):
     def __init__(self, num_experts, top_k, hidden_size, intermediate_size, r=16, alpha=32.0,
                  dtype="bf16", use_rslora=False, threads=None, max_cache_depth=8,
                  chunked_prefill_size=8192, layer_idx=0, isa=None, recompute=False,
-                 lora_dropout=0.0):
+                 lora_dropout=0.0, threadpool_count=1):
         super().__init__()
         self._requested = dict(threads=threads, isa=isa)  # re-resolved by a copy (pickle)
         self.recompute = bool(recompute)
@@ -460,7 +461,8 @@ class LoRAExperts(AdapterIO, torch.nn.Module):
                                      self.intermediate_size, cpuinfer_threads=threads,
                                      chunked_prefill_size=chunked_prefill_size, lora_rank=self.r,
                                      lora_alpha=wrapper_alpha, max_cache_depth=max_cache_depth,
-                                     dtype=dtype, isa=isa, lora_dropout=lora_dropout)
+                                     dtype=dtype, isa=isa, lora_dropout=lora_dropout,
+                                     threadpool_count=threadpool_count)
         shapes = lora_shapes(self.num_experts, self.hidden_size, self.intermediate_size, self.r)
         for name, gname in zip(PARAM_NAMES, LORA_GRAD_NAMES):
             self.register_parameter(name, torch.nn.Parameter(torch.empty(shapes[gname])))

@@ -13,6 +13,7 @@ import numpy as np
 from . import validation as V
 from ._arrays import BF16, as_numpy, is_torch_tensor, to_like, wrap_like
 from ._dispatch import resolve_isa
+from ._numa import Pools
 from ._threads import MAX_THREADS, default_threads, effective_threads  # noqa: F401
 from .adapters import AdapterIO
 from .compat import BaseSFTMoEWrapper, check_compat_args  # noqa: F401 - re-exported
@@ -293,6 +294,10 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
                                  dtype == "bf16", self.isa,
                                  dtype if dtype in ("int8", "int4") else "auto",
                                  self.quant_group if dtype == "int4" else 0)
+        # NUMA pools (threadpool_count > 1): CPUs, slots and page placement
+        self._pools = Pools(self.threadpool_count, E)
+        if self.threadpool_count > 1:
+            self._kernel.set_pools(*self._pools.native_args())
         self._ws = Workspace.shared(H, I, self.num_experts_per_tok, r, dtype == "bf16")
         # handle -> cached entry, oldest first: one dict, so that every
         # change is one operation (a signal between two could not leave a
@@ -396,6 +401,30 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
         """The Workspace this layer shares with the layers of its shape."""
         return self._ws
 
+    def numa_info(self) -> dict:
+        """The layer's pools (``threadpool_count``): each pool's CPUs, the
+        physical slots it owns, the node its weights belong on and how many
+        of their pages are there now (None: the kernel does not say), and
+        the tasks of the last forward / backward that ran outside their
+        pool."""
+        from ._numa import page_nodes
+
+        P = self._pools
+        pools = []
+        for q in range(P.count):
+            slots = np.flatnonzero(P.slot_pool == q)
+            info = dict(cpus=list(P.cpus[q]), slots=(int(slots[0]), int(slots[-1]) + 1),
+                        node=P.node[q], pages=None, pages_on_node=None)
+            if self._base is not None and P.node[q] >= 0:
+                got = [page_nodes(a[slots[0]:slots[-1] + 1]) for a in self._base[0]]
+                if all(g is not None for g in got):
+                    info["pages"] = int(sum(g.size for g in got))
+                    info["pages_on_node"] = int(sum(np.count_nonzero(g == P.node[q])
+                                                    for g in got))
+            pools.append(info)
+        return dict(threadpool_count=P.count, pools=pools,
+                    stolen_tasks=self._kernel.last_stolen_tasks())
+
     def memory_info(self) -> dict:
         """Host memory this layer holds: cache entries awaiting backward and
         kept for reuse (count and bytes) and the workspace it shares with the
@@ -453,6 +482,8 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
                     arrays.append(a)
         else:
             arrays, scales = self._read_weights(p2l, want, key_prefix)
+        if all(given):  # arrays used or converted in place: their pages to their pools' nodes
+            self._pools.place(arrays)
         views = [a.view(np.uint16) if self.dtype == "bf16" else a for a in arrays]
         strides = tuple(a.strides[0] // a.itemsize if a.shape[0] > 1 else a[0].size
                         for a in arrays)
@@ -486,7 +517,8 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
         for p in range(n_slots):
             for i, w in enumerate(expert(p)):
                 where = f"{what}: {NAMES[i]} of expert slot {p}"
-                with np.errstate(over="ignore"):
+                # first touch from the slot's pool: its pages on that pool's node
+                with np.errstate(over="ignore"), self._pools.touching(p):
                     if self.dtype == "int8":
                         arrays[i][p], scales[i][p] = quantize_int8(w)
                     elif self.dtype == "int4":
@@ -567,10 +599,11 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
             for i, a in enumerate(stored):
                 if self.dtype in ("bf16", "fp32"):
                     V.check_finite(a, f"{where}: {NAMES[i]} of expert {int(e)}")
-                arrays[i][p] = a
-                if scales is not None:
-                    V.check_finite(sc[i], f"{where}: {NAMES[i]}_scale of expert {int(e)}")
-                    scales[i][p] = sc[i]
+                with self._pools.touching(p):  # first touch from the slot's pool
+                    arrays[i][p] = a
+                    if scales is not None:
+                        V.check_finite(sc[i], f"{where}: {NAMES[i]}_scale of expert {int(e)}")
+                        scales[i][p] = sc[i]
         return arrays, scales
 
     def init_lora_weights(self, gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a,

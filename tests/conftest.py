@@ -124,7 +124,7 @@ MARKS = {
     "test_kernels": ("native",), "test_determinism": ("native",), "test_amx": ("native",),
     "test_native_boundary": ("native",), "test_portability": ("native",),
     "test_properties": ("native",), "test_reference": ("native",), "test_quantized": ("native",),
-    "test_dropout": ("native",), "test_bad_input_matrix": ("native",),
+    "test_dropout": ("native",), "test_bad_input_matrix": ("native",), "test_numa": ("native",),
     "test_distributed": ("distributed", "slow"),
     "test_demo": ("slow",), "test_hf_trainer": ("slow",), "test_readme": ("slow",),
     "test_bench_paths": ("slow",), "test_bench_probe": ("slow",), "test_bench_e2e": ("slow",),

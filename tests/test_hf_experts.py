@@ -98,6 +98,19 @@ def test_matches_eager_with_peft(family):
     assert len({id(hf_experts._STATE[m].staging(4)) for m in mods}) == 1
 
 
+def test_numa_pools_match_eager():
+    """configure(threadpool_count=2): each layer's threads in two pools
+    (here over the CPUs this machine has), still transformers' eager
+    result, and the layers' wrappers hold the pools."""
+    me, mk = pair("qwen3_moe")
+    kti.configure(mk, threads=3, threadpool_count=2)
+    assert_same(me, mk, tokens())
+    wrappers = [w for st in hf_experts._STATE.values() for w in st.wrappers.values()
+                if st.module() in set(mk.modules())]
+    assert wrappers and all(w.threadpool_count == 2 for w in wrappers)
+    assert all(len(w.numa_info()["pools"]) == 2 for w in wrappers)
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
 def test_peft_before_set_experts_implementation(family):
     me, mk = pair(family, order="before")

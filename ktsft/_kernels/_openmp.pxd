@@ -9,6 +9,7 @@ cdef extern from *:
     #define KTSFT_OPENMP 0
     static inline int omp_get_max_threads(void) { return 1; }
     static inline int omp_get_thread_num(void) { return 0; }
+    static inline int omp_get_num_threads(void) { return 1; }
     #endif
     #include <errno.h>
     #include <pthread.h>
@@ -58,4 +59,5 @@ cdef extern from *:
     bint KTSFT_OPENMP
     int omp_get_max_threads() noexcept nogil
     int omp_get_thread_num() noexcept nogil
+    int omp_get_num_threads() noexcept nogil
     int ktsft_probe_threads(int n, size_t stack) noexcept nogil

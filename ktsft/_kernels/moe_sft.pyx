@@ -18,10 +18,12 @@ from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, 
 from libc.stdlib cimport malloc, free, qsort
 from libc.string cimport memset
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange
 
-from ._openmp cimport (KTSFT_OPENMP, omp_get_max_threads, omp_get_thread_num,
-                      ktsft_probe_threads)
+from ._openmp cimport (KTSFT_OPENMP, omp_get_max_threads, omp_get_num_threads,
+                      omp_get_thread_num, ktsft_probe_threads)
+from ._pools cimport (kt_pools, kt_pools_new, kt_pools_free, kt_pool_enter, kt_pool_leave,
+                      kt_current_cpu, kt_fetch_add)
 from .kernels cimport (ktsft_kernels, ktsft_bf16, ktsft_gemm, ktsft_gemm_fn, KTSFT_W_F32,
                        KTSFT_W_BF16, KTSFT_W_Q8, KTSFT_W_Q4, ktsft_kernels_by_name, ktsft_amx_build,
                        ktsft_cpu_features, ktsft_probe_cpu, ktsft_amx_request,
@@ -209,6 +211,11 @@ cdef struct Layer:
     const float *b_up
     const float *a_down      # [E, r, I]
     const float *b_down      # [E, H, r]
+    # NUMA pools (threadpool_count > 1; docs/dispatch.md): each physical
+    # slot's experts belong to one pool, whose threads run its tasks first
+    int npools               # 1: one pool, the plain dynamic schedule
+    const int32_t *slot_pool # [E] pool of each physical slot
+    const kt_pools *pools    # the CPU set of each pool
 
 
 cdef struct Step:
@@ -762,6 +769,10 @@ cdef struct Plan:  # one phase's work, made before any phase runs
     int64_t ntasks
     int64_t per      # dropout scratch: floats per thread slot (0: none)
     int nslots       # threads the phase runs on
+    # with pools: tasks grouped by pool, pool q's are [off[q], off[q + 1]);
+    # off[npools + 1 + q]: pool q's cursor (the next of its tasks to take)
+    int64_t *off
+    int64_t stolen   # tasks run by a thread of another pool than theirs
 
 
 cdef int _plan(const Phase *ph, const Layer *L, const Step *S, int64_t n_exp,
@@ -784,6 +795,8 @@ cdef int _plan(const Phase *ph, const Layer *L, const Step *S, int64_t n_exp,
                       PAIR_SPLIT if ph.base_gemm else 0)
     if p.ntasks < 0:
         return -1
+    if L.npools > 1 and _group_by_pool(L, p) < 0:
+        return -1
     if S.drop and ph.masked:
         # masked LoRA inputs are regenerated into per-thread scratch
         if ph.split == SPLIT_GRAD:   # an expert's pairs x one column sub-block
@@ -796,24 +809,75 @@ cdef int _plan(const Phase *ph, const Layer *L, const Step *S, int64_t n_exp,
     return 0
 
 
-cdef void _exec(const Phase *ph, const Layer *L, const Step *S, const Plan *p,
+cdef int _group_by_pool(const Layer *L, Plan *p) noexcept nogil:
+    """p.tasks reordered, stably, by the pool of their expert's slot; p.off
+    filled (cursors zeroed).  -1: out of memory."""
+    cdef int P = L.npools, q
+    cdef int64_t i, n = p.ntasks
+    p.off = <int64_t *>_alloc((2 * P + 1) * sizeof(int64_t))
+    cdef Task *out = <Task *>_alloc(max(n, 1) * sizeof(Task))
+    if p.off == NULL or out == NULL:
+        free(out)
+        return -1
+    memset(p.off, 0, (2 * P + 1) * sizeof(int64_t))
+    for i in range(n):
+        p.off[L.slot_pool[L.slot[p.tasks[i].e]] + 1] += 1
+    for q in range(P):
+        p.off[q + 1] += p.off[q]
+    for i in range(n):  # off[P + 1 + q] counts pool q's tasks placed so far
+        q = L.slot_pool[L.slot[p.tasks[i].e]]
+        out[p.off[q] + p.off[P + 1 + q]] = p.tasks[i]
+        p.off[P + 1 + q] += 1
+    for q in range(P):
+        p.off[P + 1 + q] = 0
+    free(p.tasks)
+    p.tasks = out
+    return 0
+
+
+cdef void _exec(const Phase *ph, const Layer *L, const Step *S, Plan *p,
                 float *scratch) noexcept nogil:
     """One phase: its tasks over p.nslots threads with dynamic scheduling;
-    each output element has one owner task."""
+    each output element has one owner task, so who runs a task changes no
+    bits.  With pools, thread t of n belongs to pool t * npools // n: pinned
+    to the pool's CPUs, it takes its own pool's tasks first (their weights
+    are on its node), then helps the other pools, nearest first."""
     cdef int64_t i, per = p.per
     cdef const Task *tasks = p.tasks
     cdef TaskFn fn = ph.fn
+    cdef int P = L.npools, home, q, pp, tid
+    cdef int64_t *cur
+    cdef float *scr = NULL
     scratch = scratch if per else NULL
-    for i in prange(p.ntasks, schedule="dynamic", chunksize=1, num_threads=p.nslots):
-        # scratch: one slot of `per` floats per thread (dropout only, else NULL)
-        fn(L, S, &tasks[i],
-           scratch + <int64_t>omp_get_thread_num() * per if scratch != NULL else NULL)
+    if P <= 1:
+        for i in prange(p.ntasks, schedule="dynamic", chunksize=1, num_threads=p.nslots):
+            # scratch: one slot of `per` floats per thread (dropout only, else NULL)
+            fn(L, S, &tasks[i],
+               scratch + <int64_t>omp_get_thread_num() * per if scratch != NULL else NULL)
+        return
+    cur = p.off + P + 1
+    home = q = pp = tid = 0  # private in the region (Cython copies them in)
+    i = 0
+    with parallel(num_threads=p.nslots):
+        tid = omp_get_thread_num()
+        home = <int>((<int64_t>tid * P) // omp_get_num_threads())
+        scr = scratch + <int64_t>tid * per if scratch != NULL else NULL
+        kt_pool_enter(L.pools, home)
+        for q in range(P):
+            pp = (home + q) % P
+            i = kt_fetch_add(&cur[pp], 1)
+            while i < p.off[pp + 1] - p.off[pp]:
+                fn(L, S, &tasks[p.off[pp] + i], scr)
+                if q:
+                    kt_fetch_add(&p.stolen, 1)
+                i = kt_fetch_add(&cur[pp], 1)
+        kt_pool_leave()
 
 
 cdef int _run(const Phase *phases, int n, const Layer *L, const Step *S, int64_t n_exp,
-              const int32_t *order, int n_threads, double *tick) noexcept nogil:
+              const int32_t *order, int n_threads, double *tick, int64_t *stolen) noexcept nogil:
     """Every phase of a forward or backward, in order; tick[i]: the time
-    phase i ended.  Everything is allocated before the first phase runs, so
+    phase i ended; stolen[0]: the tasks run outside their pool.  Everything is allocated before the first phase runs, so
     an allocation failure (-1) leaves the step's inputs and its cache entry
     as they were: a backward can be retried.  One dropout scratch serves
     every phase (they run one after another)."""
@@ -831,12 +895,15 @@ cdef int _run(const Phase *phases, int n, const Layer *L, const Step *S, int64_t
         scratch = <float *>_alloc(need * sizeof(float))
         if scratch == NULL:
             rc = -1
+    stolen[0] = 0
     for i in range(n):
         if rc == 0:
             _exec(&phases[i], L, S, &plans[i], scratch)
+            stolen[0] += plans[i].stolen
         tick[i] = _now()
     for i in range(n):
         free(plans[i].tasks)
+        free(plans[i].off)
     free(scratch)
     return rc
 
@@ -1095,8 +1162,11 @@ cdef class MoEKernel:
     cdef double _tf[8]
     cdef double _tb[8]
     cdef bint _counted
+    cdef kt_pools *_pools
+    cdef int64_t _stolen[2]   # tasks run outside their pool: last forward, backward
 
     def __dealloc__(self):
+        kt_pools_free(self._pools)
         if self._counted:
             n = _live[self.isa] - 1
             _live[self.isa] = n
@@ -1205,6 +1275,51 @@ cdef class MoEKernel:
         self.L.es_down = int(expert_strides[2])
         self.L.slot = slot_p
 
+    def set_pools(self, slot_pool, cpus, cpu_offs):
+        """NUMA pools: slot_pool int32 [E], the pool of each physical slot
+        (0..n-1); pool q's threads are pinned to cpus[cpu_offs[q]:
+        cpu_offs[q + 1]] (int32, cpu_offs [n + 1]).  One pool (n = 1):
+        the plain schedule, no pinning.  ktsft/_numa.py makes them."""
+        cdef int64_t E = self.L.E, e
+        cdef int64_t n = len(cpu_offs) - 1
+        if n < 1 or n > E:
+            raise ValueError(f"pools: {n} pools for {E} experts (1 to num_experts)")
+        sp = <const int32_t *>_arg(slot_pool, "slot_pool", K_I32, E, False, True)
+        offs = <const int32_t *>_arg(cpu_offs, "cpu_offs", K_I32, n + 1, False, True)
+        cdef int64_t ncpu = offs[n]
+        cp = <const int32_t *>_arg(cpus, "cpus", K_I32, ncpu, False, True) if ncpu else NULL
+        for e in range(E):
+            if not 0 <= sp[e] < n:
+                raise ValueError(f"slot_pool[{e}] = {sp[e]}: not a pool (0 to {n - 1})")
+        for e in range(n):
+            if not 0 <= offs[e] <= offs[e + 1] <= ncpu:
+                raise ValueError("cpu_offs: not the offsets of each pool's CPUs")
+        cdef kt_pools *pools = NULL
+        if n > 1:
+            pools = kt_pools_new(<int>n, cp, offs)
+            if pools == NULL:
+                raise MemoryError("ktsft: cannot allocate the pools' CPU sets")
+        kt_pools_free(self._pools)
+        self._pools = pools
+        self._keep["pools"] = slot_pool
+        self.L.slot_pool = sp if n > 1 else NULL
+        self.L.pools = pools
+        self.L.npools = <int>n
+
+    def pool_probe(self, int n_threads):
+        """Test hook: one parallel region of n_threads, each thread in its
+        pool as a phase puts it there; [(pool, CPU it ran on)] per thread."""
+        cdef int P = max(self.L.npools, 1), tid = 0, home = 0
+        cdef int32_t[:, ::1] got = np.full((n_threads, 2), -1, np.int32)
+        with nogil, parallel(num_threads=n_threads):
+            tid = omp_get_thread_num()
+            home = <int>((<int64_t>tid * P) // omp_get_num_threads())
+            kt_pool_enter(self.L.pools, home)
+            got[tid, 0] = home
+            got[tid, 1] = kt_current_cpu()
+            kt_pool_leave()
+        return [tuple(r) for r in np.asarray(got).tolist() if r[0] >= 0]
+
     def set_lora(self, a_gate, b_gate, a_up, b_up, a_down, b_down):
         """Six float32 C-contiguous arrays, read in place (never copied)."""
         cdef int64_t E = self.L.E, I = self.L.I, H = self.L.H, r = self.L.r
@@ -1277,7 +1392,7 @@ cdef class MoEKernel:
                     kern.round_bf16(H, S.x32 + t * H, (<ktsft_bf16 *>S.x_act) + t * H)
             tf[2] = _now()
             if rc == 0:
-                rc = _run(_FWD, N_FWD, L, &S, n_exp, order + 1, n_threads, tf + 3)
+                rc = _run(_FWD, N_FWD, L, &S, n_exp, order + 1, n_threads, tf + 3, &self._stolen[0])
             else:
                 for i in range(N_FWD):
                     tf[3 + i] = _now()
@@ -1355,7 +1470,7 @@ cdef class MoEKernel:
                 for t in prange(T, schedule="static", num_threads=n_threads):
                     kern.round_bf16(H, S.do32 + t * H, (<ktsft_bf16 *>S.do_act) + t * H)
             tb[1] = _now()
-            rc = _run(_BWD, N_BWD, L, &S, n_exp, order + 1, n_threads, tb + 2)
+            rc = _run(_BWD, N_BWD, L, &S, n_exp, order + 1, n_threads, tb + 2, &self._stolen[1])
             if rc == 0 and not S.accum:  # experts without pairs: zero gradients
                 for i in prange(L.E, schedule="static", num_threads=n_threads):
                     if S.offs[i + 1] == S.offs[i]:
@@ -1369,6 +1484,11 @@ cdef class MoEKernel:
             cache.written = False
         if rc != 0:
             raise MemoryError("ktsft backward: cannot allocate a task list or dropout scratch")
+
+    def last_stolen_tasks(self):
+        """Tasks of the last forward and backward that a thread of another
+        pool than their expert's ran (0 with one pool)."""
+        return {"forward": int(self._stolen[0]), "backward": int(self._stolen[1])}
 
     def last_phase_times(self):
         """Seconds spent in each phase of the last forward and backward."""

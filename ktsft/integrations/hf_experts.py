@@ -315,7 +315,8 @@ class _Binding:
                               chunked_prefill_size=opts.get("max_tokens", 16384),
                               lora_rank=r, lora_alpha=scaling * r,
                               max_cache_depth=opts.get("max_cache_depth", 4), dtype=self.dtype,
-                              isa=opts.get("isa"))
+                              isa=opts.get("isa"),
+                              threadpool_count=opts.get("threadpool_count", 1))
             w.load_weights(gate_proj=self._views[0], up_proj=self._views[1],
                            down_proj=self._views[2])
             self.wrappers[(r, scaling)] = w
@@ -630,7 +631,7 @@ def ktsft_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 
 
 def configure(model, *, threads=None, dtype=None, max_cache_depth=None, max_tokens=None,
-              isa=None) -> None:
+              isa=None, threadpool_count=None) -> None:
     """Options of the 'ktsft' experts of `model` (or of one experts module).
 
     threads: OpenMP threads of each layer (default: OMP_NUM_THREADS, else
@@ -639,6 +640,9 @@ def configure(model, *, threads=None, dtype=None, max_cache_depth=None, max_toke
     the originals (still one copy; save_pretrained then writes that dtype).
     max_cache_depth: forwards awaiting their backward per layer (default 4).
     max_tokens: tokens per call (default 16384).  isa: force a kernel build.
+    threadpool_count: NUMA pools of each layer's threads (default 1; e.g.
+    2 on a 2-socket server: each pool pinned to a socket's cores, its
+    experts' weight pages moved to that socket's memory).
     Takes effect at the next forward (existing native state is rebuilt).
     Blocks with shared experts get the overlapped forward
     (``ktsft.integrations.shared_experts.overlap_shared_experts``)."""
@@ -650,7 +654,8 @@ def configure(model, *, threads=None, dtype=None, max_cache_depth=None, max_toke
     if dtype not in want:
         raise ValueError(f"dtype must be 'bf16', 'fp32' or None, got {dtype!r}")
     opts = {k: v for k, v in dict(threads=threads, max_cache_depth=max_cache_depth,
-                                  max_tokens=max_tokens, isa=isa).items() if v is not None}
+                                  max_tokens=max_tokens, isa=isa,
+                                  threadpool_count=threadpool_count).items() if v is not None}
     from .shared_experts import overlap_shared_experts
 
     if model is not mods[0]:
