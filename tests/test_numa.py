@@ -69,6 +69,13 @@ def test_slot_pools():
         assert sizes.max() - sizes.min() <= 1
 
 
+def test_bad_topology_model_named_by_the_constructor(monkeypatch):
+    monkeypatch.setenv(_numa.ENV, "0-3;3-5")
+    with pytest.raises(ValueError, match=f"{_numa.ENV}=.*CPU 3 is in two nodes"):
+        Problem(E=4).wrapper(threadpool_count=2)
+    Problem(E=4).wrapper(threadpool_count=1)  # one pool reads no topology
+
+
 def test_more_pools_than_experts():
     with pytest.raises(ValueError, match="threadpool_count=6: more pools than num_experts=5"):
         Problem(E=5).wrapper(threadpool_count=6)
@@ -225,3 +232,27 @@ def test_torch_module_with_pools():
         res.append([y.detach(), x.grad] + [prm.grad for prm in m.parameters()])
     for a, b in zip(*res):
         assert torch.equal(a, b)
+
+
+def test_set_pools_checks_and_copies():
+    """The native layer checks the pools it is given and keeps its own copy
+    of the slots' pools: changing the array afterwards changes nothing."""
+    p = Problem(T=25, E=4)
+    m = p.wrapper(threads=2)
+    k = m._kernel
+    cpus, offs = np.array([0, 0], np.int32), np.array([0, 1, 2], np.int32)
+    for sp, msg in ((np.array([0, 0, 1, 2], np.int32), r"slot_pool\[3\] = 2: not a pool"),
+                    (np.array([0, 0, 1, -1], np.int32), r"slot_pool\[3\] = -1")):
+        with pytest.raises(ValueError, match=msg):
+            k.set_pools(sp, cpus, offs)
+    with pytest.raises(ValueError, match="cpu_offs"):
+        k.set_pools(np.zeros(4, np.int32), cpus[:1], np.array([0, 2, 1], np.int32))
+    with pytest.raises(ValueError, match="5 pools for 4 experts"):
+        k.set_pools(np.zeros(4, np.int32), cpus, np.zeros(6, np.int32))
+    want = p.run(m)
+    sp = np.array([0, 0, 1, 1], np.int32)
+    k.set_pools(sp, cpus, offs)
+    sp[:] = 1000  # would index far outside the pools if it were read
+    got = p.run(m)
+    for name in want:
+        assert np.array_equal(got[name], want[name])

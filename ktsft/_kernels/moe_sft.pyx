@@ -877,8 +877,8 @@ cdef void _exec(const Phase *ph, const Layer *L, const Step *S, Plan *p,
 cdef int _run(const Phase *phases, int n, const Layer *L, const Step *S, int64_t n_exp,
               const int32_t *order, int n_threads, double *tick, int64_t *stolen) noexcept nogil:
     """Every phase of a forward or backward, in order; tick[i]: the time
-    phase i ended; stolen[0]: the tasks run outside their pool.  Everything is allocated before the first phase runs, so
-    an allocation failure (-1) leaves the step's inputs and its cache entry
+    phase i ended; stolen[0]: the tasks run outside their pool.  Everything
+    is allocated before the first phase runs, so an allocation failure (-1) leaves the step's inputs and its cache entry
     as they were: a backward can be retried.  One dropout scratch serves
     every phase (they run one after another)."""
     cdef Plan plans[8]
@@ -1163,10 +1163,12 @@ cdef class MoEKernel:
     cdef double _tb[8]
     cdef bint _counted
     cdef kt_pools *_pools
+    cdef int32_t *_slot_pool  # a copy: Python cannot change it behind the tasks' back
     cdef int64_t _stolen[2]   # tasks run outside their pool: last forward, backward
 
     def __dealloc__(self):
         kt_pools_free(self._pools)
+        free(self._slot_pool)
         if self._counted:
             n = _live[self.isa] - 1
             _live[self.isa] = n
@@ -1295,14 +1297,20 @@ cdef class MoEKernel:
             if not 0 <= offs[e] <= offs[e + 1] <= ncpu:
                 raise ValueError("cpu_offs: not the offsets of each pool's CPUs")
         cdef kt_pools *pools = NULL
+        cdef int32_t *own = NULL
         if n > 1:
             pools = kt_pools_new(<int>n, cp, offs)
-            if pools == NULL:
+            own = <int32_t *>malloc(E * sizeof(int32_t))
+            if pools == NULL or own == NULL:
+                kt_pools_free(pools)
+                free(own)
                 raise MemoryError("ktsft: cannot allocate the pools' CPU sets")
+            for e in range(E):
+                own[e] = sp[e]
         kt_pools_free(self._pools)
-        self._pools = pools
-        self._keep["pools"] = slot_pool
-        self.L.slot_pool = sp if n > 1 else NULL
+        free(self._slot_pool)
+        self._pools, self._slot_pool = pools, own
+        self.L.slot_pool = own
         self.L.pools = pools
         self.L.npools = <int>n
 
