@@ -38,6 +38,15 @@ def resolve_isa(isa: str | None) -> str:
     return isa.lower()
 
 
+def _numa_nodes():
+    from ._numa import topology
+
+    try:
+        return topology()
+    except ValueError as e:  # a malformed KTSFT_NUMA_NODES: reported, not raised here
+        return str(e)
+
+
 def cpu_info() -> dict:
     """Detected CPU features, the kernel builds and the one each op uses."""
     fp32_desc, bf16_desc = _OPS[SELECTED_ISA]
@@ -49,6 +58,8 @@ def cpu_info() -> dict:
         "forced_by_env": FORCED,
         "openmp": _native.openmp_enabled(),
         "amx": dict(zip(("usable", "reason"), _native.amx_status())),
+        # the CPUs of each NUMA node this process may use (threadpool_count's pools)
+        "numa_nodes": _numa_nodes(),
         "kernels": {
             "base GEMMs, dtype=fp32": fp32_desc,
             "base GEMMs, dtype=bf16": bf16_desc,
