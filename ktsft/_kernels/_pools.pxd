@@ -8,9 +8,10 @@ from libc.stdint cimport int32_t, int64_t
 
 cdef extern from *:
     """
-    #include <sched.h>
     #include <stdint.h>
     #include <stdlib.h>
+    #ifdef __linux__
+    #include <sched.h>
 
     /* Pool p's CPUs: a cpu_set_t each.  CPUs >= CPU_SETSIZE are refused in
        Python (ktsft/_numa.py), so every set is the fixed glibc size. */
@@ -57,6 +58,20 @@ cdef extern from *:
 
     /* The CPU the calling thread runs on (a test of the pinning). */
     static int kt_current_cpu(void) { return sched_getcpu(); }
+    #else  /* no thread affinity to set: pools schedule as on Linux, unpinned */
+    typedef struct { int n; } kt_pools;
+    static kt_pools *kt_pools_new(int n, const int32_t *cpus, const int32_t *offs)
+    {
+        (void)cpus; (void)offs;
+        kt_pools *p = (kt_pools *)malloc(sizeof(kt_pools));
+        if (p) p->n = n;
+        return p;
+    }
+    static void kt_pools_free(kt_pools *p) { free(p); }
+    static void kt_pool_enter(const kt_pools *p, int pool) { (void)p; (void)pool; }
+    static void kt_pool_leave(void) {}
+    static int kt_current_cpu(void) { return -1; }
+    #endif
 
     static inline int64_t kt_fetch_add(int64_t *p, int64_t v)
     {
