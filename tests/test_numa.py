@@ -256,3 +256,17 @@ def test_set_pools_checks_and_copies():
     got = p.run(m)
     for name in want:
         assert np.array_equal(got[name], want[name])
+
+
+def test_bench_numa_rows():
+    """bench/numa.py's rows: one per token and pool count, times relative
+    to one pool, pages on their node."""
+    from bench import numa
+
+    lines = []
+    rows = numa.run("tiny", [9], 2, [1, 2], 1, out=lines.append)
+    assert lines[0].startswith("nodes")
+    assert [(r["T"], r["pools"]) for r in rows] == [(9, 1), (9, 2)]
+    assert rows[0]["vs_one_pool"] == 1.0 and rows[1]["step_ms"] > 0
+    assert rows[0]["stolen_tasks"] == 0
+    assert all(r["pages_on_node"] in (None, 1.0) for r in rows)
