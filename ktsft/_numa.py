@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 import re
 
@@ -59,6 +60,12 @@ def _allowed() -> set[int]:
 
 def system_nodes(root: str = SYS_NODE) -> dict[int, list[int]]:
     """{node: its CPUs} as the kernel lists them (empty where /sys has none)."""
+    return {n: list(cpus) for n, cpus in _read_nodes(root)}
+
+
+@functools.lru_cache(maxsize=None)
+def _read_nodes(root: str) -> tuple:
+    """/sys read once per process (every layer's Pools asks)."""
     nodes = {}
     try:
         names = os.listdir(root)
@@ -73,7 +80,7 @@ def system_nodes(root: str = SYS_NODE) -> dict[int, list[int]]:
                 nodes[int(m.group(1))] = parse_cpulist(f.read(), os.path.join(root, name))
         except OSError:
             continue
-    return dict(sorted(nodes.items()))
+    return tuple((n, tuple(cpus)) for n, cpus in sorted(nodes.items()))
 
 
 def topology(env=os.environ, root: str = SYS_NODE, allowed=None) -> list[list[int]]:
@@ -105,17 +112,20 @@ def pool_cpus(count: int, nodes: list[list[int]]) -> list[list[int]]:
     runs; with more pools than CPUs, pools share CPUs."""
     n = len(nodes)
     if count % n == 0:
-        per = count // n
-        return [cpus[len(cpus) * j // per: max(len(cpus) * (j + 1) // per, len(cpus) * j // per + 1)]
-                for cpus in nodes for j in range(per)]
+        return [part for cpus in nodes for part in _cut(cpus, count // n)]
     if n % count == 0:
         per = n // count
         return [sorted(c for cpus in nodes[q * per:(q + 1) * per] for c in cpus)
                 for q in range(count)]
-    flat = [c for cpus in nodes for c in cpus]
-    C = len(flat)
-    return [flat[C * q // count: max(C * (q + 1) // count, C * q // count + 1)]
-            for q in range(count)]
+    return _cut([c for cpus in nodes for c in cpus], count)
+
+
+def _cut(cpus: list[int], parts: int) -> list[list[int]]:
+    """cpus in `parts` near-equal runs, each of at least one CPU (shared
+    when there are fewer CPUs than parts)."""
+    C = len(cpus)
+    return [cpus[C * j // parts: max(C * (j + 1) // parts, C * j // parts + 1)]
+            for j in range(parts)]
 
 
 def slot_pools(num_experts: int, count: int) -> np.ndarray:
@@ -145,6 +155,11 @@ class Pools:
         self.touch_cpus = [[c for c in cpus if node_of.get(c, -1) == node_of.get(cpus[0], -1)]
                            for cpus in self.cpus]
 
+    def slots(self, q: int) -> tuple[int, int]:
+        """Pool q's physical slots [lo, hi) (contiguous by slot_pools)."""
+        s = np.flatnonzero(self.slot_pool == q)
+        return int(s[0]), int(s[-1]) + 1
+
     def native_args(self):
         """(slot_pool, cpus, cpu_offs) for MoEKernel.set_pools."""
         flat = np.array([c for cpus in self.cpus for c in cpus], np.int32)
@@ -168,14 +183,12 @@ class Pools:
         if self.count <= 1:
             return 0
         failed = 0
-        E = len(self.slot_pool)
         for a in arrays:
             for q in range(self.count):
-                slots = np.flatnonzero(self.slot_pool == q)
-                if self.node[q] < 0 or not slots.size:
+                if self.node[q] < 0:
                     continue
-                part = a[slots[0]:slots[-1] + 1] if E > 1 else a
-                got = move_pages(part, self.node[q])
+                lo, hi = self.slots(q)
+                got = move_pages(a[lo:hi], self.node[q])
                 failed += -1 if got is None else int(np.count_nonzero(got != self.node[q]))
         return failed
 
@@ -213,13 +226,18 @@ def _pages(a: np.ndarray):
 _CHUNK = 1 << 16  # pages per move_pages call: bounded address lists
 
 
+@functools.lru_cache(maxsize=1)
+def _libc():
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
 def _move_pages(span, nodes) -> np.ndarray | None:
     """move_pages(2) over the pages of span = (first page, end, page size),
     _CHUNK at a time; nodes None: only ask where they are."""
     if _SYS_MOVE_PAGES is None:
         return None
     lo, hi, page = span
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = _libc()
     out = []
     for start in range(lo, hi, _CHUNK * page):
         pages = np.arange(start, min(hi, start + _CHUNK * page), page, dtype=np.uint64)

@@ -412,11 +412,11 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
         P = self._pools
         pools = []
         for q in range(P.count):
-            slots = np.flatnonzero(P.slot_pool == q)
-            info = dict(cpus=list(P.cpus[q]), slots=(int(slots[0]), int(slots[-1]) + 1),
-                        node=P.node[q], pages=None, pages_on_node=None)
+            lo, hi = P.slots(q)
+            info = dict(cpus=list(P.cpus[q]), slots=(lo, hi), node=P.node[q], pages=None,
+                        pages_on_node=None)
             if self._base is not None and P.node[q] >= 0:
-                got = [page_nodes(a[slots[0]:slots[-1] + 1]) for a in self._base[0]]
+                got = [page_nodes(a[lo:hi]) for a in self._base[0]]
                 if all(g is not None for g in got):
                     info["pages"] = int(sum(g.size for g in got))
                     info["pages_on_node"] = int(sum(np.count_nonzero(g == P.node[q])
@@ -480,10 +480,10 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
                             a = np.ascontiguousarray(a, dtype=self._store)
                         _check_stored(a, name, self.dtype)
                     arrays.append(a)
+                # arrays used in place or converted here: their pages to their pools' nodes
+                self._pools.place(arrays)
         else:
             arrays, scales = self._read_weights(p2l, want, key_prefix)
-        if all(given):  # arrays used or converted in place: their pages to their pools' nodes
-            self._pools.place(arrays)
         views = [a.view(np.uint16) if self.dtype == "bf16" else a for a in arrays]
         strides = tuple(a.strides[0] // a.itemsize if a.shape[0] > 1 else a[0].size
                         for a in arrays)
@@ -515,18 +515,19 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
         elif self.dtype == "int4":
             scales = [np.empty((*want[n][:2], want[n][2] // G), np.float32) for n in NAMES]
         for p in range(n_slots):
-            for i, w in enumerate(expert(p)):
-                where = f"{what}: {NAMES[i]} of expert slot {p}"
-                # first touch from the slot's pool: its pages on that pool's node
-                with np.errstate(over="ignore"), self._pools.touching(p):
-                    if self.dtype == "int8":
-                        arrays[i][p], scales[i][p] = quantize_int8(w)
-                    elif self.dtype == "int4":
-                        arrays[i][p], scales[i][p] = quantize_int4(w, G)
-                    else:
-                        arrays[i][p] = w
-                _check_stored(arrays[i][p] if scales is None else scales[i][p], where,
-                              self.dtype)
+            # first touch from the slot's pool: its pages on that pool's node
+            with self._pools.touching(p):
+                for i, w in enumerate(expert(p)):
+                    where = f"{what}: {NAMES[i]} of expert slot {p}"
+                    with np.errstate(over="ignore"):
+                        if self.dtype == "int8":
+                            arrays[i][p], scales[i][p] = quantize_int8(w)
+                        elif self.dtype == "int4":
+                            arrays[i][p], scales[i][p] = quantize_int4(w, G)
+                        else:
+                            arrays[i][p] = w
+                    _check_stored(arrays[i][p] if scales is None else scales[i][p], where,
+                                  self.dtype)
         return arrays, scales
 
     def save_weights(self, path) -> None:
@@ -596,10 +597,10 @@ class SFTMoEWrapper(AdapterIO, BaseSFTMoEWrapper):
                   [np.empty(need[n + "_scale"][0], np.float32) for n in NAMES])
         for p, e in enumerate(p2l):
             stored, sc = src.stored_expert(int(e))
-            for i, a in enumerate(stored):
-                if self.dtype in ("bf16", "fp32"):
-                    V.check_finite(a, f"{where}: {NAMES[i]} of expert {int(e)}")
-                with self._pools.touching(p):  # first touch from the slot's pool
+            with self._pools.touching(p):  # first touch from the slot's pool
+                for i, a in enumerate(stored):
+                    if self.dtype in ("bf16", "fp32"):
+                        V.check_finite(a, f"{where}: {NAMES[i]} of expert {int(e)}")
                     arrays[i][p] = a
                     if scales is not None:
                         V.check_finite(sc[i], f"{where}: {NAMES[i]}_scale of expert {int(e)}")

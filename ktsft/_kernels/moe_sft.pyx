@@ -835,6 +835,11 @@ cdef int _group_by_pool(const Layer *L, Plan *p) noexcept nogil:
     return 0
 
 
+cdef inline int _home(int tid, int npools) noexcept nogil:
+    """The pool of thread tid of the current region: tid * npools // n."""
+    return <int>((<int64_t>tid * npools) // omp_get_num_threads())
+
+
 cdef void _exec(const Phase *ph, const Layer *L, const Step *S, Plan *p,
                 float *scratch) noexcept nogil:
     """One phase: its tasks over p.nslots threads with dynamic scheduling;
@@ -860,7 +865,7 @@ cdef void _exec(const Phase *ph, const Layer *L, const Step *S, Plan *p,
     i = 0
     with parallel(num_threads=p.nslots):
         tid = omp_get_thread_num()
-        home = <int>((<int64_t>tid * P) // omp_get_num_threads())
+        home = _home(tid, P)
         scr = scratch + <int64_t>tid * per if scratch != NULL else NULL
         kt_pool_enter(L.pools, home)
         for q in range(P):
@@ -1321,7 +1326,7 @@ cdef class MoEKernel:
         cdef int32_t[:, ::1] got = np.full((n_threads, 2), -1, np.int32)
         with nogil, parallel(num_threads=n_threads):
             tid = omp_get_thread_num()
-            home = <int>((<int64_t>tid * P) // omp_get_num_threads())
+            home = _home(tid, P)
             kt_pool_enter(self.L.pools, home)
             got[tid, 0] = home
             got[tid, 1] = kt_current_cpu()
