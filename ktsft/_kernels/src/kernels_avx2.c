@@ -10,8 +10,8 @@ typedef __m256 VF;
 #define V_MUL(a, b) _mm256_mul_ps(a, b)
 #define V_ADD(a, b) _mm256_add_ps(a, b)
 #define V_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
-#define V_LOADN(p, n) _mm256_maskload_ps(p, kt_mask8(n))
-#define V_STOREN(p, v, n) _mm256_maskstore_ps(p, kt_mask8(n), v)
+#define V_LOADN(p, n) kt_loadn8(p, n)
+#define V_STOREN(p, v, n) kt_storen8(p, v, n)
 #define V_REDUCE(v) kt_hsum8(v)
 #define NT_MR 3
 #define NT_NR 3
@@ -24,6 +24,23 @@ static inline __m256i kt_mask8(int64_t n)
     const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     int32_t c = n > 8 ? 8 : (int32_t)n;
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(c), iota);
+}
+
+/* Whole vectors take plain loads and stores: AMD's Zen 1-3 microcode the
+ * masked ones (vmaskmovps, a store about every 12 cycles), and the few-token
+ * NN kernels load and store a vector of C per 4 weight vectors.  The values
+ * moved are the same, so the bits are. */
+static inline __m256 kt_loadn8(const float *p, int64_t n)
+{
+    return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, kt_mask8(n));
+}
+
+static inline void kt_storen8(float *p, __m256 v, int64_t n)
+{
+    if (n >= 8)
+        _mm256_storeu_ps(p, v);
+    else
+        _mm256_maskstore_ps(p, kt_mask8(n), v);
 }
 
 static inline float kt_hsum8(__m256 v)
