@@ -76,22 +76,51 @@ static inline __m256 kt_loadn_i8x8(const int8_t *p, int64_t n)
     return kt_load_i8x8(tmp);
 }
 
-/* int4: two per byte, element 2i in the low nibble, stored as q + 8 */
-static inline __m256 kt_load_i4x8(const uint8_t *p)
+/* int4 (two per byte, element 2i in the low nibble, stored as q + 8) through
+ * a table of its 16 values (q - 8) * s, one rounding as converting q - 8 and
+ * multiplying by s would give: the same bits.  Eight lanes hold half the
+ * table, so vpermps picks from each half by the low three bits of the nibble
+ * and vblendvps between them by its fourth.  The 4 bytes are broadcast and
+ * shifted per lane: lane j gets nibble j in its low bits (vpermps ignores
+ * the bits above) and nibble j's top bit in its sign bit.  Six instructions
+ * per 8 weights, dequantization included, instead of ten. */
+typedef struct {
+    __m256 lo, hi; /* q = 0..7 and q = 8..15 */
+} kt_i4tab;
+
+static inline kt_i4tab kt_i4_table8(float s)
+{
+    const __m256 sv = _mm256_set1_ps(s);
+    kt_i4tab t;
+    t.lo = _mm256_mul_ps(_mm256_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1), sv);
+    t.hi = _mm256_mul_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), sv);
+    return t;
+}
+
+static inline __m256 kt_deq_i4x8_word(int32_t w, kt_i4tab t)
+{
+    const __m256i v = _mm256_set1_epi32(w);
+    const __m256i idx = _mm256_srlv_epi32(v, _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
+    const __m256i top = _mm256_sllv_epi32(v, _mm256_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0));
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.lo, idx),
+                            _mm256_permutevar8x32_ps(t.hi, idx), _mm256_castsi256_ps(top));
+}
+
+static inline __m256 kt_deq_i4x8(const uint8_t *p, kt_i4tab t)
 {
     int32_t w;
     memcpy(&w, p, 4);
-    const __m128i b = _mm_cvtsi32_si128(w);
-    const __m128i m = _mm_set1_epi8(0x0f);
-    const __m128i v = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
-    return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(v), _mm256_set1_epi32(8)));
+    return kt_deq_i4x8_word(w, t);
 }
 
-static inline __m256 kt_loadn_i4x8(const uint8_t *p, int64_t n)
+/* lanes [n, 8) are zero, as the converted load's were (q = 0 would be -8 s) */
+static inline __m256 kt_deqn_i4x8(const uint8_t *p, int64_t n, kt_i4tab t)
 {
-    uint8_t tmp[8] = {0};
+    uint8_t tmp[4] = {0};
     for (int64_t i = 0; i < (n + 1) / 2 && i < 4; ++i) tmp[i] = p[i];
-    return _mm256_and_ps(kt_load_i4x8(tmp), _mm256_castsi256_ps(kt_mask8(n)));
+    int32_t w;
+    memcpy(&w, tmp, 4);
+    return _mm256_and_ps(kt_deq_i4x8_word(w, t), _mm256_castsi256_ps(kt_mask8(n)));
 }
 
 #define KT_LOAD_F32(p) _mm256_loadu_ps(p)
@@ -99,8 +128,10 @@ static inline __m256 kt_loadn_i4x8(const uint8_t *p, int64_t n)
 #define KT_LOADN_BF16(p, n) kt_loadn_bf16x8(p, n)
 #define KT_LOAD_I8(p) kt_load_i8x8(p)
 #define KT_LOADN_I8(p, n) kt_loadn_i8x8(p, n)
-#define KT_LOAD_I4(row, k) kt_load_i4x8((row) + ((k) >> 1))
-#define KT_LOADN_I4(row, k, n) kt_loadn_i4x8((row) + ((k) >> 1), n)
+#define KT_I4_TABLE_T kt_i4tab
+#define KT_I4_TABLE(s) kt_i4_table8(s)
+#define KT_DEQ_I4(row, k, t) kt_deq_i4x8((row) + ((k) >> 1), t)
+#define KT_DEQN_I4(row, k, n, t) kt_deqn_i4x8((row) + ((k) >> 1), n, t)
 #define OUT_RT 12
 #include "instances.inc"
 
