@@ -34,10 +34,24 @@ def weight_bytes_per_element(dtype: str, shape) -> float:
     return 2 if dtype == "bf16" else 4
 
 
+def bf16_hardware() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16).
+    Without it ktsft widens bf16 to fp32 FMA lanes, and torch's own bf16
+    matmul runs an emulated path (on a 2-core Zen 3 it measured under
+    1 GFLOP/s and took minutes): no ceiling for anything."""
+    import ktsft
+
+    f = ktsft.cpu_info()["features"]
+    return bool(f.get("avx512_bf16") or f.get("amx_bf16"))
+
+
 def compute_dtype(dtype: str) -> str:
     """The dtype whose GEMM peak bounds a row: quantized weights are
-    dequantized to fp32 in registers."""
-    return "fp32" if dtype in QUANTIZED else dtype
+    dequantized to fp32 in registers, and so is bf16 on a CPU without bf16
+    hardware (bf16_hardware)."""
+    if dtype in QUANTIZED or (dtype == "bf16" and not bf16_hardware()):
+        return "fp32"
+    return dtype
 
 
 def streamed_bytes(shape, dtype: str, n_active: int) -> int:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from .contention import CONTENDED
-from .metrics import LORA_FLOPS_NOTE
+from .metrics import LORA_FLOPS_NOTE, bf16_hardware
 
 
 def _f(x, spec: str) -> str:
@@ -79,6 +79,8 @@ def full_text(info, ceil, peer_status, args, rows, elapsed) -> str:
         f"{d} {v:.0f} GFLOP/s (" + ", ".join(f"{lib} {x:.0f}" for lib, x in
                                              ceil["gemm_by_library"][d].items()) + ")"
         for d, v in ceil["gemm_gflops"].items())
+    if "bf16" in {r["dtype"] for r in rows} and not bf16_hardware():
+        gemm += " (bf16 rows use the fp32 peak: no bf16 hardware, bf16 runs on fp32 FMA)"
     head = [
         f"machine: {info['cpu_model']}, {info['usable_cores']} usable cores, "
         f"{info['mem_total_gib']} GiB, torch {info['torch']}, ktsft {info['ktsft']}, {info['date']}",

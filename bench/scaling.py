@@ -21,7 +21,7 @@ import ktsft
 
 from . import machine, paths, presets
 from .data import activations, base_weights, lora_weights, routing
-from .metrics import flops
+from .metrics import compute_dtype, flops
 from .subject import build, measure
 
 
@@ -62,11 +62,12 @@ def main(argv=None) -> int:
             print(f"T={T:5d} threads={t:3d} fwd {1e3 * r['fwd_s']:8.1f} ms bwd {1e3 * r['bwd_s']:8.1f} ms "
                   f"{fl / step / 1e9:7.0f} GFLOP/s  parallel eff {100 * eff:5.1f}%", flush=True)
             del m
-    peaks = {t: max(machine.gemm_peak(args.dtype, t, repeats=3).values())
+    peak_dtype = compute_dtype(args.dtype)  # bf16 without bf16 hardware: the fp32 peak
+    peaks = {t: max(machine.gemm_peak(peak_dtype, t, repeats=3).values())
              for t in (args.threads[0], args.threads[-1])}
     head = (f"{machine.cpu_model()}, {args.preset}, {args.dtype}, r={args.rank}, "
             f"ktsft {ktsft.__version__} isa {info['selected_isa']}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    lines = [head, "", f"torch GEMM peak ({args.dtype}): " +
+    lines = [head, "", f"torch GEMM peak ({peak_dtype}): " +
              ", ".join(f"{t} threads {v:.0f} GFLOP/s" for t, v in peaks.items()), "",
              "| T | threads | fwd ms | bwd ms | tokens/s | GFLOP/s | parallel efficiency | other load |",
              "|---|---|---|---|---|---|---|---|"]

@@ -90,3 +90,17 @@ def test_every_script_runs_as_a_file_from_elsewhere(tmp_path, script):
     r = _run([str(ROOT / "bench" / f"{script}.py"), "--help"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "usage:" in r.stdout
+
+
+def test_bf16_rows_use_fp32_peak_without_bf16_hardware(monkeypatch):
+    """On a CPU without bf16 hardware torch's bf16 matmul is emulated (under
+    1 GFLOP/s on a Zen 3): the bench must bound bf16 rows by the fp32 FMA
+    peak that ktsft's widened bf16 products really run on."""
+    from bench import metrics
+
+    monkeypatch.setattr(metrics, "bf16_hardware", lambda: False)
+    assert metrics.compute_dtype("bf16") == "fp32"
+    assert metrics.compute_dtype("int4") == "fp32"
+    monkeypatch.setattr(metrics, "bf16_hardware", lambda: True)
+    assert metrics.compute_dtype("bf16") == "bf16"
+    assert metrics.compute_dtype("fp32") == "fp32"
