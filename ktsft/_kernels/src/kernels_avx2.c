@@ -126,6 +126,10 @@ static inline __m256 kt_deqn_i4x8(const uint8_t *p, int64_t n, kt_i4tab t)
 #define KT_LOAD_F32(p) _mm256_loadu_ps(p)
 #define KT_LOAD_BF16(p) kt_load_bf16x8(p)
 #define KT_LOADN_BF16(p, n) kt_loadn_bf16x8(p, n)
+/* a bf16 in every lane without a trip through a general register: the
+ * 16-bit broadcast puts it in both halves of each lane, the shift makes
+ * the lane its fp32 value (the same bits as kt_bf16_to_f32) */
+#define KT_BCAST_BF16(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_set1_epi16((short)*(p)), 16))
 #define KT_LOAD_I8(p) kt_load_i8x8(p)
 #define KT_LOADN_I8(p, n) kt_loadn_i8x8(p, n)
 #define KT_I4_TABLE_T kt_i4tab
